@@ -1,0 +1,6 @@
+"""VOC 2012, voc_s2: the paper's setting with scales=(1.0, 0.75)."""
+from scaleattn import config
+
+
+def get_config():
+    return config.voc_config(scales=(1.0, 0.75))

@@ -1,0 +1,211 @@
+"""The full default configuration; every file in `configs/` starts from it.
+
+Every key a run can use is declared here with its type, so that a misspelt or
+unknown key (in a config file or a ``--config.a.b=v`` override) is an error that
+names the key instead of a silently ignored setting. Config files change values,
+never add keys: `base_config` returns a locked dict.
+
+Defaults are the paper's (Chen et al. 2016, DeepLab-LargeFOV on VOC 2012, see
+DESIGN.md §1.1); the demo configs shrink them.
+"""
+
+import ml_collections
+
+# ImageNet mean / std in 0..255 RGB (torchvision's values, scaled).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "base"
+    c.seed = 0
+    c.prng_impl = "rbg"          # jax PRNG: 'rbg' compiles far faster than 'threefry2x32'
+    c.batch_size = 30  # global, summed over all devices and hosts (paper: 30)
+
+    # ---- data -------------------------------------------------------------------
+    c.data = d = ml_collections.ConfigDict()
+    d.name = "voc2012"            # TFDS builder: 'voc2012' | 'scale_shapes' (demo)
+    d.data_dir = "~/tensorflow_datasets"
+    d.manual_dir = ""            # where the VOC/SBD archives are, for building
+    d.train_split = "train_aug"
+    d.eval_split = "val"
+    d.crop_size = 321            # square train crop
+    d.scale_range = (0.5, 2.0)   # random rescale before cropping
+    d.flip = True
+    d.mean = IMAGENET_MEAN       # pixel mean (0..255 RGB); padding uses it
+    d.std = IMAGENET_STD
+    d.eval_size = 513            # eval images are padded (label 255) to this square
+    d.shuffle_buffer = 1024
+    d.prefetch = 2
+    d.demo_train_size = 0        # scale_shapes only: images in train/val (0 = builder default)
+    d.demo_val_size = 0
+
+    # ---- model ------------------------------------------------------------------
+    c.model = m = ml_collections.ConfigDict()
+    m.backbone = "vgg16"         # 'vgg16' | 'resnet50' | 'resnet101' | 'resnext101_32x4d' | ...
+    m.head = "largefov"          # 'largefov' | 'aspp_v2' | 'gsag'
+    m.num_classes = 21
+    m.width = 1.0                # channel multiplier for backbone and head (tests: tiny)
+    m.depth = ()                 # () = the standard depth; vgg: convs per block (5),
+                                 # resnet: blocks per stage (4)
+    m.output_stride = 8
+    m.bn_mode = "frozen"         # 'frozen' | 'train'
+    m.sync_bn = True             # batch statistics over all devices when bn_mode='train'
+    m.dropout = 0.5              # fc6/fc7 dropout (LargeFOV)
+    m.fc_width = 1024            # LargeFOV fc6/fc7 width (before `width`)
+    m.fc6_dilation = 12          # LargeFOV fc6 rate
+    m.aspp_rates = (6, 12, 18, 24)
+    m.gsag_variant = "hybrid"    # GSAG head: 'basic' | 'incremental' | 'hybrid'
+    m.gsag_window = 7            # GSAG pointwise self-attention window
+    m.scales = (1.0, 0.75, 0.5)  # share-net input scales; must contain 1.0
+    m.merge = "attention"        # 'attention' | 'avg' | 'max'
+    m.attention_width = 512      # attention head conv3x3 width (before `width`)
+    m.attention_dropout = 0.5
+    m.dtype = "float32"          # compute dtype: 'float32' | 'bfloat16'
+
+    # ---- loss -------------------------------------------------------------------
+    c.loss = l = ml_collections.ConfigDict()
+    l.extra_supervision = True   # add one loss per scale to the merged loss
+    l.label_resize = "nearest"   # 'nearest' (labels -> logits size, paper) | 'upsample_logits'
+    l.ignore_label = 255
+
+    # ---- optimisation -----------------------------------------------------------
+    c.optim = o = ml_collections.ConfigDict()
+    o.base_lr = 1e-3
+    o.momentum = 0.9
+    o.weight_decay = 5e-4        # L2 on kernels (Caffe-style, added to the gradient)
+    o.schedule = "step"          # 'step' | 'poly' | 'constant'
+    o.step_size = 2000           # step schedule (Caffe 'step'): lr *= step_factor every
+    o.step_factor = 0.1          # step_size steps
+    o.poly_power = 0.9
+    o.new_layer_lr_mult = 10.0   # for newly initialised layers, found by name:
+    o.new_layer_patterns = ("fc8", "aspp", "attention")
+
+    # ---- training loop ----------------------------------------------------------
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 6000
+    t.log_every = 20
+    t.eval_every = 2000
+    t.checkpoint_every = 1000
+    t.keep_checkpoints = 3
+    t.eval_at_end = True
+
+    # ---- evaluation -------------------------------------------------------------
+    c.eval = e = ml_collections.ConfigDict()
+    e.batch_size = 8             # global
+    e.max_batches = 0            # 0 = the whole split
+
+    # ---- parallelism ------------------------------------------------------------
+    c.parallel = p = ml_collections.ConfigDict()
+    p.mode = "pmap"              # 'pmap' | 'jit' (single device)
+    c.lock()  # config files may change values but not add keys
+    return c
+
+
+def voc_config(*, scales=(1.0, 0.75, 0.5), merge="attention", extra_supervision=True,
+               backbone="vgg16") -> ml_collections.ConfigDict:
+    """The paper's VOC 2012 setting (DESIGN.md §1.1) for one row of its tables.
+
+    VGG16-LargeFOV: SGD momentum 0.9, weight decay 5e-4, batch 30, base LR 1e-3
+    (x10 for fc8 and the attention head), x0.1 every 2000 steps for 6000 steps
+    (Caffe's 'step' policy as in DeepLab's solver), crop 321, train_aug.
+    ResNet-101: DeepLab-v2's ASPP head, poly schedule (power 0.9), base LR 2.5e-4,
+    batch 10, 20000 steps, frozen batch norm.
+    """
+    c = base_config()
+    c.model.scales = tuple(scales)
+    c.model.merge = merge
+    c.loss.extra_supervision = extra_supervision and len(scales) > 1
+    if backbone != "vgg16":
+        c.model.backbone, c.model.head = backbone, "aspp_v2"
+        c.batch_size, c.optim.base_lr, c.optim.schedule = 10, 2.5e-4, "poly"
+        c.train.steps, c.train.eval_every, c.train.checkpoint_every = 20000, 5000, 2000
+    tag = "baseline" if len(scales) == 1 else f"s{len(scales)}_{merge}"
+    c.name = f"voc_{backbone}_{tag}" + ("" if c.loss.extra_supervision else "_noextra")
+    return c
+
+
+def demo_config(*, scales=(1.0, 0.5), merge="attention") -> ml_collections.ConfigDict:
+    """The demo: a tiny LargeFOV on the generated `scale_shapes` set, CPU, minutes.
+
+    The same code as the VOC configs at 1/8 width and one convolution per VGG block;
+    fc6's dilation is cut to 2 so the receptive field (~160 px, far less in effect)
+    does not cover the largest objects at scale 1, which is what makes the 0.5 input
+    useful, while the smallest objects need the full-resolution input.
+    """
+    c = base_config()
+    c.data.name = "scale_shapes"
+    c.data.data_dir = "~/tensorflow_datasets"
+    c.data.train_split, c.data.eval_split = "train", "val"
+    c.data.crop_size, c.data.eval_size = 128, 128
+    c.data.scale_range = (0.75, 1.25)
+    c.data.mean, c.data.std = (127.5, 127.5, 127.5), (64.0, 64.0, 64.0)
+    c.model.num_classes = 4
+    c.model.width = 0.125
+    c.model.depth = (1, 1, 1, 1, 1)
+    c.model.fc6_dilation = 2
+    c.model.dropout = 0.1
+    c.model.attention_dropout = 0.1
+    c.model.scales = tuple(scales)
+    c.model.merge = merge
+    c.loss.extra_supervision = len(scales) > 1
+    c.batch_size = 8
+    c.eval.batch_size = 16
+    c.optim.base_lr = 0.01
+    c.optim.schedule = "poly"
+    c.train.steps = 2000
+    c.train.log_every = 50
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 500
+    tag = "single" if len(scales) == 1 else merge
+    c.name = f"demo_{tag}"
+    return c
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+CHOICES = {
+    "data.name": ("voc2012", "scale_shapes"),
+    "model.backbone": ("vgg16", "resnet50", "resnet101", "resnext101_32x4d",
+                       "resnext101_32x8d"),
+    "model.head": ("largefov", "aspp_v2", "gsag"),
+    "model.merge": ("attention", "avg", "max"),
+    "model.bn_mode": ("frozen", "train"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.gsag_variant": ("basic", "incremental", "hybrid"),
+    "loss.label_resize": ("nearest", "upsample_logits"),
+    "optim.schedule": ("step", "poly", "constant"),
+    "parallel.mode": ("pmap", "jit"),
+    "prng_impl": ("rbg", "unsafe_rbg", "threefry2x32"),
+}
+
+
+def lookup(config: ml_collections.ConfigDict, key: str):
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises `ConfigError` naming the first key whose value cannot work."""
+    for key, choices in CHOICES.items():
+        value = lookup(config, key)
+        if value not in choices:
+            raise ConfigError(f"config.{key}={value!r} is not one of {choices}")
+    scales = tuple(config.model.scales)
+    if not scales or 1.0 not in scales or any(s <= 0 for s in scales):
+        raise ConfigError(f"config.model.scales={scales} must be positive and contain 1.0 "
+                          f"(the reference size)")
+    for key in ("batch_size", "eval.batch_size", "data.crop_size", "data.eval_size",
+                "train.steps", "train.log_every", "train.checkpoint_every",
+                "model.num_classes"):
+        if lookup(config, key) <= 0:
+            raise ConfigError(f"config.{key}={lookup(config, key)} must be positive")
+    low, high = config.data.scale_range
+    if not 0 < low <= high:
+        raise ConfigError(f"config.data.scale_range={tuple(config.data.scale_range)} must be "
+                          f"(low, high) with 0 < low <= high")

@@ -1,0 +1,79 @@
+"""Model zoo: `build_model(config.model)` turns a config into a Flax module.
+
+Every model is a `MultiScaleSegmenter` (a single-scale model is the one-scale case)
+around a `SegmentationNet` = backbone + head, so the same code serves the paper's
+baselines, its merges and the GSAG heads.
+"""
+
+import functools
+
+import jax.numpy as jnp
+import ml_collections
+
+from scaleattn.models import heads, scale_attention, vgg
+
+BACKBONES = ("vgg16", "resnet50", "resnet101", "resnext101_32x4d", "resnext101_32x8d")
+HEADS = ("largefov", "aspp_v2", "gsag")
+
+
+def compute_dtype(name: str):
+    """'float32' | 'bfloat16' -> the jnp dtype."""
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if name not in dtypes:
+        raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def backbone_factory(cfg: ml_collections.ConfigDict, bn_axis_name: str | None, dtype):
+    """A factory ``(name=...) -> backbone module`` for ``cfg.backbone``."""
+    if cfg.backbone == "vgg16":
+        return functools.partial(vgg.VGG16, width=cfg.width, depth=tuple(cfg.depth),
+                                 output_stride=cfg.output_stride, dtype=dtype)
+    if cfg.backbone in BACKBONES:
+        from scaleattn.models import resnet  # pylint: disable=import-outside-toplevel
+        return functools.partial(
+            resnet.resnet, cfg.backbone, width=cfg.width, depth=tuple(cfg.depth),
+            output_stride=cfg.output_stride, bn_mode=cfg.bn_mode,
+            bn_axis_name=bn_axis_name, dtype=dtype)
+    raise ValueError(f"model.backbone must be one of {BACKBONES}, got {cfg.backbone!r}")
+
+
+def head_factory(cfg: ml_collections.ConfigDict, bn_axis_name: str | None, dtype):
+    """A factory ``(name=...) -> head module`` for ``cfg.head``."""
+    if cfg.head == "largefov":
+        return functools.partial(heads.LargeFOVHead, cfg.num_classes, fc_width=cfg.fc_width,
+                                 fc6_dilation=cfg.fc6_dilation, dropout=cfg.dropout,
+                                 width=cfg.width, dtype=dtype)
+    if cfg.head == "aspp_v2":
+        return functools.partial(heads.ASPPv2Head, cfg.num_classes,
+                                 rates=tuple(cfg.aspp_rates), dtype=dtype)
+    if cfg.head == "gsag":
+        from scaleattn.models import self_attention  # pylint: disable=import-outside-toplevel
+        return functools.partial(self_attention.GSAGHead, num_classes=cfg.num_classes,
+                                 variant=cfg.gsag_variant, width=cfg.width,
+                                 window=cfg.gsag_window, bn_mode=cfg.bn_mode,
+                                 bn_axis_name=bn_axis_name, dtype=dtype)
+    raise ValueError(f"model.head must be one of {HEADS}, got {cfg.head!r}")
+
+
+def build_model(cfg: ml_collections.ConfigDict, *, bn_axis_name: str | None = None):
+    """Builds the model described by ``config.model``.
+
+    Args:
+      cfg: the ``model`` section of a config (see `scaleattn.config`).
+      bn_axis_name: the pmap axis over which trained batch norm synchronises its
+        statistics (``None`` under plain/sharded `jit`, where batches are global).
+
+    Returns:
+      A `MultiScaleSegmenter`; ``model.apply(variables, images, train=...)`` gives
+      ``{'logits', 'scale_logits', 'attention'?}``.
+    """
+    dtype = compute_dtype(cfg.dtype)
+    axis = bn_axis_name if cfg.sync_bn else None
+    net = scale_attention.SegmentationNet(
+        backbone=backbone_factory(cfg, axis, dtype), head=head_factory(cfg, axis, dtype),
+        head_name=cfg.head)
+    return scale_attention.MultiScaleSegmenter(
+        net=net, scales=tuple(cfg.scales), merge=cfg.merge,
+        attention_hidden=max(1, int(cfg.attention_width * cfg.width)),
+        attention_dropout=cfg.attention_dropout, dtype=dtype)

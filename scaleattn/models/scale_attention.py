@@ -1,0 +1,142 @@
+"""Attention to Scale (Chen, Yang, Wang, Xu, Yuille, CVPR 2016).
+
+A share-net: one segmentation network (backbone + head, weights shared) runs on the
+image at each scale ``s`` of a list; every branch's score map ``f^s`` is resized
+(bilinear) to the size of the scale-1 branch and the maps are merged per pixel:
+
+* ``attention``: ``g_ic = sum_s w^s_i f^s_ic`` with ``w^s_i = softmax_s(h^s_i)``, where
+  ``h`` comes from a small head on the concatenated penultimate features of all scales
+  (conv3x3 512 -> ReLU -> Dropout 0.5 -> conv1x1 S), shared over the classes;
+* ``avg``: the same sum with ``w = 1/S`` (a special case of attention);
+* ``max``: ``g_ic = max_s f^s_ic``.
+
+Reading taken where the write-up is terse: the attention head sees each branch's
+penultimate features (fc7 for LargeFOV, the last ResNet stage for ASPP) resized to
+the common size; `scale_logits` are the branch score maps after that resize, the maps
+the extra-supervision losses are computed on.
+"""
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from scaleattn.models import layers
+
+MERGES = ("attention", "avg", "max")
+
+
+def merge_scales(scale_logits: jnp.ndarray, merge: str,
+                 weights: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Merges per-scale score maps into one.
+
+    Args:
+      scale_logits: ``[S, B, h, w, C]`` score maps of the S scales, at one size.
+      merge: 'attention' or 'avg' (weighted sum) or 'max' (elementwise maximum).
+      weights: ``[B, h, w, S]`` per-pixel weights over scales, used by 'attention'
+        (for 'avg' they default to 1/S).
+
+    Returns:
+      ``[B, h, w, C]`` merged score map.
+    """
+    if merge == "max":
+        return jnp.max(scale_logits, axis=0)
+    if merge == "avg" and weights is None:
+        weights = uniform_weights(scale_logits)
+    if merge not in ("attention", "avg") or weights is None:
+        raise ValueError(f"merge must be one of {MERGES} (attention needs weights), "
+                         f"got {merge!r}")
+    return jnp.einsum("sbhwc,bhws->bhwc", scale_logits, weights.astype(scale_logits.dtype))
+
+
+def uniform_weights(scale_logits: jnp.ndarray) -> jnp.ndarray:
+    """``[B, h, w, S]`` weights of 1/S for ``scale_logits`` of shape ``[S, B, h, w, C]``."""
+    s, b, h, w, _ = scale_logits.shape
+    return jnp.full((b, h, w, s), 1.0 / s, scale_logits.dtype)
+
+
+class ScaleAttentionHead(nn.Module):
+    """Per-pixel weights over scales: ``[B, h, w, Cin] -> [B, h, w, S]`` (softmax over S)."""
+    num_scales: int
+    hidden: int = 512
+    dropout: float = 0.5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+        x = layers.conv(self.hidden, 3, use_bias=True, dtype=self.dtype, name="conv1")(features)
+        x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
+        scores = layers.conv(self.num_scales, 1, use_bias=True, dtype=self.dtype,
+                             kernel_init=nn.initializers.normal(0.01), name="conv2")(x)
+        return jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+
+
+class SegmentationNet(nn.Module):
+    """Backbone followed by a head: ``[B, H, W, 3] -> {'logits', 'features'}``.
+
+    ``backbone`` and ``head`` are module factories (e.g. `functools.partial` of a
+    module class) called with ``name=``, so parameter paths read
+    ``backbone/...`` and ``<head_name>/...``.
+    """
+    backbone: Callable[..., nn.Module]
+    head: Callable[..., nn.Module]
+    head_name: str = "head"
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, *, train: bool) -> dict:
+        features = self.backbone(name="backbone")(images, train=train)
+        return self.head(name=self.head_name)(features, train=train)
+
+
+class MultiScaleSegmenter(nn.Module):
+    """Runs a shared `SegmentationNet` at several scales and merges the score maps.
+
+    ``images [B, H, W, 3] -> dict`` with
+      * ``logits``: ``[B, h, w, C]`` merged scores at the scale-1 branch's size,
+      * ``scale_logits``: list of S maps ``[B, h, w, C]`` (each branch, resized),
+      * ``attention``: ``[B, h, w, S]`` merge weights ('attention' and 'avg' only).
+
+    With a single scale the wrapper is the plain network (``logits`` = its output).
+    """
+    net: nn.Module
+    scales: Sequence[float] = (1.0, 0.75, 0.5)
+    merge: str = "attention"
+    attention_hidden: int = 512
+    attention_dropout: float = 0.5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, *, train: bool) -> dict:
+        if 1.0 not in tuple(self.scales):
+            raise ValueError(f"model.scales must contain 1.0 (the reference size), "
+                             f"got {tuple(self.scales)}")
+        if self.merge not in MERGES:
+            raise ValueError(f"model.merge must be one of {MERGES}, got {self.merge!r}")
+        size = images.shape[1:3]
+        branches = []
+        for scale in self.scales:
+            x = images if scale == 1.0 else layers.resize_bilinear(
+                images, layers.scaled_size(size, scale))
+            branches.append(self.net(x, train=train))
+        out_size = branches[list(self.scales).index(1.0)]["logits"].shape[1:3]
+        scale_logits = [layers.resize_bilinear(b["logits"], out_size) for b in branches]
+        if len(self.scales) == 1:
+            return {"logits": scale_logits[0], "scale_logits": scale_logits}
+
+        stacked = jnp.stack(scale_logits)
+        if self.merge == "attention":
+            features = jnp.concatenate(
+                [layers.resize_bilinear(b["features"], out_size) for b in branches], axis=-1)
+            weights = ScaleAttentionHead(len(self.scales), self.attention_hidden,
+                                         self.attention_dropout, dtype=self.dtype,
+                                         name="attention")(features, train=train)
+        elif self.merge == "avg":
+            weights = uniform_weights(stacked)
+        else:
+            weights = None
+        out = {"logits": merge_scales(stacked, self.merge, weights),
+               "scale_logits": scale_logits}
+        if weights is not None:
+            out["attention"] = weights
+        return out

@@ -1,0 +1,82 @@
+"""The optimiser of the paper, built from optax parts.
+
+SGD with momentum 0.9 and L2 weight decay added to the gradient of the *kernels*
+(Caffe's ``weight_decay``; biases and batch-norm parameters are not decayed), a step
+or poly learning-rate schedule, and a learning-rate multiplier (10x) for the layers
+that start from scratch rather than from ImageNet weights: they are found by name,
+any parameter whose path matches one of ``new_layer_patterns`` (regular expressions;
+the defaults name fc8, the ASPP and GSAG heads and the attention head). With
+``bn_mode == 'frozen'`` the batch-norm scales and offsets get no update.
+
+Caffe scales the decayed gradient by the layer's learning rate before the momentum
+(``v = m v + lr (g + wd w)``); optax's ``sgd`` applies the rate after the momentum
+(``v = m v + g + wd w; step = lr v``). The two agree while the rate is constant and
+differ only in the few steps after a rate change.
+"""
+
+import re
+
+import flax
+import jax
+import ml_collections
+import optax
+
+SCHEDULES = ("step", "poly", "constant")
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Base learning rate as a function of the step (before layer multipliers)."""
+    if cfg.schedule == "step":  # Caffe's 'step': base_lr * factor ** floor(step / size)
+        return optax.exponential_decay(cfg.base_lr, transition_steps=int(cfg.step_size),
+                                       decay_rate=cfg.step_factor, staircase=True)
+    if cfg.schedule == "poly":
+        return optax.polynomial_schedule(cfg.base_lr, 0.0, cfg.poly_power,
+                                         transition_steps=max(1, total_steps))
+    if cfg.schedule == "constant":
+        return optax.constant_schedule(cfg.base_lr)
+    raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+
+
+def param_path(path) -> str:
+    """'a/b/kernel' for a flattened-dict key tuple."""
+    return "/".join(str(p) for p in path)
+
+
+def is_batch_norm(path: str) -> bool:
+    """Batch-norm parameters live in modules named ``bn*`` (see `models.layers`)."""
+    return any(part.startswith("bn") for part in path.split("/")[:-1])
+
+
+def param_groups(params, patterns, bn_frozen: bool):
+    """Labels every parameter 'new', 'pretrained' or 'frozen' (a pytree like ``params``)."""
+    compiled = [re.compile(p) for p in patterns]
+
+    def label(path: str) -> str:
+        if bn_frozen and is_batch_norm(path):
+            return "frozen"
+        return "new" if any(p.search(path) for p in compiled) else "pretrained"
+
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+    return flax.traverse_util.unflatten_dict({k: label(param_path(k)) for k in flat})
+
+
+def decay_mask(params):
+    """True for convolution / dense kernels, the parameters that get weight decay."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def create_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
+                     bn_frozen: bool) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimiser for ``config.optim`` and its base schedule (for logging)."""
+    schedule = learning_rate_schedule(cfg, total_steps)
+
+    def sgd(multiplier: float) -> optax.GradientTransformation:
+        return optax.chain(
+            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+            optax.sgd(lambda step: schedule(step) * multiplier, momentum=cfg.momentum))
+
+    transforms = {"pretrained": sgd(1.0), "new": sgd(cfg.new_layer_lr_mult),
+                  "frozen": optax.set_to_zero()}
+    labels = lambda params: param_groups(params, tuple(cfg.new_layer_patterns), bn_frozen)
+    return optax.multi_transform(transforms, labels), schedule

@@ -1,0 +1,27 @@
+"""Install scaleattn: `pip install -e .` (add `[test]` for the test suite)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="scaleattn",
+    version="0.1.0",
+    description=("Multi-scale semantic segmentation with attention "
+                 "(Attention to Scale, GSAG) in JAX/Flax."),
+    packages=find_packages(include=["scaleattn", "scaleattn.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.30",
+        "flax>=0.8.5",
+        "optax>=0.2.2",
+        "orbax-checkpoint>=0.6.0",
+        "numpy>=1.24",
+        "ml_collections>=0.1.1",
+        "absl-py>=1.4",
+        "pillow>=9.0",
+        "scipy>=1.10",
+        "tensorboardX>=2.6",
+        # The data modules (and only they) need TensorFlow; a CPU build is enough.
+        "tensorflow-cpu>=2.15",
+        "tensorflow-datasets>=4.9.4",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+)
