@@ -22,6 +22,9 @@ setup(
         # The data modules (and only they) need TensorFlow; a CPU build is enough.
         "tensorflow-cpu>=2.15",
         "tensorflow-datasets>=4.9.4",
+        # tensorflow-datasets imports it when preparing a dataset but declares it only
+        # for Python < 3.9 (tensorflow/datasets#11212).
+        "importlib_resources",
     ],
     extras_require={"test": ["pytest>=7"]},
 )

@@ -56,8 +56,12 @@ def base_config() -> ml_collections.ConfigDict:
     m.fc_width = 1024            # LargeFOV fc6/fc7 width (before `width`)
     m.fc6_dilation = 12          # LargeFOV fc6 rate
     m.aspp_rates = (6, 12, 18, 24)
+    m.multi_grid = ()            # ResNet last-stage per-block dilation multipliers, e.g. (1, 2, 4)
+    m.stride_in_1x1 = False      # ResNet: stride on the first 1x1 (Caffe/Keras) vs the 3x3
     m.gsag_variant = "hybrid"    # GSAG head: 'basic' | 'incremental' | 'hybrid'
+    m.gsag_channels = 512        # GSAG head width (before `width`)
     m.gsag_window = 7            # GSAG pointwise self-attention window
+    m.gsag_dropout = 0.0
     m.scales = (1.0, 0.75, 0.5)  # share-net input scales; must contain 1.0
     m.merge = "attention"        # 'attention' | 'avg' | 'max'
     m.attention_width = 512      # attention head conv3x3 width (before `width`)
@@ -69,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
     l.extra_supervision = True   # add one loss per scale to the merged loss
     l.label_resize = "nearest"   # 'nearest' (labels -> logits size, paper) | 'upsample_logits'
     l.ignore_label = 255
+    l.type = "ce"                # 'ce' | 'ohem' (online hard example mining, GSAG)
+    l.ohem_threshold = 0.7       # OHEM: keep pixels whose true-class probability is below
+    l.ohem_min_kept = 100_000    # ... and at least this many per batch (per device)
 
     # ---- optimisation -----------------------------------------------------------
     c.optim = o = ml_collections.ConfigDict()
@@ -80,7 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     o.step_factor = 0.1          # step_size steps
     o.poly_power = 0.9
     o.new_layer_lr_mult = 10.0   # for newly initialised layers, found by name:
-    o.new_layer_patterns = ("fc8", "aspp", "attention")
+    o.new_layer_patterns = ("fc8", "aspp", "attention", "gsag")
 
     # ---- training loop ----------------------------------------------------------
     c.train = t = ml_collections.ConfigDict()
@@ -177,6 +184,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.gsag_variant": ("basic", "incremental", "hybrid"),
     "loss.label_resize": ("nearest", "upsample_logits"),
+    "loss.type": ("ce", "ohem"),
     "optim.schedule": ("step", "poly", "constant"),
     "parallel.mode": ("pmap", "jit"),
     "prng_impl": ("rbg", "unsafe_rbg", "threefry2x32"),

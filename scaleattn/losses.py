@@ -1,4 +1,11 @@
-"""Segmentation losses: softmax cross-entropy with an ignore label, extra supervision.
+"""Segmentation losses: softmax cross-entropy with an ignore label, OHEM, extra supervision.
+
+OHEM (online hard example mining, used by the GSAG models) follows the common
+PSPNet/OCNet reading: train only on the pixels the model finds hard (true-class
+probability below ``threshold``), but on at least the ``min_kept`` hardest ones.
+Everything has static shapes (a sort of the masked probability vector, no boolean
+indexing), so it runs under `jit` / `pmap`; under `pmap` ``min_kept`` counts the
+pixels of each device's batch.
 
 Normalisation: a loss is the sum over valid pixels divided by the number of valid
 pixels in the *global* batch. Under `pmap` the count is `psum`-ed over ``axis_name``
@@ -46,37 +53,81 @@ def pixel_cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray,
     return jnp.where(valid, nll, 0.0), valid
 
 
+def ohem_keep_mask(true_prob: jnp.ndarray, valid: jnp.ndarray, *, threshold: float,
+                   min_kept: int) -> jnp.ndarray:
+    """Which pixels OHEM trains on: bool, the shape of ``true_prob`` (any shape).
+
+    A valid pixel is kept when ``p < threshold`` or ``p <= p_k``, where ``p_k`` is the
+    ``min_kept``-th smallest true-class probability among the valid pixels (1-based).
+    So: every hard pixel (``p < threshold``) if there are at least ``min_kept`` of them;
+    otherwise the ``min_kept`` hardest valid pixels (the threshold is raised to ``p_k``);
+    all valid pixels if there are at most ``min_kept``.
+
+    Ties: every pixel whose probability equals ``p_k`` is kept, so more than
+    ``min_kept`` pixels can be kept when several share the ``min_kept``-th value. The
+    ``threshold`` comparison is strict (``p == threshold`` is not hard by itself).
+    """
+    valid = valid.astype(bool)
+    p = true_prob.reshape(-1).astype(jnp.float32)
+    keep = valid.reshape(-1) & (p < threshold)
+    k = min(int(min_kept), p.size)
+    if k > 0:
+        # Invalid pixels sort last (inf): with fewer than k valid pixels p_k is inf and
+        # every valid pixel is kept.
+        p_k = jnp.sort(jnp.where(valid.reshape(-1), p, jnp.inf))[k - 1]
+        keep = keep | (valid.reshape(-1) & (p <= p_k))
+    return keep.reshape(true_prob.shape)
+
+
 def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, *, ignore_label: int = 255,
-                  label_resize: str = "nearest", axis_name: str | None = None) -> jnp.ndarray:
-    """Mean softmax cross-entropy over non-ignored pixels.
+                  label_resize: str = "nearest", ohem: tuple[float, int] | None = None,
+                  axis_name: str | None = None) -> jnp.ndarray:
+    """Mean softmax cross-entropy over non-ignored (and, with OHEM, hard) pixels.
 
     Args:
       logits: ``[B, h, w, C]`` class scores.
       labels: ``[B, H, W]`` int class ids, ``ignore_label`` where unlabelled.
       label_resize: how sizes are matched, see `match_sizes`.
-      axis_name: pmap axis to count valid pixels over (see module docstring).
+      ohem: ``(threshold, min_kept)`` to train on hard pixels only (`ohem_keep_mask`;
+        the selection is not differentiated through), ``None`` for all pixels.
+      axis_name: pmap axis to count the pixels over (see module docstring).
 
     Returns:
-      Scalar loss (0 when every pixel is ignored).
+      Scalar loss (0, with zero gradients, when no pixel counts).
     """
     logits, labels = match_sizes(logits, labels, label_resize)
-    nll, valid = pixel_cross_entropy(logits, labels, ignore_label)
-    return jnp.sum(nll) / global_count(valid, axis_name)
+    nll, mask = pixel_cross_entropy(logits, labels, ignore_label)
+    if ohem is not None:
+        threshold, min_kept = ohem
+        mask = ohem_keep_mask(jax.lax.stop_gradient(jnp.exp(-nll)), mask,
+                              threshold=threshold, min_kept=min_kept)
+        nll = jnp.where(mask, nll, 0.0)
+    return jnp.sum(nll) / global_count(mask, axis_name)
+
+
+def ohem_cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, *, threshold: float = 0.7,
+                       min_kept: int = 100_000, ignore_label: int = 255,
+                       axis_name: str | None = None) -> jnp.ndarray:
+    """`cross_entropy` with OHEM, for logits and labels of one size ``[B, h, w]``."""
+    return cross_entropy(logits, labels, ignore_label=ignore_label, ohem=(threshold, min_kept),
+                         axis_name=axis_name)
 
 
 def segmentation_loss(outputs: dict, labels: jnp.ndarray, cfg: ml_collections.ConfigDict,
                       axis_name: str | None = None) -> tuple[jnp.ndarray, dict]:
     """The training objective of a model's outputs.
 
-    ``CE(merged)`` plus, with ``cfg.extra_supervision`` and more than one scale,
+    ``CE(merged)`` (plain or OHEM, ``cfg.type``) plus, with ``cfg.extra_supervision`` and more than one scale,
     ``sum_s CE(scale_logits[s])`` (the paper's extra supervision).
 
     Returns:
       ``(loss, terms)`` with ``terms = {'loss_merged': ..., 'loss_scale_<i>': ...}``.
     """
+    ohem = (cfg.ohem_threshold, cfg.ohem_min_kept) if cfg.type == "ohem" else None
+
     def term(logits):
         return cross_entropy(logits, labels, ignore_label=cfg.ignore_label,
-                             label_resize=cfg.label_resize, axis_name=axis_name)
+                             label_resize=cfg.label_resize, ohem=ohem, axis_name=axis_name)
 
     terms = {"loss_merged": term(outputs["logits"])}
     scale_logits = outputs.get("scale_logits", [])

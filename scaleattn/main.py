@@ -5,6 +5,7 @@
 e.g. ``--config.train.steps=200``.
 """
 
+import re
 import sys
 
 import jax
@@ -34,9 +35,15 @@ def parse_flags(argv):
     except flags.Error as e:
         sys.exit(f"error: {e}")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        overrides = [a for a in argv[1:] if a.startswith("--config.")]
-        sys.exit(f"error: bad config override in {' '.join(overrides)}: unknown key or "
-                 f"wrong type ({first_line(e)}). See scaleattn/config.py for the keys.")
+        overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+        text = str(e).replace("\\n", " ").replace("\\'", "'")
+        key = re.search(r"'(\w+)'", text)
+        hint = re.search(r'Did you mean "(\w+)"', text)
+        detail = (f"unknown config key {key.group(1)!r}" if key else first_line(e))
+        if hint:
+            detail += f' (did you mean "{hint.group(1)}"?)'
+        sys.exit(f"error: bad config override {overrides}: {detail}. "
+                 f"The keys and their types are in scaleattn/config.py.")
 
 
 def load_config():
@@ -67,7 +74,18 @@ def main(argv):
         sys.exit(f"error: {e}")
 
 
+class QuietLibraries:
+    """A log filter that drops INFO lines from libraries (Orbax logs every file it writes)."""
+    prefixes = ("orbax", "tensorflow_datasets", "etils")
+
+    def filter(self, record) -> bool:
+        path = record.pathname.replace("\\", "/")
+        noisy = any(f"/{p}/" in path for p in self.prefixes)
+        return record.levelno > logging.INFO or not noisy
+
+
 def run():
+    logging.get_absl_handler().python_handler.addFilter(QuietLibraries())
     app.run(main, flags_parser=parse_flags)
 
 

@@ -74,7 +74,7 @@ def test_extra_supervision_adds_one_term_per_scale(extra):
     scale_maps = [random_case(s)[0] for s in (4, 5, 6)]
     _, labels = random_case(7)
     merged = sum(scale_maps) / 3
-    cfg = ml_collections.ConfigDict(dict(extra_supervision=extra, label_resize="nearest",
+    cfg = ml_collections.ConfigDict(dict(extra_supervision=extra, label_resize="nearest", type="ce",
                                          ignore_label=255))
     outputs = {"logits": jnp.asarray(merged), "scale_logits": [jnp.asarray(m) for m in scale_maps]}
     loss, terms = losses.segmentation_loss(outputs, jnp.asarray(labels), cfg)

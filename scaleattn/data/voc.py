@@ -69,6 +69,8 @@ import PIL.Image
 import scipy.io
 import tensorflow_datasets as tfds
 
+from scaleattn.data import errors
+
 NUM_CLASSES = 21
 IGNORE_LABEL = 255
 
@@ -101,7 +103,7 @@ _IMAGE_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 _ARCHIVE_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 
 
-class VocDataError(ValueError):
+class VocDataError(errors.DataError, ValueError):
     """A malformed or missing input; the message names the file and the fix."""
 
 

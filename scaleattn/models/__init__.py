@@ -33,7 +33,8 @@ def backbone_factory(cfg: ml_collections.ConfigDict, bn_axis_name: str | None, d
         from scaleattn.models import resnet  # pylint: disable=import-outside-toplevel
         return functools.partial(
             resnet.resnet, cfg.backbone, width=cfg.width, depth=tuple(cfg.depth),
-            output_stride=cfg.output_stride, bn_mode=cfg.bn_mode,
+            output_stride=cfg.output_stride, multi_grid=tuple(cfg.multi_grid),
+            stride_in_1x1=cfg.stride_in_1x1, bn_mode=cfg.bn_mode,
             bn_axis_name=bn_axis_name, dtype=dtype)
     raise ValueError(f"model.backbone must be one of {BACKBONES}, got {cfg.backbone!r}")
 
@@ -50,8 +51,9 @@ def head_factory(cfg: ml_collections.ConfigDict, bn_axis_name: str | None, dtype
     if cfg.head == "gsag":
         from scaleattn.models import self_attention  # pylint: disable=import-outside-toplevel
         return functools.partial(self_attention.GSAGHead, num_classes=cfg.num_classes,
-                                 variant=cfg.gsag_variant, width=cfg.width,
-                                 window=cfg.gsag_window, bn_mode=cfg.bn_mode,
+                                 variant=cfg.gsag_variant, channels=cfg.gsag_channels,
+                                 width=cfg.width, window=cfg.gsag_window,
+                                 dropout=cfg.gsag_dropout, bn_mode=cfg.bn_mode,
                                  bn_axis_name=bn_axis_name, dtype=dtype)
     raise ValueError(f"model.head must be one of {HEADS}, got {cfg.head!r}")
 

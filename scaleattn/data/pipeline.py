@@ -1,0 +1,392 @@
+"""tf.data input pipeline for any segmentation TFDS dataset of this project.
+
+Works on every builder with the features `image` (RGB uint8), `segmentation`
+(single-channel uint8 class indices, 255 = ignore) and `image_id`: the demo
+`scale_shapes` (`scaleattn.data.shapes`) and `voc2012` (`scaleattn.data.voc`).
+Batches are dicts of numpy arrays, `image` float32 [b, H, W, 3] normalised with
+data.mean / data.std and `label` int32 [b, H, W] (DESIGN.md §3).
+
+Design choices:
+
+* **Per-process shards.** Each process reads its own contiguous, disjoint part
+  of the split (`tfds.even_splits`, remainders spread over the first ones)
+  before anything is shuffled, so the union over processes is the split.
+* **Exact resume.** The training stream is a pure function of (seed, process,
+  position). Epoch `e` is the shard's records shuffled with a seed derived from
+  (seed, process, e); every example is then augmented with stateless random
+  ops keyed by (seed, process, its position in the stream). Resuming at step
+  `k` starts at epoch `k*b // n` and skips `k*b % n` records of it - skipped
+  records are still encoded bytes (`SkipDecoding`), so skipping costs at most
+  one epoch of reading, never decoding or augmenting. `train_batches(...,
+  start_step=k)` therefore yields exactly what the (k+1)-th, (k+2)-th ...
+  batches of a fresh stream would be. (tf.data mixes TensorFlow's global seed
+  into the shuffle seed; nothing in this project sets it, and TensorFlow is
+  imported only here.)
+* **Augmentation (DESIGN.md §2).** Random rescale in data.scale_range
+  (bilinear image, nearest label), pad to the crop with the mean pixel (0 after
+  normalisation) and label 255, random crop, random horizontal flip. An image
+  smaller than the crop is placed at a random offset inside it.
+* **Evaluation.** One pass; each image sits at the top-left of a
+  data.eval_size square (mean pixel / label 255 around it). Every process
+  yields the same number of full batches (collectives need that): the tail is
+  filled with all-ignore examples, which no metric counts.
+* **TensorFlow stays here.** Only `scaleattn.data` imports TensorFlow; JAX is
+  imported lazily, only to ask for the process index / count.
+"""
+
+import math
+import os
+import time
+from typing import Iterator
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from scaleattn.data import errors, shapes
+
+IGNORE_LABEL = 255
+_EVAL_SIZE_ERROR = "image larger than data.eval_size"
+
+
+class DatasetNotFoundError(errors.DataError, RuntimeError):
+    """The dataset is not prepared in data.data_dir (and cannot be built here)."""
+
+
+# ----------------------------------------------------------------- builders ---
+
+
+def get_builder(data_config) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of data.name in data.data_dir (not necessarily built)."""
+    data_dir = os.path.expanduser(data_config.data_dir)
+    if data_config.name == "scale_shapes":
+        config = shapes.shapes_config(data_config.demo_train_size,
+                                      data_config.demo_val_size)
+        return shapes.ScaleShapes(data_dir=data_dir, config=config)
+    if data_config.name == "voc2012":
+        try:
+            from scaleattn.data import voc  # pylint: disable=import-outside-toplevel
+        except ImportError as e:
+            raise ImportError(
+                "data.name='voc2012' needs the VOC builder "
+                f"scaleattn.data.voc.Voc2012, which could not be imported: {e}"
+            ) from e
+        return voc.Voc2012(data_dir=data_dir)
+    raise ValueError(f"unknown data.name {data_config.name!r}; expected "
+                     "'scale_shapes' or 'voc2012'")
+
+
+def _not_prepared_message(data_config, builder) -> str:
+    data_dir = os.path.expanduser(data_config.data_dir)
+    if data_config.name == "voc2012":
+        manual_dir = data_config.manual_dir or "<folder with the archives>"
+        return (
+            f"The VOC 2012 dataset is not prepared in data.data_dir={data_dir} "
+            f"(expected {builder.data_path}). It is built once from the "
+            "archives VOCtrainval_11-May-2012.tar (VOC 2012) and benchmark.tgz "
+            "(SBD), which must both be in data.manual_dir (now "
+            f"{data_config.manual_dir!r}); prepare it with `python -m "
+            f"scaleattn.data.build --data_dir={data_dir} "
+            f"--manual_dir={manual_dir}`, then run again.")
+    return (f"Dataset {data_config.name} is not prepared in {data_dir} "
+            f"(expected {builder.data_path}); call "
+            "scaleattn.data.pipeline.ensure_prepared(config.data) first.")
+
+
+def ensure_prepared(data_config) -> None:
+    """Builds `scale_shapes` if needed; raises if `voc2012` is not prepared.
+
+    Raises:
+      DatasetNotFoundError: voc2012 is not in data.data_dir (the message says
+        which archives go where and which command prepares it).
+    """
+    builder = get_builder(data_config)
+    if builder.is_prepared():
+        logging.info("Dataset %s is prepared at %s", data_config.name,
+                     builder.data_path)
+        return
+    if data_config.name != "scale_shapes":
+        raise DatasetNotFoundError(_not_prepared_message(data_config, builder))
+    logging.info("Building the demo dataset %s (config %s) in %s ...",
+                 builder.name, builder.builder_config.name, builder.data_path)
+    start = time.time()
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False))
+    logging.info("Built %s in %.1f s", builder.data_path, time.time() - start)
+
+
+def _prepared_builder(data_config) -> tfds.core.DatasetBuilder:
+    builder = get_builder(data_config)
+    if not builder.is_prepared():
+        raise DatasetNotFoundError(_not_prepared_message(data_config, builder))
+    return builder
+
+
+def num_examples(data_config, split: str) -> int:
+    """Number of examples of `split` (a TFDS split name, e.g. 'val')."""
+    return _prepared_builder(data_config).info.splits[split].num_examples
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+    """(index, count), the missing ones from JAX (imported only if needed)."""
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=import-outside-toplevel
+        if process_index is None:
+            process_index = jax.process_index()
+        if process_count is None:
+            process_count = jax.process_count()
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in "
+                         f"[0, {process_count})")
+    return process_index, process_count
+
+
+def _read_encoded(builder, split) -> tf.data.Dataset:
+    """Records of `split` in stored order, image / segmentation still encoded."""
+    # No auto-cache: the training stream re-reads each epoch inside flat_map,
+    # and a cache abandoned half-way (skip, stop) only warns and is discarded.
+    ds = builder.as_dataset(
+        split=split, shuffle_files=False,
+        decoders={"image": tfds.decode.SkipDecoding(),
+                  "segmentation": tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(try_autocache=False))
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+
+def _decode(features, example) -> tuple[tf.Tensor, tf.Tensor]:
+    """Encoded example -> image uint8 [h, w, 3], label uint8 [h, w, 1]."""
+    image = features["image"].decode_example(example["image"])
+    label = features["segmentation"].decode_example(example["segmentation"])
+    return image, label
+
+
+# ------------------------------------------------------------ augmentation ---
+
+
+def normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
+    """(image - mean) / std as float32; `image` [..., 3] in 0..255 RGB."""
+    mean = tf.constant(mean, tf.float32)
+    std = tf.constant(std, tf.float32)
+    return (tf.cast(image, tf.float32) - mean) / std
+
+
+def _randint(key: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
+    """Uniform int32 in [0, high] (inclusive) from a stateless key."""
+    return tf.random.stateless_uniform([], seed=key, minval=0, maxval=high + 1,
+                                       dtype=tf.int32)
+
+
+def augment(image: tf.Tensor, label: tf.Tensor, key: tf.Tensor, *,
+            crop_size: int, scale_range: tuple[float, float], flip: bool,
+            mean, std) -> tuple[tf.Tensor, tf.Tensor]:
+    """Random scale, pad, crop and flip of one example (DESIGN.md §2).
+
+    A pure function of its inputs: `key` ([2] int64, a stateless RNG seed)
+    fixes every random choice.
+
+    Args:
+      image: [h, w, 3] uint8 RGB.
+      label: [h, w, 1] uint8 class indices, 255 = ignore.
+      key: [2] int seed.
+      crop_size: side of the square output.
+      scale_range: (low, high) of the uniform random rescale factor.
+      flip: whether to flip horizontally with probability 1/2.
+      mean, std: per-channel pixel statistics (0..255 RGB).
+    Returns:
+      image [crop, crop, 3] float32 normalised (padding = 0, the mean pixel),
+      label [crop, crop] int32 (padding = 255).
+    """
+    keys = tf.random.experimental.stateless_split(key, 7)
+    low, high = scale_range
+    scale = tf.random.stateless_uniform([], seed=keys[0], minval=low,
+                                        maxval=high) if high > low else low
+    size = tf.cast(tf.shape(image)[:2], tf.float32) * scale
+    size = tf.maximum(tf.cast(tf.round(size), tf.int32), 1)
+    image = tf.image.resize(tf.cast(image, tf.float32), size, "bilinear")
+    label = tf.image.resize(label, size, "nearest")
+    image = normalize(image, mean, std)
+    label = tf.cast(label[..., 0], tf.int32)
+
+    # Pad to at least the crop, the image at a random place inside the padding.
+    pad = tf.maximum(crop_size - size, 0)
+    top, left = _randint(keys[1], pad[0]), _randint(keys[2], pad[1])
+    paddings = [[top, pad[0] - top], [left, pad[1] - left]]
+    image = tf.pad(image, paddings + [[0, 0]])
+    label = tf.pad(label, paddings, constant_values=IGNORE_LABEL)
+
+    # Random crop.
+    y0 = _randint(keys[3], size[0] + pad[0] - crop_size)
+    x0 = _randint(keys[4], size[1] + pad[1] - crop_size)
+    image = image[y0:y0 + crop_size, x0:x0 + crop_size]
+    label = label[y0:y0 + crop_size, x0:x0 + crop_size]
+
+    if flip:
+        do_flip = tf.random.stateless_uniform([], seed=keys[5]) < 0.5
+        image = tf.cond(do_flip, lambda: image[:, ::-1], lambda: image)
+        label = tf.cond(do_flip, lambda: label[:, ::-1], lambda: label)
+    image.set_shape([crop_size, crop_size, 3])
+    label.set_shape([crop_size, crop_size])
+    return image, label
+
+
+# ---------------------------------------------------------------- training ---
+
+
+def _example_stream(records: tf.data.Dataset, num_records: int, base_key,
+                    start: int, shuffle_buffer: int) -> tf.data.Dataset:
+    """Infinite (position, record) stream, reshuffled per epoch, from `start`.
+
+    Epoch `e` holds positions [e * n, (e + 1) * n) in an order that depends only
+    on (base_key, e); the first `start` positions are skipped (undecoded).
+    """
+    order_key = tf.random.experimental.stateless_fold_in(base_key, 1)
+
+    def one_epoch(epoch):
+        epoch_key = tf.random.experimental.stateless_fold_in(order_key, epoch)
+        shuffle_seed = tf.random.stateless_uniform(
+            [], seed=epoch_key, minval=0, maxval=2**31 - 1, dtype=tf.int64)
+        shuffled = records.shuffle(shuffle_buffer, seed=shuffle_seed,
+                                   reshuffle_each_iteration=False)
+        return shuffled.enumerate(start=epoch * num_records)
+
+    first_epoch, offset = divmod(start, num_records)
+    epochs = tf.data.Dataset.counter(first_epoch, dtype=tf.int64)
+    return epochs.flat_map(one_epoch).skip(offset)
+
+
+def train_batches(data_config, *, batch_size: int, seed: int,
+                  start_step: int = 0, process_index: int | None = None,
+                  process_count: int | None = None
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite iterator of this process's augmented training batches.
+
+    Args:
+      data_config: the config's `data` section.
+      batch_size: examples per batch of this process.
+      seed: the run's seed; with the process index it fixes the whole stream.
+      start_step: batches to skip: the result's first batch is batch number
+        `start_step` (0-based) of a fresh stream.
+      process_index, process_count: default to JAX's.
+    Yields:
+      {'image': float32 [b, crop, crop, 3], 'label': int32 [b, crop, crop]}.
+    """
+    process_index, process_count = _process(process_index, process_count)
+    builder = _prepared_builder(data_config)
+    split = tfds.even_splits(data_config.train_split, n=process_count)[
+        process_index]
+    num_records = builder.info.splits[split].num_examples
+    if num_records == 0:
+        raise ValueError(f"process {process_index} of {process_count} has no "
+                         f"examples of {data_config.train_split}")
+    base_key = tf.constant([seed, process_index], tf.int64)
+    stream = _example_stream(_read_encoded(builder, split), num_records,
+                             base_key, start_step * batch_size,
+                             min(data_config.shuffle_buffer, num_records))
+    augment_key = tf.random.experimental.stateless_fold_in(base_key, 2)
+    features = builder.info.features
+
+    def prepare(position, example):
+        image, label = _decode(features, example)
+        key = tf.random.experimental.stateless_fold_in(augment_key, position)
+        image, label = augment(
+            image, label, key, crop_size=data_config.crop_size,
+            scale_range=tuple(data_config.scale_range), flip=data_config.flip,
+            mean=data_config.mean, std=data_config.std)
+        return {"image": image, "label": label}
+
+    ds = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(
+        data_config.prefetch)
+    return ds.as_numpy_iterator()
+
+
+# -------------------------------------------------------------- evaluation ---
+
+
+def pad_for_eval(image: tf.Tensor, label: tf.Tensor, *, eval_size: int, mean,
+                 std) -> tuple[tf.Tensor, tf.Tensor]:
+    """Normalises and pads one example to the eval square (image top-left).
+
+    Args:
+      image: [h, w, 3] uint8 with h, w <= eval_size (checked by the caller).
+      label: [h, w, 1] uint8.
+    Returns:
+      image [S, S, 3] float32 (padding 0 = mean pixel), label [S, S] int32
+      (padding 255).
+    """
+    shape = tf.shape(image)[:2]
+    paddings = [[0, eval_size - shape[0]], [0, eval_size - shape[1]]]
+    image = tf.pad(normalize(image, mean, std), paddings + [[0, 0]])
+    label = tf.pad(tf.cast(label[..., 0], tf.int32), paddings,
+                   constant_values=IGNORE_LABEL)
+    image.set_shape([eval_size, eval_size, 3])
+    label.set_shape([eval_size, eval_size])
+    return image, label
+
+
+def eval_batches(data_config, *, batch_size: int, split: str | None = None,
+                 process_index: int | None = None,
+                 process_count: int | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over this process's part of the eval split, in full batches.
+
+    Every process yields ceil(ceil(N / process_count) / batch_size) batches;
+    slots without an example hold an all-ignore example (label 255, image 0).
+
+    Args:
+      data_config: the config's `data` section.
+      batch_size: examples per batch of this process.
+      split: TFDS split; default data.eval_split.
+    Yields:
+      {'image': float32 [b, S, S, 3], 'label': int32 [b, S, S]},
+      S = data.eval_size.
+    Raises:
+      ValueError (while iterating): an image is larger than data.eval_size.
+    """
+    process_index, process_count = _process(process_index, process_count)
+    builder = _prepared_builder(data_config)
+    split = split or data_config.eval_split
+    size = data_config.eval_size
+    total = builder.info.splits[split].num_examples
+    local_split = tfds.even_splits(split, n=process_count)[process_index]
+    local = builder.info.splits[local_split].num_examples
+    num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
+    features = builder.info.features
+
+    def prepare(example):
+        image, label = _decode(features, example)
+        tf.debugging.Assert(
+            tf.reduce_all(tf.shape(image)[:2] <= size),
+            [f"{_EVAL_SIZE_ERROR}={size}: image", example["image_id"],
+             "of shape", tf.shape(image)])
+        image, label = pad_for_eval(image, label, eval_size=size,
+                                    mean=data_config.mean, std=data_config.std)
+        return {"image": image, "label": label}
+
+    filler = {"image": tf.zeros([size, size, 3], tf.float32),
+              "label": tf.fill([size, size], tf.constant(IGNORE_LABEL))}
+    ds = _read_encoded(builder, local_split).map(
+        prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(
+        num_batches * batch_size - local))
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(
+        data_config.prefetch)
+    return _raise_eval_size_errors(ds.as_numpy_iterator(), size)
+
+
+def _raise_eval_size_errors(batches, eval_size):
+    """Re-raises the in-graph size check as a ValueError naming eval_size."""
+    try:
+        yield from batches
+    except tf.errors.InvalidArgumentError as e:
+        if _EVAL_SIZE_ERROR not in e.message:
+            raise
+        detail = e.message.split("assertion failed:", 1)[-1].splitlines()[0]
+        raise ValueError(
+            f"An eval image is larger than data.eval_size={eval_size} "
+            f"({detail.strip()}); set data.eval_size to at least the largest "
+            "image side.") from None
