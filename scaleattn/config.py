@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.attention_width = 512      # attention head conv3x3 width (before `width`)
     m.attention_dropout = 0.5
     m.dtype = "float32"          # compute dtype: 'float32' | 'bfloat16'
+    m.init_from = ""             # ImageNet backbone from `python -m scaleattn.convert` ('' = none)
 
     # ---- loss -------------------------------------------------------------------
     c.loss = l = ml_collections.ConfigDict()
@@ -95,7 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
     t.log_every = 20
     t.eval_every = 2000
     t.checkpoint_every = 1000
-    t.keep_checkpoints = 3
+    t.keep_checkpoints = 3       # the last k checkpoints are kept ...
+    t.keep_best = False          # ... and, if set, the one with the best eval mIoU
+    t.async_checkpoints = True   # Orbax writes in the background while training goes on
+    t.grad_accum_steps = 1       # micro-batches per step (gradients summed; one update)
     t.eval_at_end = True
 
     # ---- evaluation -------------------------------------------------------------
@@ -105,7 +109,28 @@ def base_config() -> ml_collections.ConfigDict:
 
     # ---- parallelism ------------------------------------------------------------
     c.parallel = p = ml_collections.ConfigDict()
-    p.mode = "pmap"              # 'pmap' | 'jit' (single device)
+    p.mode = "pmap"              # 'pmap' | 'sharded' (jit on a mesh) | 'jit' (one device)
+    p.mesh_shape = (-1, 1)       # sharded: (data, model) devices; -1 = the rest
+    p.param_sharding = "replicated"  # sharded: 'replicated' | 'fsdp' (over data) |
+                                 # 'model' (conv kernels' output channels over model)
+    p.fsdp_min_size = 2**14      # fsdp / model: smaller arrays stay replicated
+
+    # ---- benchmark (--mode=bench: synthetic batches, one device, no TensorFlow) -------
+    c.bench = b = ml_collections.ConfigDict()
+    b.dtypes = "float32,bfloat16"  # compute dtypes to time (comma-separated)
+    b.batch_size = 0             # 0 = batch_size
+    b.crop_size = 0              # 0 = data.crop_size (train and eval steps alike)
+    b.warmup = 3                 # untimed steps after compilation
+    b.steps = 10                 # timed steps; the median is reported
+    b.profile_dir = ""           # if set, a jax.profiler trace of the timed train steps
+
+    # ---- inference: --mode=predict|analyze, TensorBoard images, ms+flip eval ---------
+    c.predict = q = ml_collections.ConfigDict()
+    q.ms_scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # input rescales averaged by ms+flip
+    q.flip = True                # ms+flip also averages the mirrored input
+    q.ms_eval_at_end = False     # after training, also evaluate with ms+flip (run.json)
+    q.summary_images = 3         # eval images shown in TensorBoard (0 = none)
+    q.overlay_alpha = 0.5
     c.lock()  # config files may change values but not add keys
     return c
 
@@ -186,7 +211,8 @@ CHOICES = {
     "loss.label_resize": ("nearest", "upsample_logits"),
     "loss.type": ("ce", "ohem"),
     "optim.schedule": ("step", "poly", "constant"),
-    "parallel.mode": ("pmap", "jit"),
+    "parallel.mode": ("pmap", "jit", "sharded"),
+    "parallel.param_sharding": ("replicated", "fsdp", "model"),
     "prng_impl": ("rbg", "unsafe_rbg", "threefry2x32"),
 }
 
@@ -210,6 +236,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           f"(the reference size)")
     for key in ("batch_size", "eval.batch_size", "data.crop_size", "data.eval_size",
                 "train.steps", "train.log_every", "train.checkpoint_every",
+                "train.keep_checkpoints", "train.grad_accum_steps",
                 "model.num_classes"):
         if lookup(config, key) <= 0:
             raise ConfigError(f"config.{key}={lookup(config, key)} must be positive")
@@ -217,3 +244,45 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0 < low <= high:
         raise ConfigError(f"config.data.scale_range={tuple(config.data.scale_range)} must be "
                           f"(low, high) with 0 < low <= high")
+    if config.parallel.param_sharding != "replicated" and config.parallel.mode != "sharded":
+        raise ConfigError(f"config.parallel.param_sharding={config.parallel.param_sharding!r} "
+                          f"needs config.parallel.mode='sharded'")
+    if config.batch_size % config.train.grad_accum_steps:
+        raise ConfigError(f"config.batch_size={config.batch_size} must divide into "
+                          f"config.train.grad_accum_steps={config.train.grad_accum_steps} "
+                          f"micro-batches")
+
+
+def gsag_config(*, variant="hybrid", backbone="resnet101", scales=(1.0,),
+                merge="attention") -> ml_collections.ConfigDict:
+    """A GSAG model on VOC 2012 (DESIGN.md §1.2): dilated ResNet(-Xt), GSAG head, OHEM.
+
+    The GSAG write-up gives no training schedule; this is the common recipe for
+    dilated-ResNet heads of its time (DeepLabv3 / OCNet): output stride 8, crop 513,
+    batch 8, SGD momentum 0.9, base LR 0.01 (x10 on the head), poly 0.9, weight decay
+    1e-4, 30k steps on train_aug, trained (synchronised) batch norm, OHEM with
+    threshold 0.7 and 100,000 kept pixels. ``scales``/``merge`` put the head inside
+    the Attention-to-Scale wrapper.
+    """
+    c = voc_config(scales=scales, merge=merge, extra_supervision=len(scales) > 1,
+                   backbone=backbone)
+    c.model.head, c.model.gsag_variant = "gsag", variant
+    c.model.bn_mode, c.model.sync_bn = "train", True
+    c.data.crop_size = 513
+    c.batch_size, c.optim.base_lr, c.optim.weight_decay = 8, 0.01, 1e-4
+    c.train.steps = 30000
+    c.loss.type = "ohem"
+    c.name = f"gsag_{variant}_{backbone}" + ("" if len(scales) == 1 else f"_s{len(scales)}_{merge}")
+    return c
+
+
+def demo_gsag_config(*, variant="hybrid") -> ml_collections.ConfigDict:
+    """The GSAG ablation on the demo data: a tiny ResNet-50 layout and GSAG head, CPU."""
+    c = demo_config(scales=(1.0,))
+    c.model.backbone, c.model.head, c.model.gsag_variant = "resnet50", "gsag", variant
+    c.model.depth, c.model.width = (1, 1, 1, 1), 0.125
+    c.model.bn_mode = "train"
+    c.model.gsag_window = 5
+    c.loss.type, c.loss.ohem_min_kept = "ohem", 512
+    c.name = f"demo_gsag_{variant}"
+    return c

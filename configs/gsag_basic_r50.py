@@ -1,0 +1,6 @@
+"""VOC 2012: GSAG basic head on resnet50, OHEM (see scaleattn.config.gsag_config)."""
+from scaleattn import config
+
+
+def get_config():
+    return config.gsag_config(variant="basic", backbone="resnet50")

@@ -1,0 +1,108 @@
+"""The whole run: main's command line, a short training that checkpoints and resumes."""
+import os
+import subprocess
+import sys
+
+import flax
+import numpy as np
+import pytest
+
+from scaleattn import checkpoint, train
+from scaleattn import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_demo_config(data_dir, steps):
+    c = config_lib.demo_config()
+    c.data.data_dir = str(data_dir)
+    c.data.demo_train_size, c.data.demo_val_size = 16, 8
+    c.data.crop_size = 48
+    c.model.width, c.model.fc_width = 1 / 16, 64
+    c.batch_size, c.eval.batch_size = 8, 8
+    c.train.steps, c.train.log_every, c.train.checkpoint_every = steps, 1, 2
+    c.train.eval_every = 0
+    c.parallel.mode = "jit"  # pmap over the 8 test devices is covered in test_train.py
+    c.optim.schedule = "constant"  # so that a 2-step run is the start of a 4-step one
+    return c
+
+
+def saved_params(workdir, step):
+    manager = checkpoint.make_manager(str(workdir), keep=5)
+    assert step in manager.all_steps()
+    tree, meta = checkpoint.read(manager, step)
+    assert meta["step"] == meta["data_position"] == step
+    return flax.traverse_util.flatten_dict(tree["state"]["params"], sep="/")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def test_train_checkpoints_evaluates_and_resumes_exactly(data_dir, tmp_path):
+    straight = tmp_path / "straight"
+    scores = train.train_and_evaluate(tiny_demo_config(data_dir, 4), str(straight))
+    assert 0.0 <= scores["miou"] <= 1.0 and scores["per_class_iou"].shape == (4,)
+    assert sorted(checkpoint.make_manager(str(straight), 5).all_steps()) == [2, 4]
+
+    stopped = tmp_path / "stopped"
+    train.train_and_evaluate(tiny_demo_config(data_dir, 2), str(stopped))
+    train.train_and_evaluate(tiny_demo_config(data_dir, 4), str(stopped))  # resumes at 2
+    a, b = saved_params(straight, 4), saved_params(stopped, 4)
+    assert a.keys() == b.keys()
+    for key in a:  # same batches, same dropout keys, same updates: bit-identical
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(data_dir, tmp_path):
+    train.train_and_evaluate(tiny_demo_config(data_dir, 2), str(tmp_path))
+    other = tiny_demo_config(data_dir, 4)
+    other.model.fc_width = 32
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit this model"):
+        train.train_and_evaluate(other, str(tmp_path))
+
+
+def run_main(*args, timeout=120):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "scaleattn.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_unknown_config_key_is_a_one_line_error(tmp_path):
+    result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}",
+                      "--config.train.stepz=10")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "unknown config key 'stepz'" in result.stderr
+    assert 'did you mean "steps"' in result.stderr
+
+
+def test_wrong_type_and_bad_value_are_one_line_errors(tmp_path):
+    result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}",
+                      "--config.train.steps=many")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--config.train.steps=many" in result.stderr
+    result = run_main("--config=configs/demo.py", f"--workdir={tmp_path}",
+                      "--config.model.merge=mean")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "config.model.merge='mean'" in result.stderr
+
+
+def test_voc_config_without_data_says_what_is_expected_where(tmp_path):
+    result = run_main("--config=configs/voc_s3.py", f"--workdir={tmp_path / 'w'}",
+                      f"--config.data.data_dir={tmp_path / 'data'}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "VOCtrainval_11-May-2012.tar" in result.stderr
+    assert "python -m scaleattn.data.build" in result.stderr
+    assert str(tmp_path / "data") in result.stderr
+
+
+@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+                                        if f.endswith(".py")))
+def test_every_config_file_loads_and_validates(name):
+    from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+    config = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+        name, os.path.join(REPO, "configs", f"{name}.py")).get_config()
+    config_lib.validate(config)
+    assert config.is_locked
