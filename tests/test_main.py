@@ -40,27 +40,37 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("data")
 
 
-def test_train_checkpoints_evaluates_and_resumes_exactly(data_dir, tmp_path):
-    straight = tmp_path / "straight"
-    scores = train.train_and_evaluate(tiny_demo_config(data_dir, 4), str(straight))
-    assert 0.0 <= scores["miou"] <= 1.0 and scores["per_class_iou"].shape == (4,)
-    assert sorted(checkpoint.make_manager(str(straight), 5).all_steps()) == [2, 4]
+@pytest.fixture(scope="module")
+def straight_run(data_dir, tmp_path_factory):
+    """A 4-step run that checkpoints at steps 2 and 4, then evaluates."""
+    workdir = tmp_path_factory.mktemp("straight")
+    scores = train.train_and_evaluate(tiny_demo_config(data_dir, 4), str(workdir))
+    return workdir, scores
 
-    stopped = tmp_path / "stopped"
-    train.train_and_evaluate(tiny_demo_config(data_dir, 2), str(stopped))
-    train.train_and_evaluate(tiny_demo_config(data_dir, 4), str(stopped))  # resumes at 2
-    a, b = saved_params(straight, 4), saved_params(stopped, 4)
+
+def test_train_checkpoints_and_evaluates(straight_run):
+    workdir, scores = straight_run
+    assert 0.0 <= scores["miou"] <= 1.0 and scores["per_class_iou"].shape == (4,)
+    assert sorted(checkpoint.make_manager(str(workdir), 5).all_steps()) == [2, 4]
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_resume_gives_the_same_parameters(straight_run, data_dir, tmp_path):
+    first_half = tiny_demo_config(data_dir, 2)
+    first_half.train.eval_at_end = False
+    train.train_and_evaluate(first_half, str(tmp_path))
+    train.train_and_evaluate(tiny_demo_config(data_dir, 4), str(tmp_path))  # resumes at 2
+    a, b = saved_params(straight_run[0], 4), saved_params(tmp_path, 4)
     assert a.keys() == b.keys()
     for key in a:  # same batches, same dropout keys, same updates: bit-identical
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_checkpoint_of_another_model_is_a_clear_error(data_dir, tmp_path):
-    train.train_and_evaluate(tiny_demo_config(data_dir, 2), str(tmp_path))
-    other = tiny_demo_config(data_dir, 4)
+def test_checkpoint_of_another_model_is_a_clear_error(straight_run, data_dir):
+    other = tiny_demo_config(data_dir, 6)
     other.model.fc_width = 32
     with pytest.raises(checkpoint.CheckpointError, match="does not fit this model"):
-        train.train_and_evaluate(other, str(tmp_path))
+        train.train_and_evaluate(other, str(straight_run[0]))
 
 
 def run_main(*args, timeout=120):

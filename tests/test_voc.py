@@ -2,13 +2,13 @@
 
 The tree has the real folder names: palette PNG masks, JPEG images, SBD ``.mat``
 labels in the ``GTcls`` struct layout and the split lists, packed into the two
-archives with `tarfile`. The archives' md5s are the tests' own (passed through
-``expected_md5``). Each bad-input test breaks one thing, checks the one-line
-message names the file, that nothing is left in ``data_dir``, and that a rerun
-with the input fixed builds the dataset.
+archives with `tarfile` (the writers are `scaleattn.data.fake_voc`'s; the ids,
+colours and masks are this file's). The archives' md5s are the tests' own
+(passed through ``expected_md5``). Each bad-input test breaks one thing, checks
+the one-line message names the file, that nothing is left in ``data_dir``, and
+that a rerun with the input fixed builds the dataset.
 """
 
-import hashlib
 import io
 import os
 import tarfile
@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
-import scipy.io
 import tensorflow_datasets as tfds
 
 from scaleattn.data import voc
+from scaleattn.data.fake_voc import (archive_contents, jpeg_bytes, mat_bytes, pack, png_bytes,
+                                     sbd_jpeg, sbd_mat, voc_jpeg, voc_palette, voc_png)
 from scaleattn.data.voc import SBD_ARCHIVE, SBD_ROOT, VOC_ARCHIVE, VOC_ROOT, VocDataError
 
 tfds.disable_progress_bar()
@@ -48,19 +49,6 @@ def _temp_files_in_pytest_dir(tmp_path_factory):
 # ---------------------------------------------------------------------------
 # The tiny tree
 # ---------------------------------------------------------------------------
-
-
-def voc_palette(num_colors: int = 256) -> np.ndarray:
-    """VOC colour map: the bits of the class id, interleaved into R, G, B."""
-    palette = np.zeros((num_colors, 3), np.uint8)
-    for class_id in range(num_colors):
-        value, shift = class_id, 7
-        while value:
-            for channel in range(3):
-                palette[class_id, channel] |= ((value >> channel) & 1) << shift
-            value >>= 3
-            shift -= 1
-    return palette
 
 
 def test_voc_palette_known_colours():
@@ -95,68 +83,18 @@ def sbd_mask(image_id: str) -> np.ndarray:
     return mask
 
 
-def png_bytes(mask: np.ndarray) -> bytes:
-    img = PIL.Image.fromarray(mask, mode="P")
-    img.putpalette(voc_palette().flatten().tolist())
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def jpeg_bytes(image_id: str, size=(WIDTH, HEIGHT)) -> bytes:
-    buf = io.BytesIO()
-    PIL.Image.new("RGB", size, image_colour(image_id)).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-def mat_bytes(label: np.ndarray) -> bytes:
-    """An SBD ``cls`` file: loadmat(f)['GTcls'][0]['Segmentation'][0] is ``label``."""
-    gtcls = {"Segmentation": label, "Boundaries": np.zeros((1, 20), object),
-             "CategoriesPresent": np.unique(label[label > 0]).astype(np.uint8)}
-    buf = io.BytesIO()
-    scipy.io.savemat(buf, {"GTcls": gtcls})
-    return buf.getvalue()
-
-
-def list_bytes(ids) -> bytes:
-    return "".join(f"{i}\n" for i in ids).encode()
-
-
-def voc_jpeg(i): return f"{VOC_ROOT}/JPEGImages/{i}.jpg"
-def voc_png(i): return f"{VOC_ROOT}/SegmentationClass/{i}.png"
-def sbd_jpeg(i): return f"{SBD_ROOT}/img/{i}.jpg"
-def sbd_mat(i): return f"{SBD_ROOT}/cls/{i}.mat"
+def flat_jpeg(image_id: str) -> bytes:
+    return jpeg_bytes(np.full((HEIGHT, WIDTH, 3), image_colour(image_id), np.uint8), quality=95)
 
 
 def make_contents() -> dict[str, dict[str, bytes]]:
     """Archive name -> {member path: bytes}; tests break it before packing."""
-    voc_files = {f"{VOC_ROOT}/ImageSets/Segmentation/train.txt": list_bytes(VOC_TRAIN),
-                 f"{VOC_ROOT}/ImageSets/Segmentation/val.txt": list_bytes(VOC_VAL)}
-    for i in VOC_TRAIN + VOC_VAL:
-        voc_files[voc_jpeg(i)] = jpeg_bytes(i)
-        voc_files[voc_png(i)] = png_bytes(voc_mask(i))
-    voc_files[voc_jpeg("2012_000099")] = jpeg_bytes("2012_000099")  # in no split list
-    sbd_files = {f"{SBD_ROOT}/train.txt": list_bytes(SBD_TRAIN),
-                 f"{SBD_ROOT}/val.txt": list_bytes(SBD_VAL)}
-    for i in SBD_TRAIN + SBD_VAL:
-        sbd_files[sbd_jpeg(i)] = jpeg_bytes(i)
-        sbd_files[sbd_mat(i)] = mat_bytes(sbd_mask(i))
-    return {VOC_ARCHIVE: voc_files, SBD_ARCHIVE: sbd_files}
-
-
-def pack(contents, manual_dir: Path) -> dict[str, str]:
-    """Writes the .tar and the .tgz into ``manual_dir``; returns their md5s."""
-    manual_dir.mkdir(parents=True, exist_ok=True)
-    md5 = {}
-    for name, mode in ((VOC_ARCHIVE, "w"), (SBD_ARCHIVE, "w:gz")):
-        path = manual_dir / name
-        with tarfile.open(path, mode) as tar:
-            for member, data in contents[name].items():
-                info = tarfile.TarInfo(member)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        md5[name] = hashlib.md5(path.read_bytes()).hexdigest()
-    return md5
+    contents = archive_contents(
+        VOC_TRAIN, VOC_VAL, SBD_TRAIN, SBD_VAL,
+        voc_image=flat_jpeg, voc_mask=lambda i: png_bytes(voc_mask(i)),
+        sbd_image=flat_jpeg, sbd_label=lambda i: mat_bytes(sbd_mask(i)))
+    contents[VOC_ARCHIVE][voc_jpeg("2012_000099")] = flat_jpeg("2012_000099")  # in no list
+    return contents
 
 
 def build(tmp_path, contents, data_dir=None, **md5_overrides):

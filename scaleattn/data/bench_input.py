@@ -1,0 +1,394 @@
+"""How many images per second the tf.data input pipeline delivers on this host.
+
+    python -m scaleattn.data.bench_input --crop=321,513 --batch=16 \\
+        [--data_dir=~/tensorflow_datasets] [--num_images=200] [--seconds=20] \\
+        [--repeats=2] [--workers=N] [--step_batch=30 --step_seconds=0.5] \\
+        [--output=bench_input.json]
+
+Data. If ``voc2012`` is prepared in ``--data_dir`` it is used (train split
+``train_aug``, eval split ``val``). Otherwise (or with ``--synthetic``) a
+VOC-shaped stand-in is made in a temporary folder: `scaleattn.data.fake_voc`
+writes the two archives with ``--num_images`` train_aug and ``--num_val`` val
+images (500x375 photo-like JPEGs, quality 90, palette PNG / SBD ``.mat`` masks),
+the real `scaleattn.data.voc.Voc2012` builder builds them (md5 checks skipped),
+and the folder is deleted at the end. The cost per image (decode, resize, pad,
+crop, copy) depends mostly on the image size, little on what the image shows.
+
+What is timed. The production iterators, unchanged: `pipeline.train_batches`
+(decode, random scale 0.5-2, pad, random crop, flip, normalise, batch; one
+``--crop`` at a time) and `pipeline.eval_batches` (decode, normalise, pad to
+``--eval_size``; restarted after each pass; the all-ignore filler examples at
+the end of a pass are not counted). For each, the iterator is first drained for
+``--warmup`` seconds (shuffle buffer filled, tf.data autotuning settled), then
+``--repeats`` windows of ``--seconds`` each are timed, batches converted to
+numpy as the training loop receives them. Per window:
+
+* images/s: images pulled / wall time, what this host delivered as it was;
+* images per CPU-second: images / this process's CPU time (user + system, all
+  threads): the cost of an image, which does not depend on how many cores the
+  process actually got on a busy host; the busy cores a consumer needs are its
+  images/s divided by this (``--step_seconds`` prints that);
+* CPUs busy: CPU time / wall time, how many cores the process got;
+* the 1-minute load average at the end of the window.
+
+``--workers=N`` pins the process to N of its CPUs (``sched_setaffinity``) and
+sizes TensorFlow's thread pools to N, so "images/s per N cores" can be measured
+on a larger host. Results go to stdout as a table and, with ``--output``, to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Iterator
+
+IMAGE_SIZE = (500, 375)  # width, height of the synthetic images (the usual VOC size)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def limit_workers(workers: int) -> list[int]:
+    """Pins the process to ``workers`` of its CPUs and sizes TF's pools to match.
+
+    Call before TensorFlow runs anything (its thread pools are made once).
+    Returns the CPUs kept.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if not 1 <= workers <= len(cpus):
+        raise ValueError(f"--workers={workers}: this process may use {len(cpus)} CPUs")
+    keep = cpus[:workers]
+    os.sched_setaffinity(0, keep)
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    tf.config.threading.set_inter_op_parallelism_threads(workers)
+    tf.config.threading.set_intra_op_parallelism_threads(workers)
+    return keep
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+def voc_data_config(data_dir: str):
+    """The `voc_config` data section (paper defaults), reading from ``data_dir``."""
+    from scaleattn import config  # pylint: disable=import-outside-toplevel
+    data = copy.deepcopy(config.voc_config().data)
+    data.data_dir = os.fspath(data_dir)
+    return data
+
+
+def is_prepared(data_dir: str) -> bool:
+    """Whether ``voc2012`` is built in ``data_dir``."""
+    data_dir = os.path.expanduser(os.fspath(data_dir))
+    if not os.path.isdir(os.path.join(data_dir, "voc2012")):
+        return False  # asking TFDS would warn and leave an empty folder in /tmp
+    from scaleattn.data import voc  # pylint: disable=import-outside-toplevel
+    return voc.Voc2012(data_dir=data_dir).is_prepared()
+
+
+@contextlib.contextmanager
+def _tempfiles_in(folder: str):
+    """TFDS leaves an empty ``mkdtemp`` folder per build: keep it in ``folder``."""
+    before = tempfile.tempdir
+    tempfile.tempdir = folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
+
+
+def build_synthetic(work_dir: str, num_train_aug: int, num_val: int, *,
+                    image_size: tuple[int, int] = IMAGE_SIZE, seed: int = 0) -> str:
+    """Builds a synthetic ``voc2012`` under ``work_dir``/data; returns that data_dir.
+
+    `fake_voc` writes the archives into ``work_dir``/manual; the real builder
+    builds them. The archives are deleted afterwards (the dataset is what is read).
+    """
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    from scaleattn.data import fake_voc  # pylint: disable=import-outside-toplevel
+    data_dir = os.path.join(work_dir, "data")
+    manual_dir = os.path.join(work_dir, "manual")
+    tfds.disable_progress_bar()
+    with _tempfiles_in(work_dir):
+        fake_voc.build_synthetic(data_dir, manual_dir, num_train_aug, num_val,
+                                 size=image_size, seed=seed)
+    shutil.rmtree(manual_dir, ignore_errors=True)
+    return data_dir
+
+
+# ---------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------
+
+
+def _time_window(counts: Iterator[int], seconds: float) -> tuple[int, float, float]:
+    """Pulls batches for ``seconds`` (at least one); returns (images, wall s, CPU s).
+
+    CPU s is this process's user + system time over the window, all threads.
+    """
+    start, cpu_start = time.perf_counter(), time.process_time()
+    images, elapsed = 0, 0.0
+    for count in counts:
+        images += count
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            break
+    if elapsed <= 0:
+        raise RuntimeError("the pipeline yielded no batch")
+    return images, elapsed, time.process_time() - cpu_start
+
+
+def _measure(counts: Iterator[int], *, seconds: float, warmup_seconds: float,
+             repeats: int) -> dict:
+    """Warm-up, then ``repeats`` timed windows of one iterator; closes it."""
+    figures = {"images_per_s": [], "images_per_cpu_s": [], "cpus_busy": [], "load1": []}
+    try:
+        _time_window(counts, warmup_seconds)
+        for _ in range(repeats):
+            images, wall, cpu = _time_window(counts, seconds)
+            figures["images_per_s"].append(images / wall)
+            figures["images_per_cpu_s"].append(images / cpu if cpu > 0 else float("nan"))
+            figures["cpus_busy"].append(cpu / wall)
+            figures["load1"].append(os.getloadavg()[0])
+    finally:
+        counts.close()  # stop the tf.data threads before the next measurement
+        gc.collect()
+    figures["mean_images_per_s"] = statistics.fmean(figures["images_per_s"])
+    figures["mean_images_per_cpu_s"] = statistics.fmean(figures["images_per_cpu_s"])
+    return figures
+
+
+def _train_counts(data_config, batch_size: int, seed: int) -> Iterator[int]:
+    from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
+    batches = pipeline.train_batches(data_config, batch_size=batch_size, seed=seed,
+                                     process_index=0, process_count=1)
+    for batch in batches:
+        yield len(batch["image"])
+
+
+def _eval_counts(data_config, batch_size: int) -> Iterator[int]:
+    """Real (non-filler) images per eval batch, pass after pass."""
+    from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
+    total = pipeline.num_examples(data_config, data_config.eval_split)
+    while True:
+        batches = pipeline.eval_batches(data_config, batch_size=batch_size,
+                                        process_index=0, process_count=1)
+        for index, batch in enumerate(batches):
+            assert len(batch["image"]) == batch_size
+            yield max(0, min(batch_size, total - index * batch_size))
+
+
+def benchmark(data_config, *, crop_sizes=(321,), batch_size: int = 16,
+              eval_size: int | None = 513, eval_batch_size: int | None = None,
+              seconds: float = 20.0, warmup_seconds: float | None = None,
+              repeats: int = 2, seed: int = 0) -> dict:
+    """Images/s of the train pipeline at each crop, and of the eval pipeline.
+
+    Args:
+      data_config: the config's ``data`` section; its dataset must be prepared.
+      crop_sizes: train crops to time, one after the other.
+      batch_size: train batch; ``eval_batch_size`` defaults to it.
+      eval_size: the eval square; None skips the eval pipeline.
+      seconds: length of one timed window; ``repeats`` windows per figure.
+      warmup_seconds: untimed pulling first (default ``seconds / 4``).
+    Returns:
+      A JSON-able dict: ``dataset``, ``host``, ``settings`` and ``results``, a
+      list of ``{"pipeline": "train"|"eval", "size", "batch_size",
+      "images_per_s": [one per window], "images_per_cpu_s": [images per second
+      of this process's CPU time], "cpus_busy": [CPU s / wall s: how many cores
+      it actually got], "load1": [the 1-minute load average after each
+      window], "mean_images_per_s", "mean_images_per_cpu_s"}``.
+    """
+    from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
+    if repeats < 1 or seconds <= 0:
+        raise ValueError(f"need repeats >= 1 and seconds > 0, got {repeats}, {seconds}")
+    warmup_seconds = seconds / 4 if warmup_seconds is None else warmup_seconds
+    eval_batch_size = eval_batch_size or batch_size
+    result = {
+        "dataset": {
+            "name": data_config.name,
+            "data_dir": os.path.expanduser(data_config.data_dir),
+            "train_split": data_config.train_split,
+            "train_examples": pipeline.num_examples(data_config, data_config.train_split),
+            "eval_split": data_config.eval_split,
+            "eval_examples": pipeline.num_examples(data_config, data_config.eval_split),
+        },
+        "host": {"cpus": available_cpus(), "loadavg_start": list(os.getloadavg())},
+        "settings": {"seconds": seconds, "warmup_seconds": warmup_seconds,
+                     "repeats": repeats, "seed": seed,
+                     "scale_range": list(data_config.scale_range),
+                     "flip": bool(data_config.flip)},
+        "results": [],
+    }
+    for crop in crop_sizes:
+        config = copy.deepcopy(data_config)
+        config.crop_size = int(crop)
+        figures = _measure(_train_counts(config, batch_size, seed), seconds=seconds,
+                           warmup_seconds=warmup_seconds, repeats=repeats)
+        result["results"].append({"pipeline": "train", "size": int(crop),
+                                  "batch_size": batch_size, **figures})
+    if eval_size:
+        config = copy.deepcopy(data_config)
+        config.eval_size = int(eval_size)
+        figures = _measure(_eval_counts(config, eval_batch_size), seconds=seconds,
+                           warmup_seconds=warmup_seconds, repeats=repeats)
+        result["results"].append({"pipeline": "eval", "size": int(eval_size),
+                                  "batch_size": eval_batch_size, **figures})
+    result["host"]["loadavg_end"] = list(os.getloadavg())
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The results as a small text table."""
+    ds, host = result["dataset"], result["host"]
+    lines = [
+        f"data: {ds['name']} in {ds['data_dir']}"
+        + (" (synthetic)" if result.get("synthetic") else "")
+        + f": {ds['train_split']} {ds['train_examples']}, {ds['eval_split']} "
+          f"{ds['eval_examples']} images",
+        f"host: {host['cpus']} CPUs for this process; load average (1/5/15 min) at start "
+        + " ".join(f"{x:.2f}" for x in host["loadavg_start"]) + ", at end "
+        + " ".join(f"{x:.2f}" for x in host.get("loadavg_end", [])),
+        f"{'pipeline':8s} {'size':>5s} {'batch':>5s}  {'img/s per window':<17s} "
+        f"{'mean':>6s}  {'img/CPU-s':<12s} {'CPUs busy':<10s} load1",
+    ]
+    for row in result["results"]:
+        rates = " ".join(f"{r:.1f}" for r in row["images_per_s"])
+        per_cpu = " ".join(f"{r:.1f}" for r in row["images_per_cpu_s"])
+        busy = " ".join(f"{x:.2f}" for x in row["cpus_busy"])
+        loads = " ".join(f"{x:.1f}" for x in row["load1"])
+        lines.append(f"{row['pipeline']:8s} {row['size']:5d} {row['batch_size']:5d}  "
+                     f"{rates:<17s} {row['mean_images_per_s']:6.1f}  {per_cpu:<12s} "
+                     f"{busy:<10s} {loads}")
+    return "\n".join(lines)
+
+
+def consumer_line(result: dict, step_batch: int, step_seconds: float) -> str:
+    """What a training step of ``step_batch`` images taking ``step_seconds`` consumes.
+
+    The cores needed are estimated from images per CPU-second (linear scaling
+    over cores assumed), which does not depend on how busy the host was.
+    """
+    need = step_batch / step_seconds
+    parts = [f"a train step of batch {step_batch} taking {step_seconds:g} s consumes "
+             f"{need:.1f} img/s"]
+    for row in result["results"]:
+        if row["pipeline"] == "train":
+            parts.append(f"crop {row['size']}: {row['mean_images_per_cpu_s']:.1f} img/CPU-s "
+                         f"-> ~{need / row['mean_images_per_cpu_s']:.1f} busy cores needed")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, height = (int(v) for v in text.lower().split("x"))
+    return width, height
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m scaleattn.data.bench_input",
+        description="Images/s of the tf.data train and eval pipelines on this host.")
+    parser.add_argument("--crop", default="321",
+                        help="train crop size(s), comma-separated (default 321)")
+    parser.add_argument("--batch", type=int, default=16, help="train batch size")
+    parser.add_argument("--eval_batch", type=int, default=0,
+                        help="eval batch size (default: --batch)")
+    parser.add_argument("--eval_size", type=int, default=513,
+                        help="eval square; 0 skips the eval pipeline")
+    parser.add_argument("--data_dir", default="~/tensorflow_datasets",
+                        help="TFDS data dir; a prepared voc2012 there is used")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="use a synthetic voc2012 even if data_dir has one")
+    parser.add_argument("--num_images", type=int, default=200,
+                        help="synthetic set: train_aug images")
+    parser.add_argument("--num_val", type=int, default=0,
+                        help="synthetic set: val images (default: --num_images)")
+    parser.add_argument("--image_size", type=_size, default=IMAGE_SIZE,
+                        help="synthetic set: WIDTHxHEIGHT of every image (default 500x375)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="one timed window")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="untimed seconds before the windows (default seconds/4)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed windows per figure")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="pin to this many CPUs (default: all this process may use)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step_batch", type=int, default=30,
+                        help="with --step_seconds: the consumer side, a train step's batch")
+    parser.add_argument("--step_seconds", type=float, default=0.0,
+                        help="a train step's time; prints what the step consumes")
+    parser.add_argument("--output", default="", help="write the results as JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    crops = [int(c) for c in args.crop.split(",") if c]
+    if args.workers:
+        try:
+            limit_workers(args.workers)  # before TensorFlow starts its thread pools
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    num_val = args.num_val or args.num_images
+    work_dir = None
+    try:
+        data_dir = os.path.expanduser(args.data_dir)
+        synthetic = args.synthetic or not is_prepared(data_dir)
+        if synthetic:
+            if args.eval_size and max(args.image_size) > args.eval_size:
+                print(f"error: --image_size={args.image_size[0]}x{args.image_size[1]} does "
+                      f"not fit in --eval_size={args.eval_size}", file=sys.stderr)
+                return 2
+            work_dir = tempfile.mkdtemp(prefix="bench_input.")
+            print(f"voc2012 is not prepared in {data_dir}; building a synthetic one with "
+                  f"{args.num_images} train_aug + {num_val} val images of "
+                  f"{args.image_size[0]}x{args.image_size[1]} in {work_dir} ...",
+                  file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            data_dir = build_synthetic(work_dir, args.num_images, num_val,
+                                       image_size=args.image_size, seed=args.seed)
+            print(f"built in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        result = benchmark(voc_data_config(data_dir), crop_sizes=crops, batch_size=args.batch,
+                           eval_size=args.eval_size or None,
+                           eval_batch_size=args.eval_batch or None, seconds=args.seconds,
+                           warmup_seconds=args.warmup, repeats=args.repeats, seed=args.seed)
+        result["synthetic"] = synthetic
+        if synthetic:
+            result["dataset"]["synthetic_image_size"] = list(args.image_size)
+    finally:
+        if work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    print(format_table(result))
+    if args.step_seconds:
+        print(consumer_line(result, args.step_batch, args.step_seconds))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

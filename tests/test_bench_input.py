@@ -1,0 +1,80 @@
+"""The input-pipeline benchmark on a tiny synthetic VOC (`fake_voc` + the real builder).
+
+The builder's handling of fake_voc archives is tested in test_voc.py (which
+builds its trees with fake_voc's writers); here only the realistic generator's
+split layout and the benchmark's result are checked.
+"""
+
+import json
+import tempfile
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from scaleattn.data import bench_input, fake_voc
+
+NUM_TRAIN_AUG, NUM_VAL = 8, 6
+SIZE = (64, 48)  # width, height
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bench_input")
+    with pytest.MonkeyPatch.context() as patch:  # TFDS's empty mkdtemp folders
+        patch.setattr(tempfile, "tempdir", str(work))
+        return bench_input.build_synthetic(str(work), NUM_TRAIN_AUG, NUM_VAL, image_size=SIZE)
+
+
+def test_synthetic_examples_are_deterministic_and_voc_like():
+    image = fake_voc.synthetic_image("2009_000003", 48, 64, seed=1)
+    voc_mask, sbd_label = fake_voc.synthetic_masks("2009_000003", 48, 64, seed=1)
+    assert image.shape == (48, 64, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, fake_voc.synthetic_image("2009_000003", 48, 64, seed=1))
+    assert not np.array_equal(image, fake_voc.synthetic_image("2009_000004", 48, 64, seed=1))
+    assert 255 in voc_mask and 255 not in sbd_label and sbd_label.max() > 0
+    assert set(np.unique(voc_mask)) <= set(range(21)) | {255}
+    # The 255 border replaces labels only; elsewhere VOC and SBD labels agree.
+    keep = voc_mask != 255
+    np.testing.assert_array_equal(voc_mask[keep], sbd_label[keep])
+
+
+def test_synthetic_splits_match_the_real_layout():
+    splits = fake_voc.synthetic_splits(NUM_TRAIN_AUG, NUM_VAL)
+    sbd_only = set(splits["sbd_train"] + splits["sbd_val"]) - set(splits["voc_train"]) - set(
+        splits["voc_val"])
+    assert len(splits["voc_train"]) + len(sbd_only) == NUM_TRAIN_AUG
+    assert len(splits["voc_val"]) == NUM_VAL
+    # SBD also lists VOC ids, which the builder must de-duplicate / exclude.
+    assert set(splits["sbd_train"]) & set(splits["voc_train"])
+    assert set(splits["sbd_val"]) & set(splits["voc_val"])
+
+
+def test_benchmark_result(data_dir, tmp_path):
+    config = bench_input.voc_data_config(data_dir)
+    result = bench_input.benchmark(config, crop_sizes=(33,), batch_size=4, eval_size=65,
+                                   seconds=0.2, warmup_seconds=0.05, repeats=2)
+    assert result["dataset"]["train_examples"] == NUM_TRAIN_AUG
+    assert result["dataset"]["eval_examples"] == NUM_VAL
+    assert result["host"]["cpus"] >= 1 and len(result["host"]["loadavg_end"]) == 3
+    assert [(r["pipeline"], r["size"], r["batch_size"]) for r in result["results"]] == [
+        ("train", 33, 4), ("eval", 65, 4)]
+    for row in result["results"]:
+        for key in ("images_per_s", "images_per_cpu_s", "cpus_busy", "load1"):
+            assert len(row[key]) == 2, key
+        assert all(rate > 0 for rate in row["images_per_s"] + row["images_per_cpu_s"])
+        assert row["mean_images_per_s"] == pytest.approx(np.mean(row["images_per_s"]))
+        assert row["mean_images_per_cpu_s"] == pytest.approx(np.mean(row["images_per_cpu_s"]))
+    json.dumps(result)  # JSON-able as written by --output
+    table = bench_input.format_table(result)
+    assert "train" in table and "eval" in table
+    assert "consumes 60.0 img/s" in bench_input.consumer_line(result, 30, 0.5)
+
+
+def test_write_tree_matches_the_archive_layout(tmp_path):
+    contents = fake_voc.synthetic_contents(3, 2, size=(32, 24))
+    root = fake_voc.write_tree(contents, tmp_path)
+    files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert files == set(contents[fake_voc.VOC_ARCHIVE]) | set(contents[fake_voc.SBD_ARCHIVE])
+    mask = PIL.Image.open(root / fake_voc.voc_png("2008_000001"))
+    assert mask.mode == "P" and mask.size == (32, 24)
