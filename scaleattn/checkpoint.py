@@ -64,13 +64,15 @@ def half_written(directory) -> list[epath.Path]:
 
 
 def make_manager(workdir: str, keep: int, *, keep_best: bool = False,
-                 async_save: bool = True) -> ocp.CheckpointManager:
+                 async_save: bool = True, training: bool = False) -> ocp.CheckpointManager:
     """A manager for ``workdir/checkpoints``: the last ``keep`` steps (+ the best mIoU).
 
-    Half-written steps (left by a kill during a save) are reported here and removed.
+    ``training``: the manager of the run that writes here; half-written steps (left
+    by a kill during a save) are reported and removed. Readers (eval, predict) leave
+    them alone: they may belong to a run that is saving right now.
     """
     directory = checkpoint_dir(workdir)
-    leftovers = half_written(directory)
+    leftovers = half_written(directory) if training else []
     if leftovers and jax.process_index() == 0:
         logging.warning("Ignoring half-written checkpoint(s) left by an interrupted save: %s "
                         "(they are removed).", ", ".join(str(p) for p in leftovers))
@@ -80,7 +82,7 @@ def make_manager(workdir: str, keep: int, *, keep_best: bool = False,
             get_metric_fn=lambda metrics: metrics["miou"], n=1,
             keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
+        create=True, cleanup_tmp_directories=training, enable_async_checkpointing=async_save,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
     return ocp.CheckpointManager(
         directory, options=options,
@@ -163,7 +165,12 @@ def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
         target = directory.parent / UNREADABLE_DIR
         target.mkdir(parents=True, exist_ok=True)
         for step in steps:
-            (directory / str(step)).rename(target / f"{step}-{int(time.time())}")
+            source = directory / str(step)
+            try:
+                source.rename(target / f"{step}-{int(time.time())}")
+            except OSError as e:  # e.g. object stores that cannot rename folders
+                logging.warning("Cannot move %s aside (%s); deleting it.", source, e)
+                source.rmtree()
     sync_processes("scaleattn_checkpoint_set_aside")
     manager.reload()
 
@@ -187,7 +194,8 @@ def restore_latest(manager: ocp.CheckpointManager, state, rng: jax.Array, *,
     """
     target = {"state": flax.serialization.to_state_dict(state), "rng": rng}
     expected = shapes(target)
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    abstract = jax.tree_util.tree_map(  # numpy leaves come back as numpy
+        lambda x: x if isinstance(x, np.ndarray) else ocp.utils.to_shape_dtype_struct(x), target)
     unreadable = []
     for step in sorted(manager.all_steps(), reverse=True):
         path = step_path(manager, step)
@@ -233,8 +241,10 @@ def read(manager: ocp.CheckpointManager, step: int, *, tree: bool = True) -> tup
     ``tree=False`` reads only ``meta`` (``tree`` is then ``None``).
     """
     args = {"meta": ocp.args.JsonRestore()}
-    if tree:
-        args["tree"] = ocp.args.StandardRestore()
+    if tree:  # numpy templates: readable whatever devices or processes wrote it
+        template = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype),
+                                          manager.item_metadata(step)["tree"].tree)
+        args["tree"] = ocp.args.StandardRestore(template)
     restored = manager.restore(step, args=ocp.args.Composite(**args))
     return (restored.tree if tree else None), restored.meta
 

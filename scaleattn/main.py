@@ -1,10 +1,14 @@
 """Entry point: ``python -m scaleattn.main --config=configs/demo.py --workdir=DIR``.
 
 ``--mode=train`` trains (resuming from ``DIR`` if it holds checkpoints) and evaluates;
-``--mode=eval`` evaluates the latest checkpoint. Any config value can be overridden,
+``--mode=eval`` evaluates the latest checkpoint; ``--mode=bench`` times the steps on
+synthetic batches (no TensorFlow, no --workdir needed); ``--mode=predict --input=...``
+writes masks and attention maps; ``--mode=analyze`` relates attention to object size.
+Any config value can be overridden,
 e.g. ``--config.train.steps=200``.
 """
 
+import os
 import re
 import sys
 
@@ -18,8 +22,19 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_enum("mode", "train", ["train", "eval", "bench", "predict", "analyze"],
+                  "What to run.")
+flags.DEFINE_list("input", [], "--mode=predict: image files or folders.")
+flags.DEFINE_string("output", None, "--mode=bench: JSON file (default WORKDIR/bench.json); "
+                    "predict, analyze: folder (default WORKDIR/<mode>).")
+flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 "
+                    "(jax.distributed); with --num_processes and --process_id.")
+flags.DEFINE_integer("num_processes", None, "Multi-process: the number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: the index of this process.")
+flags.DEFINE_bool("distributed", False, "Multi-process from the environment: "
+                  "jax.distributed.initialize() finds the coordinator on Cloud TPU VMs and "
+                  "SLURM (automatic inside an srun step of several tasks).")
+flags.mark_flags_as_required(["config"])
 
 
 def first_line(error: BaseException) -> str:
@@ -58,20 +73,44 @@ def load_config():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from scaleattn import checkpoint, train  # pylint: disable=import-outside-toplevel
+    from scaleattn import checkpoint, parallel, train  # pylint: disable=import-outside-toplevel
     from scaleattn.data import errors  # pylint: disable=import-outside-toplevel
     config = load_config()
     try:
         config_lib.validate(config)
         jax.config.update("jax_default_prng_impl", config.prng_impl)
+        if parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                           FLAGS.process_id, auto=FLAGS.distributed):
+            if jax.process_index() != 0:  # only process 0 logs progress
+                logging.set_verbosity(logging.WARNING)
+        if FLAGS.mode != "bench" and not FLAGS.workdir:
+            raise config_lib.ConfigError(f"--mode={FLAGS.mode} needs --workdir")
         if FLAGS.mode == "train":
             train.train_and_evaluate(config, FLAGS.workdir)
-        else:
+        elif FLAGS.mode == "eval":
             train.evaluate_checkpoint(config, FLAGS.workdir)
+        else:
+            run_tool(config)
     except (config_lib.ConfigError, errors.DataError, checkpoint.CheckpointError,
             train.NonFiniteLossError) as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
+
+
+def run_tool(config) -> None:
+    """--mode=bench|predict|analyze (bench imports no TensorFlow)."""
+    # pylint: disable=import-outside-toplevel
+    output = FLAGS.output or os.path.join(FLAGS.workdir or ".", FLAGS.mode +
+                                          (".json" if FLAGS.mode == "bench" else ""))
+    if FLAGS.mode == "bench":
+        from scaleattn import bench
+        bench.main(config, output)
+    elif FLAGS.mode == "predict":
+        from scaleattn import predict
+        predict.predict_files(config, FLAGS.workdir, FLAGS.input, output)
+    else:
+        from scaleattn import analysis
+        analysis.analyze(config, FLAGS.workdir, output)
 
 
 class QuietLibraries:

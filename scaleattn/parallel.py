@@ -1,66 +1,408 @@
-"""How the pure train/eval steps are spread over devices.
+"""How the pure train/eval steps are spread over devices and processes.
 
-``parallel.mode``:
-* ``'pmap'``: one replica of the state per local device; a local batch
-  ``[b, ...]`` is laid out as ``[devices, b / devices, ...]``; gradients are summed
-  and batch-norm statistics averaged over the pmap axis `AXIS`.
-* ``'jit'``: plain `jax.jit` on one device (the reference the others must match).
+``parallel.mode`` (the same pure step functions run in all three):
+
+* ``'jit'``: plain `jax.jit` on one device; the reference the others must match.
+  Single-process only.
+* ``'pmap'``: one replica of the state per local device; a process's batch
+  ``[b, ...]`` is laid out as ``[local_devices, b / local_devices, ...]``; gradients
+  are summed and batch-norm statistics averaged over the pmap axis `AXIS` (which
+  spans every device of every process in a multi-host run).
+* ``'sharded'``: `jax.jit` on global arrays laid out with `NamedSharding` on a
+  ``Mesh(devices.reshape(data, model), ('data', 'model'))`` (``parallel.mesh_shape``).
+  The batch is split over ``'data'``; the step sees the global batch
+  (``axis_name=None``), so the loss normalisation and batch-norm statistics are
+  global without any collective in the model code. ``parallel.param_sharding``
+  places the parameters, optimiser state and batch-norm statistics:
+
+  - ``'replicated'``: a full copy on every device (data parallel);
+  - ``'fsdp'``: every array of at least ``parallel.fsdp_min_size`` elements is split
+    over ``'data'`` along its largest dimension that ``data`` divides (ZeRO-3 /
+    FSDP style; XLA gathers the weights where a layer needs them);
+  - ``'model'``: convolution kernels (``[kh, kw, in, out]``) are split over
+    ``'model'`` on their output channels (tensor parallel); the rest is replicated.
+
+Everything the training loop needs from this module goes through a `Layout`
+(`make_layout(config.parallel)`): compile the steps, put the state / a batch / the
+RNG where the steps expect them, and get a host-addressable copy back. The
+module-level functions (`replicate`, `split_batch`, ...) take either a `Layout` or
+a mode string.
+
+Multi-host: `initialize_distributed` starts `jax.distributed`; each process then
+feeds its own part of the global batch (``train_batches(process_index=...)``):
+`Layout.put_batch` turns it into a global array
+(`jax.make_array_from_process_local_data`) in the sharded mode, and ``pmap``
+collectives span all processes by themselves.
 """
 
+import dataclasses
 import functools
+import math
+import os
+from typing import Any, Callable, Sequence
 
 import flax.jax_utils
 import jax
 import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "batch"
-MODES = ("pmap", "jit")
+MODES = ("pmap", "jit", "sharded")
+PARAM_SHARDINGS = ("replicated", "fsdp", "model")
+MESH_AXES = ("data", "model")
 
 
 def axis_name(mode: str) -> str | None:
-    """The collective axis the step functions see in ``mode``."""
+    """The collective axis the step functions see in ``mode`` (``None`` outside pmap)."""
     if mode not in MODES:
         raise ValueError(f"parallel.mode must be one of {MODES}, got {mode!r}")
     return AXIS if mode == "pmap" else None
 
 
-def num_replicas(mode: str) -> int:
-    return jax.local_device_count() if mode == "pmap" else 1
+# --------------------------------------------------------------------------- mesh
 
 
-def compile_step(fn, mode: str, *, donate_state: bool = True):
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int]:
+    """``(data, model)`` with one ``-1`` filled in so that ``data * model == num_devices``."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"parallel.mesh_shape={shape} must be (data, model), positive, "
+                         f"at most one -1 (= the remaining devices)")
+    known = math.prod(s for s in shape if s != -1)
+    if num_devices % known:
+        raise ValueError(f"parallel.mesh_shape={shape} does not fit {num_devices} devices")
+    data, model = (num_devices // known if s == -1 else s for s in shape)
+    if data * model != num_devices:
+        raise ValueError(f"parallel.mesh_shape={shape} has {data * model} devices, "
+                         f"there are {num_devices}")
+    return data, model
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1), devices: Sequence[Any] | None = None) -> Mesh:
+    """A ``('data', 'model')`` mesh over ``devices`` (default: all devices of all processes).
+
+    ``jax.devices()`` lists devices process by process, so a ``data`` row of the
+    mesh never spans two processes as long as ``model`` divides the local device
+    count (checked by `make_layout` in multi-process runs). Built with `Mesh`
+    directly (not `jax.make_mesh`, whose axes are Explicit in recent JAX).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    data, model = resolve_mesh_shape(shape, len(devices))
+    return Mesh(np.asarray(devices, dtype=object).reshape(data, model), MESH_AXES)
+
+
+def param_spec(shape: Sequence[int], rule: str, mesh_sizes: dict[str, int],
+               min_size: int = 0) -> PartitionSpec:
+    """Where one parameter-like array of ``shape`` lives under ``rule``.
+
+    * ``'replicated'`` (or fewer than ``min_size`` elements): ``P()``.
+    * ``'fsdp'``: ``'data'`` on the largest dimension ``mesh_sizes['data']`` divides
+      (the first of equal ones), e.g. ``[3, 3, 64, 128]`` on 4 -> ``P(None, None, None, 'data')``.
+    * ``'model'``: 4-D convolution kernels ``[kh, kw, in, out]`` whose ``out`` divides
+      by ``mesh_sizes['model']`` -> ``P(None, None, None, 'model')``.
+    """
+    if rule not in PARAM_SHARDINGS:
+        raise ValueError(f"parallel.param_sharding must be one of {PARAM_SHARDINGS}, "
+                         f"got {rule!r}")
+    shape = tuple(shape)
+    if rule == "replicated" or not shape or math.prod(shape) < min_size:
+        return PartitionSpec()
+    if rule == "fsdp":
+        n = mesh_sizes["data"]
+        candidates = [d for d in range(len(shape)) if shape[d] % n == 0]
+        if not candidates:
+            return PartitionSpec()
+        dim = max(candidates, key=lambda d: (shape[d], -d))
+        return PartitionSpec(*(["data" if d == dim else None for d in range(len(shape))]))
+    if len(shape) == 4 and shape[-1] % mesh_sizes["model"] == 0:
+        return PartitionSpec(None, None, None, "model")
+    return PartitionSpec()
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def _host_array(x) -> np.ndarray:
+    """A numpy copy of a fully addressable leaf, in JAX's canonical dtype (no int64)."""
+    x = np.asarray(x)
+    return x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
+
+
+def _addressable(x):
+    """``x`` itself if this process can read all of it, else a host copy of its value.
+
+    A fully replicated global array is read from the local copy (no communication);
+    an array split across processes is all-gathered, which every process must call.
+    """
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return x
+    if x.is_fully_replicated:
+        return x.addressable_data(0)
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return multihost_utils.process_allgather(x, tiled=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the state and the batches of one run live, and how its steps are compiled.
+
+    Attributes:
+      mode: ``'jit' | 'pmap' | 'sharded'``.
+      mesh: the ``('data', 'model')`` mesh (sharded mode only).
+      param_sharding: ``'replicated' | 'fsdp' | 'model'`` (sharded mode only).
+      min_shard_size: arrays smaller than this stay replicated under ``'fsdp'`` /
+        ``'model'``.
+    """
+    mode: str
+    mesh: Mesh | None = None
+    param_sharding: str = "replicated"
+    min_shard_size: int = 0
+
+    def __post_init__(self):
+        axis_name(self.mode)  # validates the mode
+        if self.mode == "sharded" and self.mesh is None:
+            raise ValueError("the sharded mode needs a mesh")
+
+    @property
+    def axis_name(self) -> str | None:
+        return axis_name(self.mode)
+
+    @property
+    def num_batch_shards(self) -> int:
+        """Into how many equal parts the global batch is split (over all processes)."""
+        if self.mode == "pmap":
+            return jax.device_count()
+        if self.mode == "sharded":
+            return self.mesh.shape["data"]
+        return 1
+
+    def describe(self) -> str:
+        if self.mode == "sharded":
+            data, model = self.mesh.shape["data"], self.mesh.shape["model"]
+            return f"sharded on mesh data={data} x model={model}, {self.param_sharding} params"
+        return f"{self.mode} over {jax.local_device_count() if self.mode == 'pmap' else 1} device(s)"
+
+    # -------------------------------------------------------------- shardings
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def batch_sharding(self) -> NamedSharding:
+        """Leading (batch) dimension over ``'data'``, the rest replicated."""
+        return NamedSharding(self.mesh, PartitionSpec("data"))
+
+    def state_shardings(self, tree):
+        """A `NamedSharding` per leaf of a state-like ``tree`` (arrays or shape structs)."""
+        sizes = dict(self.mesh.shape)
+        return jax.tree_util.tree_map(
+            lambda x: NamedSharding(self.mesh, param_spec(np.shape(x), self.param_sharding,
+                                                          sizes, self.min_shard_size)), tree)
+
+    # -------------------------------------------------------------- compiling
+
+    def compile_step(self, fn: Callable, *, donate_state: bool = True) -> Callable:
+        """``fn(state, *args, axis_name=...)`` compiled for this layout.
+
+        With ``donate_state`` the step returns ``(new_state, aux)``: the input state's
+        buffers are donated, and in the sharded mode the new state is constrained to
+        the layout of `state_shardings` (so FSDP / model-parallel shardings persist
+        from step to step instead of being left to the compiler).
+        """
+        step = functools.partial(fn, axis_name=self.axis_name)
+        donate = (0,) if donate_state else ()
+        if self.mode == "pmap":
+            return jax.pmap(step, axis_name=AXIS, donate_argnums=donate)
+        if self.mode == "jit" or not donate_state:
+            return jax.jit(step, donate_argnums=donate)
+
+        def constrained(state, *args):
+            new_state, aux = step(state, *args)
+            new_state = jax.lax.with_sharding_constraint(
+                new_state, self.state_shardings(new_state))
+            return new_state, aux
+        return jax.jit(constrained, donate_argnums=donate)
+
+    # -------------------------------------------------------------- placing
+
+    def put_state(self, tree):
+        """A host (or single-device) pytree placed where the steps expect the state.
+
+        pmap: one copy per local device. sharded: global arrays laid out by
+        `state_shardings`, built from this process's (identical) full copy; leaves
+        already laid out that way are kept as they are.
+        """
+        if self.mode == "pmap":
+            return flax.jax_utils.replicate(tree)
+        if self.mode == "jit":
+            return jax.device_put(tree)
+
+        def place(x, sharding):
+            if isinstance(x, jax.Array) and x.sharding == sharding:
+                return x
+            value = _host_array(x)
+            return jax.make_array_from_callback(value.shape, sharding, lambda i: value[i])
+        return jax.tree_util.tree_map(place, tree, self.state_shardings(tree))
+
+    def put_replicated(self, x):
+        """The same value (e.g. the RNG key) on every device the step runs on."""
+        if self.mode == "sharded":
+            value = _host_array(x)
+            return jax.make_array_from_callback(value.shape, self.replicated(),
+                                                lambda i: value[i])
+        return self.put_state(x)
+
+    def put_batch(self, batch: dict) -> dict:
+        """This process's batch ``[b, ...]`` as the step's input.
+
+        jit: as is. pmap: ``[local_devices, b / local_devices, ...]``. sharded: a global
+        array ``[b * processes, ...]`` split over ``'data'``.
+        """
+        if self.mode == "jit":
+            return batch
+        if self.mode == "pmap":
+            n = jax.local_device_count()
+
+            def split(x):
+                if x.shape[0] % n:
+                    raise ValueError(f"the local batch ({x.shape[0]}) must divide evenly over "
+                                     f"{n} local devices: change batch_size")
+                return np.reshape(x, (n, x.shape[0] // n) + x.shape[1:])
+            return jax.tree_util.tree_map(split, batch)
+        sharding = self.batch_sharding()
+        data = self.mesh.shape["data"]
+
+        def make_global(x):
+            if (x.shape[0] * jax.process_count()) % data:
+                raise ValueError(f"the global batch ({x.shape[0] * jax.process_count()}) must "
+                                 f"divide over the mesh's data axis ({data}): change "
+                                 f"batch_size or parallel.mesh_shape")
+            return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+        return jax.tree_util.tree_map(make_global, batch)
+
+    # -------------------------------------------------------------- reading back
+
+    def host(self, tree):
+        """One copy of a device pytree that this process can read (``jax.device_get`` it).
+
+        pmap: the first replica. sharded: replicated arrays from the local copy,
+        arrays split across processes all-gathered (a collective: every process must
+        call this together).
+        """
+        if self.mode == "pmap":
+            return flax.jax_utils.unreplicate(tree)
+        if self.mode == "sharded":
+            return jax.tree_util.tree_map(_addressable, tree)
+        return tree
+
+    def restore_target(self, state):
+        """The template a checkpoint is restored into: arrays with the wanted shardings.
+
+        sharded: the state laid out by `state_shardings` (Orbax reads each process's
+        shards directly into place). jit / pmap: the single-device state itself.
+        """
+        return self.put_state(state) if self.mode == "sharded" else state
+
+
+def make_layout(cfg) -> Layout:
+    """The `Layout` of ``config.parallel`` on this process's view of the devices."""
+    mode = cfg.mode
+    if mode == "jit" and jax.process_count() > 1:
+        raise ValueError(f"parallel.mode='jit' runs on one device of one process; with "
+                         f"{jax.process_count()} processes use 'pmap' or 'sharded'")
+    if mode != "sharded":
+        if cfg.param_sharding != "replicated":
+            raise ValueError(f"parallel.param_sharding={cfg.param_sharding!r} needs "
+                             f"parallel.mode='sharded'")
+        return Layout(mode)
+    mesh = make_mesh(tuple(cfg.mesh_shape))
+    model = mesh.shape["model"]
+    if jax.process_count() > 1 and jax.local_device_count() % model:
+        raise ValueError(f"parallel.mesh_shape={tuple(cfg.mesh_shape)}: the model axis ({model})"
+                         f" must divide the {jax.local_device_count()} devices of each process, "
+                         f"so that each process feeds whole rows of the data axis")
+    return Layout(mode, mesh, cfg.param_sharding, int(cfg.fsdp_min_size))
+
+
+@functools.lru_cache(maxsize=None)
+def _default_layout(mode: str) -> Layout:
+    return Layout(mode, make_mesh() if mode == "sharded" else None)
+
+
+def as_layout(mode: "str | Layout") -> Layout:
+    """A `Layout` as is; a mode string as that mode's default layout (sharded: all
+    devices on ``'data'``, replicated parameters)."""
+    return mode if isinstance(mode, Layout) else _default_layout(mode)
+
+
+# ------------------------------------------------ the functional interface (mode or layout)
+
+
+def num_replicas(mode) -> int:
+    return jax.local_device_count() if as_layout(mode).mode == "pmap" else 1
+
+
+def compile_step(fn, mode, *, donate_state: bool = True):
     """``fn(state, *args)`` compiled for ``mode`` (``fn`` must accept ``axis_name=``)."""
-    step = functools.partial(fn, axis_name=axis_name(mode))
-    donate = (0,) if donate_state else ()
-    if mode == "pmap":
-        return jax.pmap(step, axis_name=AXIS, donate_argnums=donate)
-    return jax.jit(step, donate_argnums=donate)
+    return as_layout(mode).compile_step(fn, donate_state=donate_state)
 
 
-def split_batch(batch: dict, mode: str) -> dict:
-    """Local batch ``[b, ...]`` -> ``[devices, b / devices, ...]`` under pmap."""
-    if mode != "pmap":
-        return batch
-    n = jax.local_device_count()
-
-    def split(x):
-        if x.shape[0] % n:
-            raise ValueError(f"the local batch ({x.shape[0]}) must divide evenly over "
-                             f"{n} local devices: change batch_size")
-        return np.reshape(x, (n, x.shape[0] // n) + x.shape[1:])
-    return jax.tree_util.tree_map(split, batch)
+def split_batch(batch: dict, mode) -> dict:
+    """A process's batch as the step's input (see `Layout.put_batch`)."""
+    return as_layout(mode).put_batch(batch)
 
 
-def replicate(tree, mode: str):
+def replicate(tree, mode):
     """Puts a host pytree on the devices the steps run on."""
-    return flax.jax_utils.replicate(tree) if mode == "pmap" else jax.device_put(tree)
+    return as_layout(mode).put_state(tree)
 
 
-def unreplicate(tree, mode: str):
-    """The single copy of a (replicated) device pytree."""
-    return flax.jax_utils.unreplicate(tree) if mode == "pmap" else tree
+def unreplicate(tree, mode):
+    """The single copy of a (replicated or sharded) device pytree, readable here."""
+    return as_layout(mode).host(tree)
 
 
-def replicated_rng(rng: jax.Array, mode: str) -> jax.Array:
+def replicated_rng(rng: jax.Array, mode) -> jax.Array:
     """The same RNG key on every replica (steps fold in their own index)."""
-    return replicate(rng, mode)
+    return as_layout(mode).put_replicated(rng)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def slurm_step_tasks(env=None) -> int:
+    """Tasks of the current ``srun`` job step (1 outside SLURM or in the batch script)."""
+    env = os.environ if env is None else env
+    try:
+        return int(env.get("SLURM_STEP_NUM_TASKS", "1"))
+    except ValueError:
+        return 1
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None,
+                           *, auto: bool = False) -> bool:
+    """Starts `jax.distributed` for a multi-process run; returns whether it did.
+
+    * Any of ``coordinator_address`` / ``num_processes`` / ``process_id`` given:
+      ``jax.distributed.initialize`` with them (JAX fills in the others from the
+      environment where it can).
+    * ``auto`` (``--distributed``) or an ``srun`` step of more than one task:
+      ``jax.distributed.initialize()`` with no arguments, which finds the coordinator,
+      process count and index on Cloud TPU VMs (metadata server), SLURM, Open MPI
+      and Kubernetes.
+    * Otherwise nothing: a single-process run.
+
+    Must run before anything touches a JAX device.
+    """
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        jax.distributed.initialize(*explicit)
+    elif auto or slurm_step_tasks() > 1:
+        jax.distributed.initialize()
+    else:
+        return False
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices.",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+    return True

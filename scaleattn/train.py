@@ -1,9 +1,16 @@
 """Training and evaluation: the pure steps and the loop around them.
 
 `train_step` and `eval_step` are pure functions of (state, batch, rng); `parallel`
-compiles them for one device (`jit`) or all local devices (`pmap`). The loop feeds
-them from the tf.data pipeline, logs, evaluates, checkpoints and resumes. TensorFlow
-is imported only when data is read (`scaleattn.data`), so the steps run without it.
+compiles them for one device (`jit`), all local devices (`pmap`) or a device mesh
+(`sharded`). The loop feeds them from the tf.data pipeline (each process its own
+part of the global batch), logs (process 0), evaluates, checkpoints (every process)
+and resumes; SIGTERM makes it save at the next step boundary and exit, a NaN/Inf
+loss stops it naming the step. TensorFlow is imported only when data is read
+(`scaleattn.data`), so the steps run without it.
+
+Mixed precision: ``model.dtype='bfloat16'`` computes in bf16 while the parameters,
+gradients, optimiser state and batch-norm statistics stay float32 (Flax's
+``param_dtype``), and losses are computed from float32 logits.
 """
 
 import dataclasses
@@ -13,7 +20,6 @@ import signal
 import time
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,7 +28,8 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from scaleattn import checkpoint, losses, metrics, optim, parallel
+from scaleattn import checkpoint, losses, metrics, optim, parallel, report, viz
+from scaleattn import config as config_lib
 from scaleattn.models import build_model, layers
 
 
@@ -33,6 +40,10 @@ class TrainState(train_state.TrainState):
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class Preempted(Exception):
+    """Raised inside the loop when a preemption checkpoint has been saved."""
 
 
 # --------------------------------------------------------------------------- state
@@ -54,27 +65,44 @@ def create_train_state(config: ml_collections.ConfigDict, model, rng: jax.Array,
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
                loss_config: ml_collections.ConfigDict, learning_rate,
+               grad_accum_steps: int = 1,
                axis_name: str | None = None) -> tuple[TrainState, dict]:
     """One SGD step on ``batch`` (``image [b,H,W,3]``, ``label [b,H,W]``).
 
     Under pmap (``axis_name`` set) every device computes the gradient of its share
     of the global loss; the shares are summed, so the update equals the one of a
-    single device holding the whole batch. ``rng`` is the run's base key: dropout
+    single device holding the whole batch. Under sharded `jit` the batch is one
+    global array and no collective is needed. ``rng`` is the run's base key: dropout
     uses it folded with the step (and the device index under pmap).
+
+    ``grad_accum_steps = k > 1`` runs ``k`` micro-batches of ``b / k`` one after the
+    other (`accumulate_gradients`) and makes one update from the summed gradient:
+    the same update as the whole batch at once (exactly, up to float rounding, for
+    plain cross-entropy and frozen batch norm), in about ``1/k`` of the activation
+    memory.
     """
     step_rng = jax.random.fold_in(rng, state.step)
     if axis_name is not None:
         step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
 
-    def loss_fn(params):
+    def loss_fn(params, micro_batch, dropout_rng, weights):
         outputs, updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
-            rngs={"dropout": step_rng}, mutable=["batch_stats"])
-        loss, terms = losses.segmentation_loss(outputs, batch["label"], loss_config, axis_name)
+            {"params": params, "batch_stats": state.batch_stats}, micro_batch["image"],
+            train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+        loss, terms = losses.segmentation_loss(outputs, micro_batch["label"], loss_config,
+                                               axis_name)
+        if weights is not None:  # a micro-batch: its share of the whole batch's terms
+            terms = {k: v * weights[k] for k, v in terms.items()}
+            loss = sum(terms.values())
         return loss, (terms, updates["batch_stats"])
 
-    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum_steps == 1:
+        (loss, (terms, batch_stats)), grads = grad_fn(state.params, batch, step_rng, None)
+    else:
+        loss, terms, batch_stats, grads = accumulate_gradients(
+            grad_fn, state, batch, step_rng, grad_accum_steps, model=model,
+            loss_config=loss_config, axis_name=axis_name)
     if axis_name is not None:
         grads = jax.lax.psum(grads, axis_name)
         loss, terms = jax.lax.psum((loss, terms), axis_name)
@@ -83,6 +111,96 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
     step_metrics = {"loss": loss, "learning_rate": learning_rate(state.step),
                     "grad_norm": optax.tree.norm(grads), **terms}
     return new_state, step_metrics
+
+
+def micro_batches(batch: dict, k: int) -> dict:
+    """``[b, ...]`` -> ``[k, b / k, ...]``; micro-batch ``j`` holds rows ``j, j + k, ...``.
+
+    Strided rather than contiguous, so that when ``b`` is split over devices (the
+    sharded mode) every device holds its share of every micro-batch.
+    """
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"the per-replica batch ({x.shape[0]}) must divide into "
+                             f"train.grad_accum_steps={k} micro-batches")
+        return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+    return jax.tree_util.tree_map(split, batch)
+
+
+def term_logits(outputs: dict) -> dict:
+    """The logits behind each term of `losses.segmentation_loss`, by the term's name."""
+    named = {"loss_merged": outputs["logits"]}
+    named.update({f"loss_scale_{i}": logits
+                  for i, logits in enumerate(outputs.get("scale_logits", []))})
+    return named
+
+
+def term_weights(labels: jnp.ndarray, logits_shape: tuple, loss_config,
+                 axis_name: str | None) -> jnp.ndarray:
+    """Each micro-batch's share ``[k]`` of the valid pixels a loss term counts.
+
+    ``labels [k, b, H, W]`` are matched to the term's logits size ``[b, h, w, C]`` as
+    the loss does (`losses.match_sizes`). A term normalised by its micro-batch's own
+    count, times this share, is the sum over that micro-batch divided by the count
+    of the whole (global) batch, so the micro-batch terms add up to the big batch's.
+    With OHEM the kept pixels depend on the predictions; the valid-pixel share is
+    then an approximation (each micro-batch mines its own hard pixels, as each device
+    does under pmap).
+    """
+    dummy = jnp.zeros(tuple(logits_shape[:3]) + (1,), jnp.float32)
+
+    def count(micro_labels):
+        _, matched = losses.match_sizes(dummy, micro_labels, loss_config.label_resize)
+        return jnp.sum(matched != loss_config.ignore_label, dtype=jnp.float32)
+
+    counts = jax.vmap(count)(labels)
+    if axis_name is not None:
+        counts = jax.lax.psum(counts, axis_name)
+    return counts / jnp.maximum(jnp.sum(counts), 1.0)
+
+
+def accumulate_gradients(grad_fn, state: TrainState, batch: dict, rng: jax.Array, k: int, *,
+                         model, loss_config, axis_name: str | None):
+    """Loss, terms, batch stats and gradient of ``batch`` from ``k`` micro-batches in a scan.
+
+    ``grad_fn(params, micro_batch, rng, weights)`` is the step's ``value_and_grad``.
+    Micro-batch ``j`` uses dropout key ``fold_in(rng, j)``. Trained batch norm sees
+    micro-batch statistics (as pmap without sync would); its running averages move
+    by the mean of the ``k`` micro-batch updates. Returns
+    ``(loss, terms, batch_stats, grads)`` like one pass over the whole batch.
+    """
+    micro = micro_batches(batch, k)
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+
+    def forward(params, images):
+        return model.apply({"params": params, "batch_stats": state.batch_stats}, images,
+                           train=True, rngs={"dropout": rng}, mutable=["batch_stats"])[0]
+
+    outputs = jax.eval_shape(forward, state.params, first["image"])
+    names = jax.eval_shape(lambda o, l: losses.segmentation_loss(o, l, loss_config)[1],
+                           outputs, first["label"]).keys()
+    logits = term_logits(outputs)
+    weights = {name: term_weights(micro["label"], logits[name].shape, loss_config, axis_name)
+               for name in names}
+
+    def body(carry, xs):
+        grads_sum, loss_sum, terms_sum, stats_shift = carry
+        micro_batch, index, micro_weights = xs
+        (loss, (terms, stats)), grads = grad_fn(
+            state.params, micro_batch, jax.random.fold_in(rng, index), micro_weights)
+        add = functools.partial(jax.tree_util.tree_map, jnp.add)
+        shift = jax.tree_util.tree_map(jnp.subtract, stats, state.batch_stats)
+        return (add(grads_sum, grads), loss_sum + loss, add(terms_sum, terms),
+                add(stats_shift, shift)), None
+
+    zeros = functools.partial(jax.tree_util.tree_map, jnp.zeros_like)
+    init = (zeros(state.params), jnp.zeros((), jnp.float32),
+            {name: jnp.zeros((), jnp.float32) for name in names}, zeros(state.batch_stats))
+    (grads, loss, terms, stats_shift), _ = jax.lax.scan(
+        body, init, (micro, jnp.arange(k), weights))
+    batch_stats = jax.tree_util.tree_map(lambda s, d: s + d / k, state.batch_stats,
+                                         stats_shift)
+    return loss, terms, batch_stats, grads
 
 
 def predict(state: TrainState, images: jnp.ndarray, model) -> dict:
@@ -112,7 +230,7 @@ def eval_step(state: TrainState, batch: dict, *, model, num_classes: int,
 
 @dataclasses.dataclass
 class Run:
-    """What one training/eval run needs: the model, compiled steps, sizes."""
+    """What one training/eval run needs: the model, compiled steps, sizes, the layout."""
     config: ml_collections.ConfigDict
     mode: str
     model: Any
@@ -120,23 +238,44 @@ class Run:
     train_step: Any
     eval_step: Any
     schedule: Any
+    layout: parallel.Layout = None
 
 
 def setup_run(config: ml_collections.ConfigDict) -> Run:
-    """Validates batch sizes against devices and compiles the steps for the config."""
-    mode = config.parallel.mode
-    axis = parallel.axis_name(mode)
-    model = build_model(config.model, bn_axis_name=axis)
+    """Builds the model and the layout and compiles the steps for the config."""
+    try:
+        layout = parallel.make_layout(config.parallel)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from e
+    accum = config.train.grad_accum_steps
+    model = build_model(config.model, bn_axis_name=layout.axis_name)
     local_batch = per_process_batch(config.batch_size)
     _, schedule = optim.create_optimizer(config.optim, config.train.steps,
                                          bn_frozen=config.model.bn_mode == "frozen")
-    step = parallel.compile_step(
+    step = layout.compile_step(
         functools.partial(train_step, model=model, loss_config=config.loss,
-                          learning_rate=schedule), mode)
-    evaluate_step = parallel.compile_step(
+                          learning_rate=schedule, grad_accum_steps=accum))
+    evaluate_step = layout.compile_step(
         functools.partial(eval_step, model=model, num_classes=config.model.num_classes,
-                          ignore_label=config.loss.ignore_label), mode, donate_state=False)
-    return Run(config, mode, model, local_batch, step, evaluate_step, schedule)
+                          ignore_label=config.loss.ignore_label), donate_state=False)
+    return Run(config, layout.mode, model, local_batch, step, evaluate_step, schedule, layout)
+
+
+def check_batch_sizes(config: ml_collections.ConfigDict, layout: parallel.Layout, *,
+                      keys=("batch_size", "eval.batch_size")) -> None:
+    """Raises `ConfigError` unless the global batches split evenly over the layout
+    (and the train batch's per-shard part into ``train.grad_accum_steps``)."""
+    shards = layout.num_batch_shards
+    for key in keys:
+        if config_lib.lookup(config, key) % shards:
+            raise config_lib.ConfigError(
+                f"config.{key}={config_lib.lookup(config, key)} must divide evenly over the "
+                f"{shards} batch shards of {layout.describe()}")
+    accum = config.train.grad_accum_steps
+    if "batch_size" in keys and (config.batch_size // shards) % accum:
+        raise config_lib.ConfigError(
+            f"config.batch_size={config.batch_size} over {shards} batch shard(s) does not "
+            f"divide into config.train.grad_accum_steps={accum} micro-batches")
 
 
 def per_process_batch(global_batch: int) -> int:
@@ -149,36 +288,59 @@ def per_process_batch(global_batch: int) -> int:
 
 def initial_state(run: Run, rng: jax.Array) -> TrainState:
     size = run.config.data.crop_size
-    return create_train_state(run.config, run.model, rng, (1, size, size, 3))
+    state = create_train_state(run.config, run.model, rng, (1, size, size, 3))
+    if run.config.model.init_from:  # ImageNet backbone; heads stay freshly initialised
+        from scaleattn import weights  # pylint: disable=import-outside-toplevel
+        state = weights.load_pretrained(state, run.config)
+    return state
+
+
+def run_layout(run: Run) -> parallel.Layout:
+    """The run's layout (a `Run` built by hand may carry only its mode)."""
+    return run.layout if run.layout is not None else parallel.as_layout(run.mode)
 
 
 def evaluate(run: Run, state, split: str | None = None) -> dict:
-    """mIoU, pixel accuracy and per-class IoU of (replicated) ``state`` over a split."""
+    """mIoU, pixel accuracy and per-class IoU of (device) ``state`` over a split.
+
+    Each process reads its part of the split; the confusion matrix the step returns
+    already sums over all devices of all processes (pmap ``psum``, or the global
+    arrays of the sharded mode).
+    """
     from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
     cfg = run.config
+    layout = run_layout(run)
     eval_batch = per_process_batch(cfg.eval.batch_size)
     total = np.zeros((cfg.model.num_classes,) * 2, np.int64)
     for i, batch in enumerate(pipeline.eval_batches(cfg.data, batch_size=eval_batch,
                                                     split=split)):
         if cfg.eval.max_batches and i >= cfg.eval.max_batches:
             break
-        confusion = run.eval_step(state, parallel.split_batch(batch, run.mode))
-        total += np.asarray(parallel.unreplicate(confusion, run.mode))
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-        total = np.asarray(multihost_utils.process_allgather(total)).sum(0)
+        confusion = run.eval_step(state, layout.put_batch(batch))
+        total += np.asarray(layout.host(confusion))
     return metrics.scores(total)
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (what Cloud TPU preemption sends); the loop saves and exits."""
+    """SIGTERM (what Cloud TPU preemption and SLURM send) asks the loop to save and exit.
 
-    def __init__(self):
+    One process: a Python SIGTERM handler sets ``requested``. Several processes:
+    JAX's preemption service (started by `jax.distributed`) catches the signal on
+    whichever process gets it and agrees with the others on one step at which all of
+    them save (`reached`, called every step); no Python handler is installed then,
+    as it would replace the service's.
+    """
+
+    def __init__(self, manager=None):
         self.requested = False
+        self.manager = manager
         self._previous = None
+        self._installed = False
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
         return self
 
     def _handle(self, signum, frame):
@@ -186,8 +348,15 @@ class PreemptionFlag:
         logging.warning("SIGTERM received: saving a checkpoint at the next step boundary.")
         self.requested = True
 
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after ``step`` (every process calls this each step)."""
+        if jax.process_count() > 1 and self.manager is not None:
+            self.requested = self.requested or self.manager.reached_preemption(step)
+        return self.requested
+
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class MetricWriter:
@@ -211,12 +380,22 @@ class MetricWriter:
             self.writer.close()
 
 
-def check_finite(step: int, step_metrics: dict) -> None:
-    loss = float(np.asarray(step_metrics["loss"]).reshape(-1)[0])
-    if not np.isfinite(loss):
-        raise NonFiniteLossError(
-            f"the loss is {loss} at step {step}: the run stopped, the last checkpoint "
-            f"(before this step) is kept. Lower optim.base_lr or check the data.")
+def check_finite(step: int, values: dict, last_checkpoint: int | None = None) -> None:
+    """Raises `NonFiniteLossError` naming ``step`` (1-based) if its loss or gradient norm
+    (``values['loss']``, ``values.get('grad_norm')``) is NaN or Inf.
+
+    A finite loss and gradient norm mean the update of that step was finite too, so
+    a checkpoint saved after a checked step holds finite parameters.
+    """
+    for key, name in (("loss", "the loss"), ("grad_norm", "the gradient norm")):
+        value = values.get(key, 0.0)
+        if not np.isfinite(value):
+            kept = ("no checkpoint was saved yet" if last_checkpoint is None else
+                    f"the last good checkpoint (step {last_checkpoint}) is kept and a rerun "
+                    f"resumes from it")
+            raise NonFiniteLossError(
+                f"{name} is {value} at step {step}: the run stopped; {kept}. Lower "
+                f"optim.base_lr or check the data.")
 
 
 def format_eta(seconds: float) -> str:
@@ -224,88 +403,157 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
 
 
+def prepare_data(data_config) -> None:
+    """Builds / checks the dataset: process 0 first, then the others.
+
+    The demo dataset is generated on first use; on a shared disk the other
+    processes then find it built, on local disks each builds its own copy.
+    """
+    from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
+    if jax.process_index() == 0:
+        pipeline.ensure_prepared(data_config)
+    checkpoint.sync_processes("scaleattn_data_prepared")
+    if jax.process_index() != 0:
+        pipeline.ensure_prepared(data_config)
+
+
+def saved_form(layout: parallel.Layout, device_state):
+    """What is handed to Orbax: numpy copies (pmap / jit; process 0 writes) or, in the
+    sharded mode, an on-device copy of the global arrays (each process writes its
+    shards). The copy matters: the next step donates ``device_state``'s buffers
+    while the asynchronous save may still be reading them."""
+    if layout.mode != "sharded":
+        return jax.device_get(layout.host(device_state))
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, device_state)
+    return jax.device_put(device_state, shardings, may_alias=False)  # a copy, same layout
+
+
+def read_scalars(layout: parallel.Layout, step_metrics: dict) -> dict:
+    """``{name: float}`` of a step's metrics (waits for the step)."""
+    return {k: float(np.asarray(v).reshape(-1)[0])
+            for k, v in jax.device_get(layout.host(step_metrics)).items()}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains for ``config.train.steps`` (resuming from ``workdir``), then evaluates.
 
-    Returns the last evaluation's scores (``{}`` if none ran).
+    Checkpoints every ``train.checkpoint_every`` steps (and at evals with
+    ``train.keep_best``); on SIGTERM saves at the next step boundary and returns
+    early; on a NaN/Inf loss raises `NonFiniteLossError` (the checkpoints saved
+    before that step are kept). Returns the last evaluation's scores (``{}`` if none
+    ran).
     """
     from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
-    pipeline.ensure_prepared(config.data)
+    prepare_data(config.data)
     run = setup_run(config)
+    layout = run.layout
+    check_batch_sizes(config, layout)
     cfg = config.train
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    manager = checkpoint.make_manager(workdir, cfg.keep_checkpoints)
+    workdir = checkpoint.resolve_workdir(workdir)
+    manager = checkpoint.make_manager(workdir, cfg.keep_checkpoints, keep_best=cfg.keep_best,
+                                      async_save=cfg.async_checkpoints, training=True)
     rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng = jax.random.split(rng)
+    train_rng = np.asarray(train_rng)  # a host value: saved by process 0, read by all
     state = initial_state(run, init_rng)
-    restored = checkpoint.restore_latest(manager, state, train_rng)
+    restored = checkpoint.restore_latest(manager, layout.restore_target(state), train_rng,
+                                         config=config)
     start_step = 0
     if restored is not None:
         state, train_rng, meta = restored
         start_step = int(meta["data_position"])
         logging.info("Resuming at step %d.", start_step)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    logging.info("Model %s: %.2fM parameters, %d local device(s), mode %s, global batch %d.",
-                 config.name, num_params / 1e6, jax.local_device_count(), run.mode,
-                 config.batch_size)
+    logging.info("Model %s: %.2fM parameters, %d process(es), %d device(s), %s, global batch "
+                 "%d%s.", config.name, num_params / 1e6, jax.process_count(),
+                 jax.device_count(), layout.describe(), config.batch_size,
+                 f" in {cfg.grad_accum_steps} micro-batches" if cfg.grad_accum_steps > 1 else "")
 
     batches = pipeline.train_batches(config.data, batch_size=run.local_batch,
                                      seed=config.seed, start_step=start_step)
-    device_state = parallel.replicate(state, run.mode)
-    device_rng = parallel.replicated_rng(train_rng, run.mode)
+    device_state = layout.put_state(state)
+    del state
+    device_rng = layout.put_replicated(train_rng)
     writer = MetricWriter(workdir)
     scores, pending = {}, None
     last_saved = start_step if restored is not None else None
     window_start, window_steps, run_start = time.time(), 0, time.time()
 
-    def save(step_done: int) -> None:
+    def save(step_done: int, eval_scores: dict | None = None) -> None:
         nonlocal last_saved
         if last_saved == step_done:
             return
-        host_state = jax.device_get(parallel.unreplicate(device_state, run.mode))
-        checkpoint.save(manager, step_done, host_state, train_rng, config)
+        if pending is not None:
+            check_finite(*pending_values(), last_saved)
+        checkpoint.save(manager, step_done, saved_form(layout, device_state), train_rng, config,
+                        metrics=None if eval_scores is None else
+                        {"miou": float(eval_scores["miou"])})
         last_saved = step_done
 
-    with PreemptionFlag() as preemption:
-        for step in range(start_step, cfg.steps):
-            batch = parallel.split_batch(next(batches), run.mode)
-            device_state, step_metrics = run.train_step(device_state, batch, device_rng)
-            if pending is not None:  # check the previous step while this one runs
-                check_finite(*pending)
-            pending = (step, step_metrics)
-            done = step + 1
-            window_steps += 1
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                check_finite(*pending)
-                host = {k: float(np.asarray(v).reshape(-1)[0])
-                        for k, v in jax.device_get(step_metrics).items()}
-                elapsed = time.time() - window_start
-                host["images_per_second"] = window_steps * config.batch_size / elapsed
-                eta = (cfg.steps - done) * elapsed / window_steps
-                logging.info("step %d/%d  loss %.4f  lr %.2e  %.1f img/s  ETA %s", done,
-                             cfg.steps, host["loss"], host["learning_rate"],
-                             host["images_per_second"], format_eta(eta))
-                writer.scalars(done, host)
-                window_start, window_steps = time.time(), 0
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                scores = log_scores(evaluate(run, device_state), done, writer)
-            if done % cfg.checkpoint_every == 0:
-                check_finite(*pending)
-                save(done)
-            if preemption.requested:
-                check_finite(*pending)
-                save(done)
-                manager.wait_until_finished()
-                logging.warning("Preempted: saved step %d, exiting; rerun to resume.", done)
-                writer.close()
-                return scores
-        if pending is not None:
-            check_finite(*pending)
-        save(max(cfg.steps, start_step))
+    def pending_values() -> tuple[int, dict]:
+        step_done, step_metrics = pending
+        return step_done, read_scalars(layout, {k: step_metrics[k]
+                                                for k in ("loss", "grad_norm")})
+
+    def evaluate_now(step_done: int) -> dict:
+        result = log_scores(evaluate(run, device_state), step_done, writer)
+        # viz reads the state on process 0 only: hand it a copy every process can read.
+        viz.write_eval_images(writer, step_done, run,
+                              layout.host(device_state) if layout.mode == "sharded"
+                              else device_state)
+        return result
+
+    try:
+        with PreemptionFlag(manager) as preemption:
+            for step in range(start_step, cfg.steps):
+                batch = layout.put_batch(next(batches))
+                device_state, step_metrics = run.train_step(device_state, batch, device_rng)
+                if pending is not None:  # check the previous step while this one runs
+                    check_finite(*pending_values(), last_saved)
+                done = step + 1
+                pending = (done, step_metrics)
+                window_steps += 1
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    host = read_scalars(layout, step_metrics)
+                    check_finite(done, host, last_saved)
+                    elapsed = time.time() - window_start
+                    host["images_per_second"] = window_steps * config.batch_size / elapsed
+                    eta = (cfg.steps - done) * elapsed / window_steps
+                    logging.info("step %d/%d  loss %.4f  lr %.2e  %.1f img/s  ETA %s", done,
+                                 cfg.steps, host["loss"], host["learning_rate"],
+                                 host["images_per_second"], format_eta(eta))
+                    writer.scalars(done, host)
+                    window_start, window_steps = time.time(), 0
+                eval_scores = None
+                if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                    check_finite(*pending_values(), last_saved)
+                    scores = eval_scores = evaluate_now(done)
+                if done % cfg.checkpoint_every == 0 or (cfg.keep_best and eval_scores):
+                    save(done, eval_scores)
+                if preemption.reached(done):
+                    save(done)
+                    manager.wait_until_finished()
+                    logging.warning("Preempted: saved step %d, exiting; rerun to resume.", done)
+                    raise Preempted()
+            final = max(cfg.steps, start_step)
+            if pending is not None:
+                check_finite(*pending_values(), last_saved)
+            if cfg.eval_at_end and cfg.keep_best:  # evaluate first: rank the final state too
+                scores = evaluate_now(final)
+                save(final, scores)
+            else:
+                save(final)
+            manager.wait_until_finished()
+    except Preempted:
+        writer.close()
+        return scores
+    finally:  # an exception must not cut an asynchronous save short
         manager.wait_until_finished()
     logging.info("Training took %.1f s.", time.time() - run_start)
-    if cfg.eval_at_end:
-        scores = log_scores(evaluate(run, device_state), cfg.steps, writer)
+    if cfg.eval_at_end and not cfg.keep_best:
+        scores = evaluate_now(cfg.steps)
+    report.finish_run(config, workdir, run, device_state, scores,
+                      wall_time_s=time.time() - run_start)
     writer.close()
     return scores
 
@@ -321,19 +569,21 @@ def log_scores(scores: dict, step: int, writer: MetricWriter) -> dict:
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Evaluates the latest checkpoint in ``workdir`` on ``config.data.eval_split``."""
-    from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
-    pipeline.ensure_prepared(config.data)
+    prepare_data(config.data)
     run = setup_run(config)
+    check_batch_sizes(config, run.layout, keys=("eval.batch_size",))
     manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
     rng = jax.random.PRNGKey(config.seed)
     state = initial_state(run, rng)
-    restored = checkpoint.restore_latest(manager, state, rng)
+    _, train_rng = jax.random.split(rng)
+    restored = checkpoint.restore_latest(manager, run.layout.restore_target(state),
+                                         np.asarray(train_rng), config=config)
     if restored is None:
         raise checkpoint.CheckpointError(
             f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}: train first "
             f"(--mode=train) or point --workdir at a trained run.")
     state, _, meta = restored
-    scores = evaluate(run, parallel.replicate(state, run.mode))
+    scores = evaluate(run, run.layout.put_state(state))
     logging.info("eval of step %d: mIoU %.4f  pixel accuracy %.4f", meta["step"],
                  scores["miou"], scores["pixel_accuracy"])
     logging.info("per-class IoU: %s", np.array2string(scores["per_class_iou"], precision=3))

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Train on a Cloud TPU VM pod slice (e.g. v4-32, v5litepod-16) with gcloud.
+
+    python launch/tpu_vm.py all --name=sa-v4 --project=P --zone=us-central2-b \\
+        --accelerator-type=v4-32 --config=configs/voc_s3.py \\
+        --workdir=gs://BUCKET/runs/voc_s3 --data-dir=gs://BUCKET/tensorflow_datasets \\
+        --dry-run -- --config.batch_size=32 --config.eval.batch_size=32
+
+Steps (each is also a sub-command):
+
+* ``up``: create a queued resource holding the slice (``--spot`` for spot capacity)
+  and wait until it is ACTIVE;
+* ``setup``: copy this repository (``git archive HEAD``) to every worker and install it
+  with ``jax[tpu]``;
+* ``train``: start ``python3 -m scaleattn.main ... --distributed`` on all workers at
+  once, detached (``setsid nohup``), logging to ``~/scaleattn.log``; every worker is
+  one JAX process, ``jax.distributed.initialize()`` finds the others from the TPU
+  metadata; ``parallel.mode`` is ``sharded`` unless ``--parallel-mode`` says otherwise;
+* ``logs``: stream worker 0's log (process 0 logs progress) until the run ends;
+* ``down``: delete the queued resource and its TPU VMs.
+
+``all`` = up, setup, train, logs, down. ``--dry-run`` prints the exact commands
+instead of running them. The workdir must be shared by all workers: a ``gs://``
+path (Orbax writes checkpoints there; each worker writes its own shards). A preempted
+spot slice gets SIGTERM: the run saves at the next step boundary; run ``all`` again
+and it resumes from the checkpoint in the workdir.
+"""
+
+import argparse
+import shlex
+import sys
+import time
+
+from common import REPO, Shell, split_overrides, train_arguments
+
+RUNTIME_VERSIONS = {  # accelerator-type prefix -> TPU VM software version
+    "v4": "tpu-ubuntu2204-base",
+    "v5litepod": "v2-alpha-tpuv5-lite",
+    "v5p": "v2-alpha-tpuv5",
+    "v6e": "v2-alpha-tpuv6e",
+}
+ARCHIVE = "/tmp/scaleattn.tar.gz"
+REMOTE_DIR = "~/scaleattn"
+LOG = "~/scaleattn.log"
+STEPS = ("up", "setup", "train", "logs", "down")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    own, overrides = split_overrides(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("step", choices=STEPS + ("all",))
+    p.add_argument("--name", required=True, help="TPU VM node name (queued resource: NAME-qr)")
+    p.add_argument("--project", required=True)
+    p.add_argument("--zone", required=True)
+    p.add_argument("--accelerator-type", default="v4-32")
+    p.add_argument("--runtime-version", default=None,
+                   help="default: by accelerator type (%s)" % RUNTIME_VERSIONS)
+    p.add_argument("--spot", action="store_true", help="spot (preemptible) capacity")
+    p.add_argument("--config", default="configs/voc_s3.py")
+    p.add_argument("--workdir", default=None, help="gs://BUCKET/runs/NAME (shared)")
+    p.add_argument("--data-dir", default=None, help="TFDS data_dir, e.g. gs://BUCKET/tfds")
+    p.add_argument("--parallel-mode", default="sharded", choices=("sharded", "pmap"))
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = p.parse_args(own)
+    args.overrides = overrides
+    if args.step in ("train", "all") and not args.workdir:
+        p.error("--workdir is required to train")
+    if args.runtime_version is None:
+        prefix = args.accelerator_type.split("-")[0]
+        if prefix not in RUNTIME_VERSIONS:
+            p.error(f"no default --runtime-version for {args.accelerator_type}")
+        args.runtime_version = RUNTIME_VERSIONS[prefix]
+    return args
+
+
+def location(args) -> list[str]:
+    return [f"--project={args.project}", f"--zone={args.zone}"]
+
+
+def ssh(args, command: str, worker: str = "all") -> list[str]:
+    return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.name, *location(args),
+            f"--worker={worker}", f"--command={command}"]
+
+
+def up(shell: Shell, args) -> None:
+    shell.comment(f"queue a {args.accelerator_type} slice and wait until it is ACTIVE")
+    shell.run(["gcloud", "compute", "tpus", "queued-resources", "create", f"{args.name}-qr",
+               f"--node-id={args.name}", *location(args),
+               f"--accelerator-type={args.accelerator_type}",
+               f"--runtime-version={args.runtime_version}"] + (["--spot"] if args.spot else []))
+    describe = ["gcloud", "compute", "tpus", "queued-resources", "describe", f"{args.name}-qr",
+                *location(args), "--format=value(state.state)"]
+    if shell.dry_run:
+        shell.comment("repeated every 30 s until it prints ACTIVE:")
+        shell.run(describe)
+        return
+    while (state := shell.run(describe, capture=True).strip()) != "ACTIVE":
+        if state in ("FAILED", "SUSPENDED"):
+            sys.exit(f"queued resource {args.name}-qr is {state}")
+        time.sleep(30)
+
+
+def setup(shell: Shell, args) -> None:
+    shell.comment("copy the repository (committed HEAD) to every worker and install it")
+    shell.run(["git", "-C", REPO, "archive", "--format=tar.gz", f"--output={ARCHIVE}", "HEAD"])
+    shell.run(["gcloud", "compute", "tpus", "tpu-vm", "scp", ARCHIVE, f"{args.name}:~/",
+               *location(args), "--worker=all"])
+    install = (f"mkdir -p {REMOTE_DIR} && tar -xzf ~/scaleattn.tar.gz -C {REMOTE_DIR} && "
+               f"python3 -m pip install -q -U pip && "
+               f"python3 -m pip install -q -e {REMOTE_DIR} 'jax[tpu]' google-cloud-storage")
+    shell.run(ssh(args, install))
+
+
+def train_command(args) -> str:
+    """The command every worker runs (detached, so that it outlives the ssh session)."""
+    main = ["python3", "-m", "scaleattn.main", *train_arguments(args), "--distributed",
+            f"--config.parallel.mode={args.parallel_mode}"]
+    return (f"cd {REMOTE_DIR} && setsid nohup {shlex.join(main)} > {LOG} 2>&1 < /dev/null &")
+
+
+def train(shell: Shell, args) -> None:
+    shell.comment("start one JAX process per worker (jax.distributed finds the others)")
+    shell.run(ssh(args, train_command(args)))
+
+
+def logs(shell: Shell, args) -> None:
+    shell.comment("stream process 0's log until the run ends")
+    follow = (f"pid=$(pgrep -o -f 'python3 -m [s]caleattn.main'); if [ -n \"$pid\" ]; then "
+              f"tail --pid=$pid -n +1 -f {LOG}; else cat {LOG}; fi")
+    shell.run(ssh(args, follow, worker="0"), check=False)
+
+
+def down(shell: Shell, args) -> None:
+    shell.comment("delete the slice")
+    shell.run(["gcloud", "compute", "tpus", "queued-resources", "delete", f"{args.name}-qr",
+               *location(args), "--force", "--quiet"])
+
+
+def main(argv: list[str]) -> None:
+    args = parse(argv)
+    shell = Shell(args.dry_run)
+    steps = {"up": up, "setup": setup, "train": train, "logs": logs, "down": down}
+    for name in (STEPS if args.step == "all" else (args.step,)):
+        steps[name](shell, args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

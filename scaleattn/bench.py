@@ -1,0 +1,279 @@
+"""``--mode=bench``: how fast the train and eval steps run, and how well they use the chip.
+
+The steps timed are the production ones (`train.setup_run` with ``parallel.mode =
+'jit'`` on one device), on synthetic in-memory batches of the config's shape
+(``bench.batch_size`` x ``bench.crop_size``², ``model.num_classes`` labels, 255 = ignore
+on a few pixels): no input pipeline and no TensorFlow.
+
+For every dtype of ``bench.dtypes`` (``model.dtype``; default fp32 and bf16):
+
+* compile time: ``jit(...).lower(...).compile()`` wall time, train and eval step;
+* step time: after ``bench.warmup`` untimed steps, the median of ``bench.steps``
+  steps, each ended by ``block_until_ready``; images/s = batch / step time;
+* FLOPs: XLA's cost analysis of the compiled step (``compiled.cost_analysis()
+  ['flops']``; XLA counts only the multiply-adds of valid, non-padded taps);
+* MFU = FLOPs / step time / the device's peak (`PEAK_FLOPS`: bf16 dense, used for
+  fp32 runs too; unknown devices such as CPUs have none, MFU is n/a);
+* memory: the device's peak bytes in use (``device.memory_stats()``, cumulative
+  over the process; n/a on CPU) and XLA's own estimate for the compiled step
+  (arguments + outputs + temporaries - aliased).
+
+Results go to stdout as a table and to a JSON file.
+"""
+
+import copy
+import json
+import os
+import re
+import statistics
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from scaleattn import train
+
+# Dense bf16 peak FLOP/s by device kind (lower-case substring of `device_kind`, first
+# match wins: 'tpu v5 lite' (v5e) before 'tpu v5' (v5p)).
+PEAK_FLOPS = (
+    ("h100", 989e12),
+    ("h200", 989e12),
+    ("tpu v4", 275e12),
+    ("tpu v5 lite", 197e12),
+    ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5", 459e12),
+)
+IGNORE_LABEL = 255
+
+
+# ------------------------------------------------------------------ arithmetic ---
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """The bf16 dense peak of a device kind (e.g. 'NVIDIA H100 80GB HBM3'), or None."""
+    kind = device_kind.lower()
+    for key, peak in PEAK_FLOPS:
+        if key in kind:
+            return peak
+    return None
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled XLA computation (its cost analysis), or None."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def mfu(flops: float | None, seconds: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: ``flops / seconds / peak`` (None if either is unknown)."""
+    if flops is None or peak is None or seconds <= 0:
+        return None
+    return flops / seconds / peak
+
+
+def compiled_memory_bytes(compiled) -> int | None:
+    """XLA's memory estimate of a compiled step: arguments + outputs + temps - aliases."""
+    try:
+        m = compiled.memory_analysis()
+    except (AttributeError, NotImplementedError, jax.errors.JaxRuntimeError):
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def convolution_windows(hlo_text: str) -> dict:
+    """What the compiled step's convolutions look like (optimised HLO text in).
+
+    ``{'count': n, 'rhs_dilated': k, 'windows': {window spec: count}}``: convolutions
+    (``convolution`` ops and cuDNN custom calls) and how many still carry a kernel
+    dilation (``rhs_dilate``). A dilated conv that XLA lowered by zero-padding its kernel
+    shows up as a large ``size=`` window without ``rhs_dilate`` (DESIGN.md §6).
+    """
+    windows = {}
+    for line in hlo_text.splitlines():
+        if "window={" not in line or not ("convolution(" in line or "custom-call(" in line):
+            continue
+        spec = re.search(r"window=\{([^}]*)\}", line).group(1)
+        spec = re.sub(r"\s*pad=\S+", "", spec)
+        windows[spec] = windows.get(spec, 0) + 1
+    return {"count": sum(windows.values()),
+            "rhs_dilated": sum(n for spec, n in windows.items() if "rhs_dilate" in spec),
+            "windows": dict(sorted(windows.items(), key=lambda kv: -kv[1]))}
+
+
+def device_peak_memory(device) -> int | None:
+    """Peak bytes in use on ``device`` so far (None where not reported, e.g. CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+# ------------------------------------------------------------------ the timing ---
+
+
+def synthetic_batch(batch_size: int, size: int, num_classes: int, seed: int = 0) -> dict:
+    """``image float32 [B, size, size, 3]`` ~ N(0, 1), ``label int32 [B, size, size]``
+    uniform over the classes with a 255 (ignore) border of 2 pixels."""
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, num_classes, (batch_size, size, size), dtype=np.int32)
+    label[:, :2], label[:, -2:], label[:, :, :2], label[:, :, -2:] = (IGNORE_LABEL,) * 4
+    image = rng.standard_normal((batch_size, size, size, 3), dtype=np.float32)
+    return {"image": image, "label": label}
+
+
+def time_calls(call, *, steps: int, warmup: int) -> list[float]:
+    """Wall times (s) of ``steps`` calls of ``call()`` after ``warmup`` untimed ones;
+    each call's result is waited for (``block_until_ready``) inside its time."""
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_config(config, dtype: str):
+    """A copy of ``config`` for timing ``dtype`` on one device (jit)."""
+    c = copy.deepcopy(config)
+    c.model.dtype = dtype
+    c.parallel.mode = "jit"
+    c.batch_size = c.bench.batch_size or c.batch_size
+    c.data.crop_size = c.bench.crop_size or c.data.crop_size
+    return c
+
+
+def compile_timed(jitted, *args):
+    """``(compiled, seconds)`` of lowering and compiling ``jitted`` for ``args``."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def benchmark_dtype(config, dtype: str) -> dict:
+    """Compile and time the train and eval steps of ``config`` in ``dtype`` (one row)."""
+    cfg = bench_config(config, dtype)
+    run = train.setup_run(cfg)
+    device = jax.local_devices()[0]
+    rng = jax.random.PRNGKey(cfg.seed)
+    state = jax.device_put(train.initial_state(run, rng), device)
+    batch = jax.device_put(synthetic_batch(cfg.batch_size, cfg.data.crop_size,
+                                           cfg.model.num_classes, cfg.seed), device)
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+
+    eval_compiled, eval_compile_s = compile_timed(run.eval_step, state, batch)
+    train_compiled, train_compile_s = compile_timed(run.train_step, state, batch, rng)
+
+    def eval_call():
+        return eval_compiled(state, batch)
+
+    eval_times = time_calls(eval_call, steps=cfg.bench.steps, warmup=cfg.bench.warmup)
+
+    def train_call():  # the state is donated: thread it through
+        nonlocal state
+        state, step_metrics = train_compiled(state, batch, rng)
+        return step_metrics
+
+    jax.block_until_ready(train_call())  # the first step may allocate
+    if cfg.bench.profile_dir:
+        with jax.profiler.trace(os.path.join(cfg.bench.profile_dir, dtype)):
+            train_times = time_calls(train_call, steps=cfg.bench.steps, warmup=cfg.bench.warmup)
+    else:
+        train_times = time_calls(train_call, steps=cfg.bench.steps, warmup=cfg.bench.warmup)
+
+    peak = peak_flops(device.device_kind)
+    train_s, eval_s = statistics.median(train_times), statistics.median(eval_times)
+    train_flops, eval_flops = compiled_flops(train_compiled), compiled_flops(eval_compiled)
+    return {
+        "dtype": dtype,
+        "num_params": int(num_params),
+        "compile_train_s": train_compile_s,
+        "compile_eval_s": eval_compile_s,
+        "train_step_s": train_s,
+        "train_step_s_min": min(train_times),
+        "eval_step_s": eval_s,
+        "train_images_per_s": cfg.batch_size / train_s,
+        "eval_images_per_s": cfg.batch_size / eval_s,
+        "train_flops": train_flops,
+        "eval_flops": eval_flops,
+        "train_tflops_per_s": None if train_flops is None else train_flops / train_s / 1e12,
+        "train_mfu": mfu(train_flops, train_s, peak),
+        "eval_mfu": mfu(eval_flops, eval_s, peak),
+        "train_step_memory_bytes": compiled_memory_bytes(train_compiled),
+        "peak_memory_bytes": device_peak_memory(device),
+        "train_convolutions": convolution_windows(train_compiled.as_text()),
+    }
+
+
+def benchmark(config) -> dict:
+    """All dtypes of ``config.bench.dtypes``: ``{'setup': {...}, 'results': [rows]}``."""
+    dtypes = [d.strip() for d in config.bench.dtypes.split(",") if d.strip()]
+    device = jax.local_devices()[0]
+    cfg = bench_config(config, dtypes[0] if dtypes else "float32")
+    setup = {
+        "config": config.name, "device": device.device_kind, "platform": device.platform,
+        "host_cores": os.cpu_count(), "jax": jax.__version__,
+        "cpus_allowed": (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else os.cpu_count()),
+        "peak_flops": peak_flops(device.device_kind),
+        "batch_size": cfg.batch_size, "crop_size": cfg.data.crop_size,
+        "backbone": cfg.model.backbone, "head": cfg.model.head,
+        "width": cfg.model.width, "depth": list(cfg.model.depth),
+        "scales": list(cfg.model.scales), "merge": cfg.model.merge,
+        "num_classes": cfg.model.num_classes,
+        "steps": cfg.bench.steps, "warmup": cfg.bench.warmup,
+    }
+    results = []
+    for dtype in dtypes:
+        logging.info("Benchmarking %s in %s ...", config.name, dtype)
+        results.append(benchmark_dtype(config, dtype))
+    return {"setup": setup, "results": results}
+
+
+# ------------------------------------------------------------------- reporting ---
+
+
+def fmt(value, scale: float = 1.0, digits: int = 2, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value * scale:.{digits}f}{suffix}"
+
+
+def table(report: dict) -> str:
+    """The results as a Markdown table (one row per dtype) with a one-line header."""
+    s = report["setup"]
+    lines = [f"{s['config']}: {s['backbone']}/{s['head']} width {s['width']} scales "
+             f"{s['scales']} ({s['merge']}), batch {s['batch_size']} x {s['crop_size']}², "
+             f"on {s['device']} ({s['platform']}, {s['cpus_allowed']} of {s['host_cores']} "
+             f"host cores), jax {s['jax']}",
+             "",
+             "| dtype | compile train / eval (s) | train step (ms) | train img/s "
+             "| eval step (ms) | eval img/s | train GFLOP/step | MFU train | MFU eval "
+             "| step memory (MiB) | peak memory (MiB) |",
+             "|" + "---|" * 11]
+    for r in report["results"]:
+        lines.append("| " + " | ".join([
+            r["dtype"], f"{r['compile_train_s']:.1f} / {r['compile_eval_s']:.1f}",
+            fmt(r["train_step_s"], 1e3, 1), fmt(r["train_images_per_s"], 1, 2),
+            fmt(r["eval_step_s"], 1e3, 1), fmt(r["eval_images_per_s"], 1, 2),
+            fmt(r["train_flops"], 1e-9, 2), fmt(r["train_mfu"], 100, 1, "%"),
+            fmt(r["eval_mfu"], 100, 1, "%"), fmt(r["train_step_memory_bytes"], 2**-20, 1),
+            fmt(r["peak_memory_bytes"], 2**-20, 1)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(config, output: str) -> dict:
+    """Runs `benchmark`, prints the table and writes the JSON to ``output``."""
+    report = benchmark(config)
+    print(table(report), flush=True)
+    output = os.path.abspath(os.path.expanduser(output))
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    with open(output, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    logging.info("Wrote %s", output)
+    return report

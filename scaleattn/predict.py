@@ -1,0 +1,246 @@
+"""Inference: masks and attention maps of image files, and multi-scale + flip eval.
+
+* `Predictor`: a trained state and normalised images ``[B, H, W, 3]`` -> class
+  probabilities, the predicted mask and the attention weights, all at ``H x W``.
+* `predict_files` (``--mode=predict``): image files or folders in (read with PIL, no
+  TensorFlow) -> per image a palette PNG mask, an overlay, one attention heat map per
+  scale and the RGB composite of the merged weights (`scaleattn.viz`).
+* `ms_flip_probs` / `evaluate_ms_flip`: the usual multi-scale + flip inference. The
+  whole model (itself multi-scale: its attention merges ``model.scales``) is run on
+  the input rescaled by each of ``predict.ms_scales`` (default 0.5 ... 1.75) and on
+  its mirror image; the softmax probabilities, resized to the input size, are
+  averaged.
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from PIL import Image, UnidentifiedImageError
+
+from scaleattn import metrics, viz
+from scaleattn.data import errors
+from scaleattn.models import layers
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
+
+
+class InputError(errors.DataError):
+    """An input image that cannot be read, or no images at all."""
+
+
+def variables_of(state) -> dict:
+    """The ``model.apply`` variables of a `train.TrainState`."""
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+# --------------------------------------------------------------------- forward ---
+
+
+def forward(variables: dict, images: jnp.ndarray, *, model) -> dict:
+    """Inference at the input size.
+
+    Args:
+      variables: ``{'params', 'batch_stats'}``.
+      images: ``float32 [B, H, W, 3]`` normalised.
+    Returns:
+      ``probs float32 [B, H, W, C]`` (softmax of the merged logits, bilinearly
+      upsampled), ``prediction int32 [B, H, W]`` and, for attention / average merges,
+      ``attention float32 [B, H, W, S]`` (the per-pixel weights over ``model.scales``,
+      upsampled the same way).
+    """
+    out = model.apply(variables, images, train=False)
+    size = images.shape[1:3]
+    probs = jax.nn.softmax(layers.resize_bilinear(out["logits"].astype(jnp.float32), size))
+    result = {"probs": probs, "prediction": jnp.argmax(probs, -1).astype(jnp.int32)}
+    if "attention" in out:
+        result["attention"] = layers.resize_bilinear(out["attention"].astype(jnp.float32),
+                                                     size)
+    return result
+
+
+class Predictor:
+    """``predictor(state, images) -> dict of numpy arrays``: jitted `forward` of a model."""
+
+    def __init__(self, model):
+        self.model = model
+        self._forward = jax.jit(functools.partial(forward, model=model))
+
+    def __call__(self, state, images: np.ndarray) -> dict:
+        return jax.device_get(self._forward(variables_of(state), jnp.asarray(images)))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "scale", "flip"))
+def scale_probs(variables: dict, images: jnp.ndarray, *, model, scale: float,
+                flip: bool) -> jnp.ndarray:
+    """Sum of the softmax of the model on ``images`` rescaled by ``scale`` (and, with
+    ``flip``, on their mirror images, flipped back): ``[B, H, W, C]`` at the input size."""
+    size = images.shape[1:3]
+    x = images if scale == 1.0 else layers.resize_bilinear(
+        images, layers.scaled_size(size, scale))
+    if flip:
+        x = jnp.concatenate([x, x[:, :, ::-1]], axis=0)
+    logits = model.apply(variables, x, train=False)["logits"].astype(jnp.float32)
+    probs = jax.nn.softmax(layers.resize_bilinear(logits, size))
+    if flip:
+        half = images.shape[0]
+        probs = probs[:half] + probs[half:, :, ::-1]
+    return probs
+
+
+def ms_flip_probs(state, images: np.ndarray, *, model, scales, flip: bool) -> jnp.ndarray:
+    """``[B, H, W, C]`` class probabilities averaged over ``scales`` (x2 with ``flip``)."""
+    variables = variables_of(state)
+    total = sum(scale_probs(variables, jnp.asarray(images), model=model, scale=float(s),
+                            flip=bool(flip)) for s in scales)
+    return total / (len(scales) * (2 if flip else 1))
+
+
+def evaluate_ms_flip(config, model, state) -> dict:
+    """mIoU etc. (`metrics.scores`) of multi-scale + flip inference over the eval split.
+
+    ``state`` is a host (unreplicated) `TrainState`; each process evaluates its part
+    of the split on its first device and the confusion matrices are summed.
+    """
+    from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
+    batch_size = max(1, config.eval.batch_size // jax.process_count())
+    total = np.zeros((config.model.num_classes,) * 2, np.int64)
+    for i, batch in enumerate(pipeline.eval_batches(config.data, batch_size=batch_size)):
+        if config.eval.max_batches and i >= config.eval.max_batches:
+            break
+        probs = ms_flip_probs(state, batch["image"], model=model,
+                              scales=tuple(config.predict.ms_scales),
+                              flip=config.predict.flip)
+        total += np.asarray(metrics.confusion_matrix(
+            jnp.argmax(probs, -1), jnp.asarray(batch["label"]), config.model.num_classes,
+            config.loss.ignore_label))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        total = np.asarray(multihost_utils.process_allgather(total)).sum(0)
+    scores = metrics.scores(total)
+    logging.info("ms+flip eval (scales %s, flip %s): mIoU %.4f", tuple(config.predict.ms_scales),
+                 config.predict.flip, scores["miou"])
+    return scores
+
+
+# ----------------------------------------------------------------------- files ---
+
+
+def list_images(inputs) -> list[str]:
+    """Image files named in ``inputs`` (files, or folders searched one level deep)."""
+    paths = []
+    for item in inputs:
+        item = os.path.expanduser(item)
+        if os.path.isdir(item):
+            paths += sorted(os.path.join(item, name) for name in os.listdir(item)
+                            if name.lower().endswith(IMAGE_EXTENSIONS))
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise InputError(f"--input {item}: no such file or folder")
+    if not paths:
+        raise InputError(f"--input {','.join(inputs)}: no image files "
+                         f"({', '.join(IMAGE_EXTENSIONS)}) found")
+    return paths
+
+
+def load_image(path: str) -> np.ndarray:
+    """``uint8 [h, w, 3]`` RGB pixels of an image file."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputError(f"cannot read image {path}: {e}") from e
+
+
+def padded_size(height: int, width: int, eval_size: int, multiple: int = 8) -> tuple:
+    """The size an image is padded to: ``eval_size`` (as in eval), or more for a
+    larger image, rounded up to ``multiple`` so that few sizes are compiled."""
+    def grow(n):
+        return max(eval_size, -(-n // multiple) * multiple)
+    return grow(height), grow(width)
+
+
+def normalize_and_pad(image: np.ndarray, data_config) -> np.ndarray:
+    """``uint8 [h, w, 3]`` -> ``float32 [1, H, W, 3]``: normalised, image top-left,
+    padding = mean pixel (0), as the eval pipeline pads."""
+    h, w = image.shape[:2]
+    size = padded_size(h, w, data_config.eval_size)
+    out = np.zeros((1,) + size + (3,), np.float32)
+    out[0, :h, :w] = ((image.astype(np.float32) - np.asarray(data_config.mean, np.float32))
+                      / np.asarray(data_config.std, np.float32))
+    return out
+
+
+def predict_image(predictor: Predictor, state, image: np.ndarray, data_config) -> dict:
+    """`forward`'s outputs for one ``uint8 [h, w, 3]`` image, cropped to ``[h, w, ...]``."""
+    h, w = image.shape[:2]
+    outputs = predictor(state, normalize_and_pad(image, data_config))
+    return {key: value[0, :h, :w] for key, value in outputs.items()}
+
+
+def output_pictures(image: np.ndarray, outputs: dict, scales, alpha: float) -> dict:
+    """File suffix -> picture: ``mask`` (palette `PIL.Image`), ``overlay``, one
+    ``attention_<i>_x<scale>`` heat map per scale and ``attention_rgb`` (<= 3 scales)."""
+    pictures = {"mask": viz.mask_image(outputs["prediction"]),
+                "overlay": viz.overlay(image, outputs["prediction"], alpha)}
+    attention = outputs.get("attention")
+    if attention is not None:
+        for i, scale in enumerate(scales):
+            pictures[f"attention_{i}_x{scale:g}"] = viz.heatmap(attention[..., i])
+        if attention.shape[-1] <= 3:
+            pictures["attention_rgb"] = viz.attention_rgb(attention)
+    return pictures
+
+
+def save_pictures(pictures: dict, output_dir: str, stem: str) -> list[str]:
+    """Writes ``<output_dir>/<stem>_<suffix>.png`` for each picture; the paths."""
+    paths = []
+    for suffix, picture in pictures.items():
+        path = os.path.join(output_dir, f"{stem}_{suffix}.png")
+        image = picture if isinstance(picture, Image.Image) else Image.fromarray(picture)
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def restore_trained(config, workdir: str):
+    """``(run, host state, step)`` of the latest checkpoint in ``workdir``."""
+    from scaleattn import checkpoint, train  # pylint: disable=import-outside-toplevel
+    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)) or checkpoint.make_manager(
+            workdir, config.train.keep_checkpoints).latest_step() is None:
+        raise checkpoint.CheckpointError(
+            f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}: train first "
+            f"(--mode=train) or point --workdir at a trained run.")
+    run = train.setup_run(config)
+    rng = jax.random.PRNGKey(config.seed)
+    # The template only needs shapes: trace the initialisation, do not compile it.
+    template = jax.eval_shape(lambda: train.initial_state(run, rng))
+    manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
+    state, _, meta = checkpoint.restore_latest(manager, template, rng)
+    return run, state, int(meta["step"])
+
+
+def predict_files(config, workdir: str, inputs, output_dir: str) -> list[str]:
+    """``--mode=predict``: pictures of every input image in ``output_dir``; their paths."""
+    paths = list_images(inputs)
+    run, state, step = restore_trained(config, workdir)
+    predictor = Predictor(run.model)
+    os.makedirs(output_dir, exist_ok=True)
+    written, stems = [], set()
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        while stem in stems:  # same file name in two folders
+            stem += "_"
+        stems.add(stem)
+        image = load_image(path)
+        outputs = predict_image(predictor, state, image, config.data)
+        written += save_pictures(
+            output_pictures(image, outputs, tuple(config.model.scales),
+                            config.predict.overlay_alpha), output_dir, stem)
+    logging.info("Predicted %d image(s) with the step-%d checkpoint of %s into %s.",
+                 len(paths), step, workdir, output_dir)
+    return written

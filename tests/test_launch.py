@@ -1,0 +1,151 @@
+"""The launchers, through --dry-run: the exact gcloud / sbatch commands they would run."""
+import os
+import shlex
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from scaleattn import config as config_lib
+from scaleattn import main as scaleattn_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch(script, *args, check=True):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "launch", script), *args],
+                            capture_output=True, text=True, timeout=60)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def commands(output: str) -> list[list[str]]:
+    return [shlex.split(line) for line in output.splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def flag(argv, name):
+    values = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{name}=")]
+    assert len(values) == 1, (name, argv)
+    return values[0]
+
+
+def check_main_arguments(argv: list[str]):
+    """Every argument is a flag of scaleattn.main or a key of the config."""
+    for arg in argv:
+        name = arg.lstrip("-").split("=", 1)[0]
+        if name.startswith("config."):
+            config_lib.lookup(config_lib.base_config(), name[len("config."):])
+        else:
+            assert name in scaleattn_main.FLAGS, arg
+
+
+TPU = ["--name=sa", "--project=proj", "--zone=us-central2-b", "--config=configs/voc_s3.py",
+       "--workdir=gs://bucket/runs/voc s3", "--data-dir=gs://bucket/tfds", "--dry-run"]
+
+
+def test_tpu_pod_slice_dry_run_prints_the_whole_lifecycle():
+    result = launch("tpu_vm.py", "all", "--accelerator-type=v4-32", *TPU,
+                    "--", "--config.batch_size=32", "--config.eval.batch_size=32")
+    cmds = commands(result.stdout)
+    location = ["--project=proj", "--zone=us-central2-b"]
+    create, describe, archive, scp, install, train, logs, delete = cmds
+    assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", "sa-qr",
+                      "--node-id=sa", *location, "--accelerator-type=v4-32",
+                      "--runtime-version=tpu-ubuntu2204-base"]
+    assert describe[:6] == ["gcloud", "compute", "tpus", "queued-resources", "describe",
+                            "sa-qr"]
+    assert archive[:2] == ["git", "-C"] and "archive" in archive and archive[-1] == "HEAD"
+    assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
+    for ssh in (install, train, logs):
+        assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "sa"]
+        assert ssh[6:8] == location
+    assert flag(install, "worker") == "all" and "jax[tpu]" in flag(install, "command")
+    assert flag(logs, "worker") == "0"
+    assert delete == ["gcloud", "compute", "tpus", "queued-resources", "delete", "sa-qr",
+                      *location, "--force", "--quiet"]
+
+    # The training command, as every worker's shell will read it.
+    assert flag(train, "worker") == "all"
+    remote = shlex.split(flag(train, "command"))
+    start = remote.index("python3")
+    main = remote[start:remote.index(">")]
+    assert remote[:start] == ["cd", "~/scaleattn", "&&", "setsid", "nohup"]
+    assert remote[-1] == "&"  # detached: outlives the ssh session
+    assert main[:3] == ["python3", "-m", "scaleattn.main"]
+    assert main[3:] == ["--config=configs/voc_s3.py", "--workdir=gs://bucket/runs/voc s3",
+                        "--config.data.data_dir=gs://bucket/tfds", "--config.batch_size=32",
+                        "--config.eval.batch_size=32", "--distributed",
+                        "--config.parallel.mode=sharded"]
+    check_main_arguments(main[3:])
+
+
+def test_tpu_v5e_spot_and_argument_errors():
+    cmds = commands(launch("tpu_vm.py", "up", "--accelerator-type=v5litepod-16", "--spot",
+                           *TPU).stdout)
+    assert "--runtime-version=v2-alpha-tpuv5-lite" in cmds[0] and cmds[0][-1] == "--spot"
+    result = launch("tpu_vm.py", "train", "--name=sa", "--project=p", "--zone=z", "--dry-run",
+                    check=False)
+    assert result.returncode == 2 and "--workdir is required" in result.stderr
+    result = launch("tpu_vm.py", "up", "--accelerator-type=v9-8", *TPU, check=False)
+    assert result.returncode == 2 and "--runtime-version" in result.stderr
+
+
+def slurm_script(tmp_path, *extra) -> tuple[str, list[str]]:
+    result = launch("slurm_gpu.py", "--nodes=2", "--gpus-per-node=8", "--partition=gpu",
+                    f"--workdir={tmp_path / 'run'}", f"--repo={tmp_path}", "--dry-run", *extra,
+                    "--", "--config.batch_size=32")
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"# batch script {tmp_path / 'run' / 'scaleattn.sbatch'}:"
+    assert lines[-1] == f"sbatch {tmp_path / 'run' / 'scaleattn.sbatch'}"
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+    return "\n".join(lines[1:-1]) + "\n", lines
+
+
+def test_slurm_dry_run_prints_a_valid_batch_script(tmp_path):
+    script, _ = slurm_script(tmp_path)
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    directives = [line.split(" ", 1)[1] for line in script.splitlines()
+                  if line.startswith("#SBATCH")]
+    for expected in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--requeue",
+                     "--signal=TERM@300", "--partition=gpu"):
+        assert expected in directives
+    srun = next(shlex.split(line) for line in script.splitlines() if line.startswith("srun"))
+    main = srun[srun.index("python"):]
+    assert main[:3] == ["python", "-m", "scaleattn.main"]
+    assert main[3:] == ["--config=configs/voc_s3.py", f"--workdir={tmp_path / 'run'}",
+                        "--config.batch_size=32", "--distributed",
+                        "--config.parallel.mode=sharded"]
+    check_main_arguments(main[3:])
+
+
+@pytest.mark.parametrize("srun_status, finished, requeued", [
+    (0, False, True),   # stopped by SIGTERM (preemption / time limit): requeue
+    (0, True, False),   # run.json written: the run finished
+    (3, False, False),  # failed: do not loop
+])
+def test_slurm_script_requeues_only_a_run_stopped_early(tmp_path, srun_status, finished,
+                                                        requeued):
+    script, _ = slurm_script(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("srun", f"echo \"$@\" > {tmp_path}/srun.args\nexit {srun_status}"),
+                       ("scontrol", f"echo \"$@\" > {tmp_path}/scontrol.args")):
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    (tmp_path / "job.sbatch").write_text(script)
+    if finished:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "run.json").write_text("{}")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42")
+    result = subprocess.run(["bash", str(tmp_path / "job.sbatch")], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == srun_status, result.stderr
+    assert "scaleattn.main" in (tmp_path / "srun.args").read_text()
+    assert (tmp_path / "scontrol.args").exists() == requeued
+    if requeued:
+        assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "42"]
