@@ -1,7 +1,6 @@
-"""The pure train step: it learns, and pmap over 8 devices equals one device."""
+"""The pure train step learns (its parallel forms are compared in test_parallel.py)."""
 import jax
 import numpy as np
-import pytest
 
 from scaleattn import config as config_lib
 from scaleattn import parallel, train
@@ -50,18 +49,4 @@ def test_train_step_lowers_the_loss():
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-@pytest.mark.parametrize("backbone", ["resnet101"])
-def test_pmap_over_8_devices_equals_one_device(backbone):
-    """Same parameters and batch-norm statistics (sync BN) after 2 steps, to 1e-5."""
-    assert jax.local_device_count() == 8
-    batch = fixed_batch()
-    single, single_losses = run_steps(tiny_config("jit", backbone), batch, 2)
-    multi, multi_losses = run_steps(tiny_config("pmap", backbone), batch, 2)
-    np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
-    for tree in ("params", "batch_stats"):
-        a = jax.tree_util.tree_leaves(getattr(single, tree))
-        b = jax.tree_util.tree_leaves(getattr(multi, tree))
-        assert len(a) == len(b) > 0
-        for x, y in zip(a, b):
-            np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
-    assert int(multi.step) == int(single.step) == 2
+# pmap over 8 devices vs one device (and the sharded meshes): tests/test_parallel.py
