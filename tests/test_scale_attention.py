@@ -101,24 +101,25 @@ def test_scaled_sizes_follow_deeplab():
     assert layers.scaled_size((513, 400), 1.0) == (513, 400)
 
 
-def tiny_model_config(backbone, scales, merge):
+def tiny_model_config(backbone, scales, merge, head=None):
     cfg = config_lib.base_config().model
     cfg.backbone, cfg.scales, cfg.merge = backbone, scales, merge
     cfg.num_classes, cfg.width, cfg.fc_width = 5, 1 / 16, 64
     cfg.depth = (1, 1, 1, 1, 1) if backbone == "vgg16" else (1, 1, 1, 1)
-    if backbone != "vgg16":
-        cfg.head = "aspp_v2"
+    cfg.head = head or ("largefov" if backbone == "vgg16" else "aspp_v2")
+    cfg.gsag_window = 3
     return cfg
 
 
-@pytest.mark.parametrize("backbone,scales,merge", [
-    ("vgg16", (1.0,), "attention"),
-    ("vgg16", (1.0, 0.75), "avg"),
-    ("vgg16", (1.0, 0.5), "max"),
-    ("resnet101", (1.0, 0.75, 0.5), "attention"),
+@pytest.mark.parametrize("backbone,scales,merge,head", [
+    ("vgg16", (1.0,), "attention", None),
+    ("vgg16", (1.0, 0.75), "avg", None),
+    ("vgg16", (1.0, 0.5), "max", None),
+    ("resnet101", (1.0, 0.75, 0.5), "attention", None),
+    ("resnet50", (1.0, 0.5), "attention", "gsag"),  # a GSAG head inside the wrapper
 ])
-def test_multiscale_output_shapes(backbone, scales, merge):
-    model = build_model(tiny_model_config(backbone, scales, merge))
+def test_multiscale_output_shapes(backbone, scales, merge, head):
+    model = build_model(tiny_model_config(backbone, scales, merge, head))
     images = jnp.asarray(np.random.RandomState(4).randn(2, 49, 41, 3), jnp.float32)
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0),
                                                                   images)
