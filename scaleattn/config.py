@@ -128,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.predict = q = ml_collections.ConfigDict()
     q.ms_scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # input rescales averaged by ms+flip
     q.flip = True                # ms+flip also averages the mirrored input
-    q.ms_eval_at_end = False     # after training, also evaluate with ms+flip (run.json)
+    q.ms_eval_at_end = False     # after training and in --mode=eval, also evaluate with ms+flip
     q.summary_images = 3         # eval images shown in TensorBoard (0 = none)
     q.overlay_alpha = 0.5
     c.lock()  # config files may change values but not add keys

@@ -587,4 +587,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     logging.info("eval of step %d: mIoU %.4f  pixel accuracy %.4f", meta["step"],
                  scores["miou"], scores["pixel_accuracy"])
     logging.info("per-class IoU: %s", np.array2string(scores["per_class_iou"], precision=3))
+    if config.predict.ms_eval_at_end:  # multi-scale + flip inference as well
+        from scaleattn import predict  # pylint: disable=import-outside-toplevel
+        scores["ms_flip"] = predict.evaluate_ms_flip(config, run.model, jax.device_get(state))
     return scores
