@@ -22,7 +22,7 @@ def tiny_demo_config(data_dir, steps):
     c.batch_size, c.eval.batch_size = 8, 8
     c.train.steps, c.train.log_every, c.train.checkpoint_every = steps, 1, 2
     c.train.eval_every = 0
-    c.parallel.mode = "jit"  # pmap over the 8 test devices is covered in test_train.py
+    c.parallel.mode = "jit"  # pmap and sharded runs are compared in test_parallel.py
     c.optim.schedule = "constant"  # so that a 2-step run is the start of a 4-step one
     return c
 

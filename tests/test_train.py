@@ -6,13 +6,10 @@ from scaleattn import config as config_lib
 from scaleattn import parallel, train
 
 
-def tiny_config(mode, backbone="vgg16"):
+def tiny_config(mode):
     c = config_lib.demo_config(scales=(1.0, 0.5), merge="attention")
     c.model.width, c.model.fc_width = 1 / 16, 64
     c.model.dropout = c.model.attention_dropout = 0.0
-    if backbone != "vgg16":
-        c.model.backbone, c.model.head, c.model.depth = backbone, "aspp_v2", (1, 1, 1, 1)
-        c.model.bn_mode, c.model.aspp_rates = "train", (1, 2)
     c.data.crop_size = 33
     c.parallel.mode = mode
     c.optim.base_lr = 0.01
