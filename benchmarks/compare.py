@@ -36,7 +36,7 @@ def peer_mfu(jax_row: dict, torch_row: dict, peak: float | None) -> float | None
 
 
 def compare_rows(jax_report: dict, torch_report: dict) -> list[dict]:
-    """One dict per dtype present in both reports."""
+    """One dict per JAX row (dtype x dilated-conv lowering) whose dtype the peer has."""
     peak = jax_report["setup"].get("peak_flops")
     peers = {r["dtype"]: r for r in torch_report["results"]}
     rows = []
@@ -46,6 +46,7 @@ def compare_rows(jax_report: dict, torch_report: dict) -> list[dict]:
             continue
         rows.append({
             "dtype": j["dtype"],
+            "dilated_conv": j.get("dilated_conv", "native"),
             "params_match": j["num_params"] == t["num_params"],
             "num_params": j["num_params"],
             "jax_train_images_per_s": j["train_images_per_s"],
@@ -65,13 +66,13 @@ def compare_rows(jax_report: dict, torch_report: dict) -> list[dict]:
 
 
 def best_of(reports: list[dict]) -> dict:
-    """One report from several rounds: per dtype the fastest train step (and its
-    row), the fastest eval step; on a shared machine the best round is the least
-    disturbed one."""
+    """One report from several rounds: per dtype (and dilated-conv lowering) the
+    fastest train step (and its row), the fastest eval step; on a shared machine the
+    best round is the least disturbed one."""
     rows = {}
     for report in reports:
         for row in report["results"]:
-            best = rows.setdefault(row["dtype"], dict(row))
+            best = rows.setdefault((row["dtype"], row.get("dilated_conv")), dict(row))
             if row["train_step_s"] < best["train_step_s"]:
                 keep = {k: best[k] for k in ("eval_step_s", "eval_images_per_s",
                                              "eval_mfu") if k in best}
@@ -101,13 +102,14 @@ def markdown(rows: list[dict], jax_report: dict, torch_report: dict) -> str:
         f"compile={t['compile']}). Median of {s['steps']} steps after {s['warmup']} warm-up"
         f"{', best of %d alternating rounds' % s['rounds'] if s.get('rounds', 1) > 1 else ''}.",
         "",
-        "| dtype | JAX train img/s | PyTorch train img/s | JAX / PyTorch train "
+        "| dtype | JAX dilated convs | JAX train img/s | PyTorch train img/s "
+        "| JAX / PyTorch train "
         "| JAX eval img/s | PyTorch eval img/s | JAX / PyTorch eval "
         "| JAX compile (s) | PyTorch first steps (s) | MFU JAX | MFU PyTorch | params equal |",
-        "|" + "---|" * 12]
+        "|" + "---|" * 13]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["dtype"], num(r["jax_train_images_per_s"]), num(r["torch_train_images_per_s"]),
+            r["dtype"], r["dilated_conv"], num(r["jax_train_images_per_s"]), num(r["torch_train_images_per_s"]),
             num(r["train_ratio"], suffix="×"), num(r["jax_eval_images_per_s"]),
             num(r["torch_eval_images_per_s"]), num(r["eval_ratio"], suffix="×"),
             num(r["jax_compile_s"], 1), num(r["torch_first_steps_s"], 1),

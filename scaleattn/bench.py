@@ -5,7 +5,9 @@ The steps timed are the production ones (`train.setup_run` with ``parallel.mode 
 (``bench.batch_size`` x ``bench.crop_size``², ``model.num_classes`` labels, 255 = ignore
 on a few pixels): no input pipeline and no TensorFlow.
 
-For every dtype of ``bench.dtypes`` (``model.dtype``; default fp32 and bf16):
+For every dtype of ``bench.dtypes`` (``model.dtype``; default fp32 and bf16) and every
+lowering of the dilated convolutions in ``bench.dilated_convs`` (``model.dilated_conv``;
+default the model's own):
 
 * compile time: ``jit(...).lower(...).compile()`` wall time, train and eval step;
 * step time: after ``bench.warmup`` untimed steps, the median of ``bench.steps``
@@ -18,10 +20,16 @@ For every dtype of ``bench.dtypes`` (``model.dtype``; default fp32 and bf16):
   over the process; n/a on CPU) and XLA's own estimate for the compiled step
   (arguments + outputs + temporaries - aliased).
 
+With ``bench.profile_dir``, the timed train steps run under ``jax.profiler.trace``
+and `op_time_summary` reads the trace back: the ops (on a GPU/TPU its device ops, on
+a CPU the XLA thunks) that took the most time per step, grouped by name.
+
 Results go to stdout as a table and to a JSON file.
 """
 
+import collections
 import copy
+import glob
 import json
 import os
 import re
@@ -140,10 +148,52 @@ def time_calls(call, *, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def bench_config(config, dtype: str):
+def op_time_summary(trace_dir: str, calls: int, top: int = 12) -> list[dict]:
+    """The ops that took the time in a ``jax.profiler.trace`` written to ``trace_dir``.
+
+    Reads the newest ``*.xplane.pb`` under ``trace_dir`` with
+    ``jax.profiler.ProfileData``. Takes the device planes' ``XLA Ops`` lines (GPU/TPU;
+    their stream lines if there are none) or, without a device plane, the host's XLA
+    thunk events (CPU), leaving out Python frames and executor bookkeeping. Events are
+    grouped by name with a trailing instance number removed (``fusion.12`` ->
+    ``fusion``). Returns up to ``top`` rows ``{'op', 'ms_per_call', 'share'}``, biggest
+    first; ``ms_per_call`` divides by the ``calls`` traced, ``share`` is of all grouped
+    time. Empty if no trace is found.
+    """
+    from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
+                   key=os.path.getmtime)
+    if not paths:
+        return []
+    planes = list(ProfileData.from_file(paths[-1]).planes)
+    device_planes = [p for p in planes if p.name.startswith("/device:")]
+    events = []
+    for plane in device_planes:
+        lines = list(plane.lines)
+        chosen = ([ln for ln in lines if ln.name == "XLA Ops"]
+                  or [ln for ln in lines if ln.name.startswith("Stream")])
+        events += [ev for ln in chosen for ev in ln.events]
+    if not device_planes:
+        skip = ("$", "ThunkExecutor", "PjitFunction", "CommonPjRt", "ParseArguments",
+                "end: ")
+        for plane in planes:
+            if plane.name.startswith("/host:"):
+                events += [ev for ln in plane.lines for ev in ln.events
+                           if not ev.name.startswith(skip)]
+    totals = collections.Counter()
+    for ev in events:
+        totals[re.sub(r"[._]\d+$", "", ev.name)] += ev.duration_ns
+    grand = sum(totals.values())
+    return [{"op": name, "ms_per_call": ns / 1e6 / max(calls, 1), "share": ns / grand}
+            for name, ns in totals.most_common(top)]
+
+
+def bench_config(config, dtype: str, dilated_conv: str | None = None):
     """A copy of ``config`` for timing ``dtype`` on one device (jit)."""
     c = copy.deepcopy(config)
     c.model.dtype = dtype
+    if dilated_conv:
+        c.model.dilated_conv = dilated_conv
     c.parallel.mode = "jit"
     c.batch_size = c.bench.batch_size or c.batch_size
     c.data.crop_size = c.bench.crop_size or c.data.crop_size
@@ -157,9 +207,10 @@ def compile_timed(jitted, *args):
     return compiled, time.perf_counter() - start
 
 
-def benchmark_dtype(config, dtype: str) -> dict:
-    """Compile and time the train and eval steps of ``config`` in ``dtype`` (one row)."""
-    cfg = bench_config(config, dtype)
+def benchmark_dtype(config, dtype: str, dilated_conv: str | None = None) -> dict:
+    """Compile and time the train and eval steps of ``config`` in ``dtype`` with its
+    dilated convs lowered as ``dilated_conv`` (None: the config's) (one row)."""
+    cfg = bench_config(config, dtype, dilated_conv)
     run = train.setup_run(cfg)
     device = jax.local_devices()[0]
     rng = jax.random.PRNGKey(cfg.seed)
@@ -182,9 +233,12 @@ def benchmark_dtype(config, dtype: str) -> dict:
         return step_metrics
 
     jax.block_until_ready(train_call())  # the first step may allocate
+    profile = None
     if cfg.bench.profile_dir:
-        with jax.profiler.trace(os.path.join(cfg.bench.profile_dir, dtype)):
+        trace_dir = os.path.join(cfg.bench.profile_dir, f"{dtype}_{cfg.model.dilated_conv}")
+        with jax.profiler.trace(trace_dir):
             train_times = time_calls(train_call, steps=cfg.bench.steps, warmup=cfg.bench.warmup)
+        profile = op_time_summary(trace_dir, cfg.bench.steps + cfg.bench.warmup)
     else:
         train_times = time_calls(train_call, steps=cfg.bench.steps, warmup=cfg.bench.warmup)
 
@@ -193,6 +247,7 @@ def benchmark_dtype(config, dtype: str) -> dict:
     train_flops, eval_flops = compiled_flops(train_compiled), compiled_flops(eval_compiled)
     return {
         "dtype": dtype,
+        "dilated_conv": cfg.model.dilated_conv,
         "num_params": int(num_params),
         "compile_train_s": train_compile_s,
         "compile_eval_s": eval_compile_s,
@@ -209,6 +264,7 @@ def benchmark_dtype(config, dtype: str) -> dict:
         "train_step_memory_bytes": compiled_memory_bytes(train_compiled),
         "peak_memory_bytes": device_peak_memory(device),
         "train_convolutions": convolution_windows(train_compiled.as_text()),
+        "train_profile": profile,
     }
 
 
@@ -227,13 +283,16 @@ def benchmark(config) -> dict:
         "backbone": cfg.model.backbone, "head": cfg.model.head,
         "width": cfg.model.width, "depth": list(cfg.model.depth),
         "scales": list(cfg.model.scales), "merge": cfg.model.merge,
-        "num_classes": cfg.model.num_classes,
+        "num_classes": cfg.model.num_classes, "remat": cfg.model.remat,
         "steps": cfg.bench.steps, "warmup": cfg.bench.warmup,
     }
+    impls = [d.strip() for d in config.bench.dilated_convs.split(",") if d.strip()]
     results = []
     for dtype in dtypes:
-        logging.info("Benchmarking %s in %s ...", config.name, dtype)
-        results.append(benchmark_dtype(config, dtype))
+        for impl in impls or [None]:
+            logging.info("Benchmarking %s in %s, dilated convs %s ...", config.name, dtype,
+                         impl or config.model.dilated_conv)
+            results.append(benchmark_dtype(config, dtype, impl))
     return {"setup": setup, "results": results}
 
 
@@ -252,18 +311,26 @@ def table(report: dict) -> str:
              f"on {s['device']} ({s['platform']}, {s['cpus_allowed']} of {s['host_cores']} "
              f"host cores), jax {s['jax']}",
              "",
-             "| dtype | compile train / eval (s) | train step (ms) | train img/s "
-             "| eval step (ms) | eval img/s | train GFLOP/step | MFU train | MFU eval "
-             "| step memory (MiB) | peak memory (MiB) |",
-             "|" + "---|" * 11]
+             "| dtype | dilated convs | compile train / eval (s) | train step (ms) "
+             "| train img/s | eval step (ms) | eval img/s | train GFLOP/step | MFU train "
+             "| MFU eval | step memory (MiB) | peak memory (MiB) |",
+             "|" + "---|" * 12]
     for r in report["results"]:
         lines.append("| " + " | ".join([
-            r["dtype"], f"{r['compile_train_s']:.1f} / {r['compile_eval_s']:.1f}",
+            r["dtype"], r.get("dilated_conv", "native"),
+            f"{r['compile_train_s']:.1f} / {r['compile_eval_s']:.1f}",
             fmt(r["train_step_s"], 1e3, 1), fmt(r["train_images_per_s"], 1, 2),
             fmt(r["eval_step_s"], 1e3, 1), fmt(r["eval_images_per_s"], 1, 2),
             fmt(r["train_flops"], 1e-9, 2), fmt(r["train_mfu"], 100, 1, "%"),
             fmt(r["eval_mfu"], 100, 1, "%"), fmt(r["train_step_memory_bytes"], 2**-20, 1),
             fmt(r["peak_memory_bytes"], 2**-20, 1)]) + " |")
+    for r in report["results"]:
+        if r.get("train_profile"):
+            lines += ["", f"Train step, {r['dtype']}, dilated convs "
+                      f"{r.get('dilated_conv', 'native')}: where the time went (profiler)", "",
+                      "| op | ms / step | share |", "|---|---|---|"]
+            lines += [f"| {p['op']} | {p['ms_per_call']:.2f} | {100 * p['share']:.1f}% |"
+                      for p in r["train_profile"]]
     return "\n".join(lines) + "\n"
 
 

@@ -37,7 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.std = IMAGENET_STD
     d.eval_size = 513            # eval images are padded (label 255) to this square
     d.shuffle_buffer = 1024
-    d.prefetch = 2
+    d.prefetch = 2               # tf.data batches prepared ahead on the host
+    d.device_prefetch = 2        # batches copied to the device(s) ahead of their step
     d.demo_train_size = 0        # scale_shapes only: images in train/val (0 = builder default)
     d.demo_val_size = 0
 
@@ -67,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.attention_width = 512      # attention head conv3x3 width (before `width`)
     m.attention_dropout = 0.5
     m.dtype = "float32"          # compute dtype: 'float32' | 'bfloat16'
+    m.dilated_conv = "native"    # how dilated convs run: 'native' | 'space_to_batch' |
+                                 # 'taps' (exact rewrites, same params; `layers.DilatedConv`)
+    m.remat = False              # recompute backbone blocks in the backward pass (less memory)
     m.init_from = ""             # ImageNet backbone from `python -m scaleattn.convert` ('' = none)
 
     # ---- loss -------------------------------------------------------------------
@@ -122,7 +126,10 @@ def base_config() -> ml_collections.ConfigDict:
     b.crop_size = 0              # 0 = data.crop_size (train and eval steps alike)
     b.warmup = 3                 # untimed steps after compilation
     b.steps = 10                 # timed steps; the median is reported
+    b.dilated_convs = ""         # model.dilated_conv values to time, comma-separated
+                                 # ('' = the model's; e.g. 'native,space_to_batch,taps')
     b.profile_dir = ""           # if set, a jax.profiler trace of the timed train steps
+                                 # and a table of the ops that took the time
 
     # ---- inference: --mode=predict|analyze, TensorBoard images, ms+flip eval ---------
     c.predict = q = ml_collections.ConfigDict()
@@ -207,6 +214,7 @@ CHOICES = {
     "model.merge": ("attention", "avg", "max"),
     "model.bn_mode": ("frozen", "train"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.dilated_conv": ("native", "space_to_batch", "taps"),
     "model.gsag_variant": ("basic", "incremental", "hybrid"),
     "loss.label_resize": ("nearest", "upsample_logits"),
     "loss.type": ("ce", "ohem"),
@@ -247,6 +255,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.parallel.param_sharding != "replicated" and config.parallel.mode != "sharded":
         raise ConfigError(f"config.parallel.param_sharding={config.parallel.param_sharding!r} "
                           f"needs config.parallel.mode='sharded'")
+    for impl in filter(None, (d.strip() for d in config.bench.dilated_convs.split(","))):
+        if impl not in CHOICES["model.dilated_conv"]:
+            raise ConfigError(f"config.bench.dilated_convs has {impl!r}, not one of "
+                              f"{CHOICES['model.dilated_conv']}")
+    if config.model.remat and not config.model.backbone.startswith("res"):
+        raise ConfigError(f"config.model.remat=True recomputes ResNet/ResNeXt blocks; "
+                          f"model.backbone={config.model.backbone!r} has none (set it False)")
     if config.batch_size % config.train.grad_accum_steps:
         raise ConfigError(f"config.batch_size={config.batch_size} must divide into "
                           f"config.train.grad_accum_steps={config.train.grad_accum_steps} "

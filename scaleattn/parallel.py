@@ -253,21 +253,26 @@ class Layout:
         return self.put_state(x)
 
     def put_batch(self, batch: dict) -> dict:
-        """This process's batch ``[b, ...]`` as the step's input.
+        """This process's batch ``[b, ...]`` on the step's device(s), as its input.
 
-        jit: as is. pmap: ``[local_devices, b / local_devices, ...]``. sharded: a global
-        array ``[b * processes, ...]`` split over ``'data'``.
+        jit: on the default device. pmap: ``[local_devices, b / local_devices, ...]``,
+        one slice per local device. sharded: a global array ``[b * processes, ...]``
+        split over ``'data'``. The copies are asynchronous: putting the next batch
+        while a step runs overlaps the transfer with the computation (`train.prefetch`).
         """
         if self.mode == "jit":
-            return batch
+            return jax.device_put(batch)
         if self.mode == "pmap":
-            n = jax.local_device_count()
+            devices = jax.local_devices()
+            n = len(devices)
+            sharding = NamedSharding(Mesh(np.array(devices), ("local",)), PartitionSpec("local"))
 
             def split(x):
                 if x.shape[0] % n:
                     raise ValueError(f"the local batch ({x.shape[0]}) must divide evenly over "
                                      f"{n} local devices: change batch_size")
-                return np.reshape(x, (n, x.shape[0] // n) + x.shape[1:])
+                return jax.device_put(np.reshape(x, (n, x.shape[0] // n) + x.shape[1:]),
+                                      sharding)
             return jax.tree_util.tree_map(split, batch)
         sharding = self.batch_sharding()
         data = self.mesh.shape["data"]

@@ -13,12 +13,13 @@ gradients, optimiser state and batch-norm statistics stay float32 (Flax's
 ``param_dtype``), and losses are computed from float32 logits.
 """
 
+import collections
 import dataclasses
 import functools
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -434,6 +435,22 @@ def read_scalars(layout: parallel.Layout, step_metrics: dict) -> dict:
             for k, v in jax.device_get(layout.host(step_metrics)).items()}
 
 
+def prefetch(batches: Iterator[dict], put: Callable[[dict], dict], size: int) -> Iterator[dict]:
+    """Yields ``put(batch)`` for every batch, keeping ``size`` of them already put.
+
+    ``put`` starts an asynchronous host-to-device copy (`parallel.Layout.put_batch`), so
+    the batches of the next ``size`` steps travel while the current step computes. The
+    order is unchanged; ``size <= 0`` puts each batch only when it is asked for.
+    """
+    queue = collections.deque()
+    for batch in batches:
+        queue.append(put(batch))
+        if len(queue) > max(size, 0):
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains for ``config.train.steps`` (resuming from ``workdir``), then evaluates.
 
@@ -469,8 +486,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  jax.device_count(), layout.describe(), config.batch_size,
                  f" in {cfg.grad_accum_steps} micro-batches" if cfg.grad_accum_steps > 1 else "")
 
-    batches = pipeline.train_batches(config.data, batch_size=run.local_batch,
-                                     seed=config.seed, start_step=start_step)
+    batches = prefetch(pipeline.train_batches(config.data, batch_size=run.local_batch,
+                                              seed=config.seed, start_step=start_step),
+                       layout.put_batch, config.data.device_prefetch)
     device_state = layout.put_state(state)
     del state
     device_rng = layout.put_replicated(train_rng)
@@ -506,7 +524,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         with PreemptionFlag(manager) as preemption:
             for step in range(start_step, cfg.steps):
-                batch = layout.put_batch(next(batches))
+                batch = next(batches)
                 device_state, step_metrics = run.train_step(device_state, batch, device_rng)
                 if pending is not None:  # check the previous step while this one runs
                     check_finite(*pending_values(), last_saved)

@@ -74,18 +74,30 @@ def test_bench_mode_runs_without_tensorflow(tmp_path):
             "--config.model.width=0.0625", "--config.model.fc_width=32",
             "--config.model.scales=(1.0,)", "--config.data.crop_size=17",
             "--config.batch_size=1", "--config.bench.steps=2", "--config.bench.warmup=0",
-            "--config.bench.dtypes=float32"]
+            "--config.bench.dtypes=float32", "--config.bench.dilated_convs=native,taps",
+            f"--config.bench.profile_dir={tmp_path / 'profile'}"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     result = subprocess.run([sys.executable, "-c", BLOCK_TF, *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(output.read_text())
     assert report["setup"]["batch_size"] == 1 and report["setup"]["crop_size"] == 17
-    (row,) = report["results"]
+    row, taps_row = report["results"]
+    assert (row["dilated_conv"], taps_row["dilated_conv"]) == ("native", "taps")
     assert row["dtype"] == "float32" and row["train_flops"] > row["eval_flops"] > 0
     assert row["train_images_per_s"] == pytest.approx(1 / row["train_step_s"])
     assert row["train_mfu"] is None  # CPU: no peak
-    assert "| float32 |" in result.stdout and "n/a" in result.stdout
+    assert row["num_params"] == taps_row["num_params"]
+    # the demo's VGG conv5 and fc6 are dilated: 'taps' leaves no dilated kernel behind
+    assert row["train_convolutions"]["rhs_dilated"] > 0
+    assert taps_row["train_convolutions"]["rhs_dilated"] == 0
+    profile = row["train_profile"]
+    assert profile and all(p["ms_per_call"] > 0 for p in profile)
+    assert sum(p["share"] for p in profile) <= 1 + 1e-9
+    assert [p["ms_per_call"] for p in profile] == sorted(
+        (p["ms_per_call"] for p in profile), reverse=True)
+    assert "| float32 | native |" in result.stdout and "| float32 | taps |" in result.stdout
+    assert "n/a" in result.stdout and "where the time went" in result.stdout
 
 
 def fake_report(framework, train_s, eval_s, params=1000, flops=None, peak=None):
@@ -110,7 +122,7 @@ def test_compare_gives_the_ratio_and_the_peer_mfu_from_the_same_flops():
     assert row["torch_train_mfu"] == pytest.approx(1e12 / 1.0 / 989e12)
     assert row["params_match"]
     text = compare.markdown([row], jax_report, torch_report)
-    assert "| float32 | 4.00 | 2.00 | 2.00× | 10.00 | 20.00 | 0.50× |" in text
+    assert "| float32 | native | 4.00 | 2.00 | 2.00× | 10.00 | 20.00 | 0.50× |" in text
     other = fake_report("torch", 1.0, 0.1, params=999)
     assert not compare.compare_rows(jax_report, other)[0]["params_match"]
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from numpy_reference import np_conv
 from scaleattn.models import resnet as resnet_lib
 from scaleattn.models.resnet import Bottleneck, resnet, stage_layout
 
@@ -142,28 +143,6 @@ def test_module_convs_follow_layout(stride_in_1x1):
 
 # ---- a bottleneck block against numpy ----------------------------------------------
 
-def np_conv(x, kernel, stride=1, dilation=1, groups=1):
-    """Symmetric-padded convolution, NHWC/HWIO, as the concat of per-group convolutions."""
-    kh, kw, cin_g, cout = kernel.shape
-    pad_h, pad_w = dilation * (kh - 1) // 2, dilation * (kw - 1) // 2
-    xp = np.pad(x, ((0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)))
-    out_h = (x.shape[1] + 2 * pad_h - dilation * (kh - 1) - 1) // stride + 1
-    out_w = (x.shape[2] + 2 * pad_w - dilation * (kw - 1) - 1) // stride + 1
-    cout_g = cout // groups
-    outputs = []
-    for g in range(groups):
-        xg = xp[..., g * cin_g:(g + 1) * cin_g]
-        kg = kernel[..., g * cout_g:(g + 1) * cout_g]
-        out = np.zeros((x.shape[0], out_h, out_w, cout_g))
-        for i in range(kh):
-            for j in range(kw):
-                patch = xg[:, i * dilation:i * dilation + stride * (out_h - 1) + 1:stride,
-                           j * dilation:j * dilation + stride * (out_w - 1) + 1:stride]
-                out += patch @ kg[i, j]
-        outputs.append(out)
-    return np.concatenate(outputs, axis=-1)
-
-
 def np_frozen_bn(x, params, stats):
     return ((x - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * params["scale"]
             + params["bias"])
@@ -184,15 +163,19 @@ def np_bottleneck(x, params, stats, *, groups, stride, dilation, stride_in_1x1):
     return relu(y + shortcut)
 
 
-@pytest.mark.parametrize("in_channels, groups, stride, dilation, stride_in_1x1", [
-    (6, 4, 2, 1, False),    # ResNeXt-style grouped 3x3, strided, projected shortcut
-    (6, 4, 2, 1, True),     # Caffe-style stride on the first 1x1
-    (6, 2, 1, 2, False),    # dilated, projection for the channel change only
-    (12, 1, 1, 1, False),   # identity shortcut
+@pytest.mark.parametrize("in_channels, groups, stride, dilation, stride_in_1x1, dilated_conv", [
+    (6, 4, 2, 1, False, "native"),  # ResNeXt-style grouped 3x3, strided, projected shortcut
+    (6, 4, 2, 1, True, "native"),   # Caffe-style stride on the first 1x1
+    (6, 2, 1, 2, False, "native"),  # dilated, projection for the channel change only
+    (6, 2, 1, 2, False, "space_to_batch"),  # the same, dilated conv as space-to-batch
+    (6, 1, 1, 4, False, "taps"),    # rate 4 on a 9 x 7 map, dilated conv as taps
+    (12, 1, 1, 1, False, "native"),  # identity shortcut
 ])
-def test_bottleneck_matches_numpy(in_channels, groups, stride, dilation, stride_in_1x1):
+def test_bottleneck_matches_numpy(in_channels, groups, stride, dilation, stride_in_1x1,
+                                  dilated_conv):
     block = Bottleneck(inner_channels=8, out_channels=12, groups=groups, stride=stride,
-                       dilation=dilation, stride_in_1x1=stride_in_1x1)
+                       dilation=dilation, stride_in_1x1=stride_in_1x1,
+                       dilated_conv=dilated_conv)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 9, 7, in_channels)).astype(np.float32)
     variables = random_variables(block, x)

@@ -47,3 +47,35 @@ def test_train_step_lowers_the_loss():
 
 
 # pmap over 8 devices vs one device (and the sharded meshes): tests/test_parallel.py
+
+
+def test_prefetch_keeps_order_and_runs_size_batches_ahead():
+    pulled, put = [], []
+
+    def source():
+        for i in range(5):
+            pulled.append(i)
+            yield {"x": np.full((2,), i)}
+
+    def put_batch(batch):
+        put.append(int(batch["x"][0]))
+        return {"x": batch["x"] * 10}
+
+    batches = train.prefetch(source(), put_batch, size=2)
+    first = next(batches)
+    assert int(first["x"][0]) == 0
+    assert pulled == [0, 1, 2] and put == [0, 1, 2]  # two batches already on their way
+    rest = [int(b["x"][0]) for b in batches]
+    assert rest == [10, 20, 30, 40]
+    assert [int(b["x"][0]) for b in train.prefetch(source(), put_batch, size=0)] == [
+        0, 10, 20, 30, 40]
+
+
+def test_put_batch_places_pmap_slices_on_devices():
+    layout = parallel.Layout("pmap")
+    n = jax.local_device_count()
+    batch = {"image": np.arange(2 * n * 3, dtype=np.float32).reshape(2 * n, 3)}
+    placed = layout.put_batch(batch)["image"]
+    assert isinstance(placed, jax.Array) and placed.shape == (n, 2, 3)
+    assert {s.device for s in placed.addressable_shards} == set(jax.local_devices())
+    np.testing.assert_array_equal(np.asarray(placed).reshape(2 * n, 3), batch["image"])

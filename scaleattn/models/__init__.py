@@ -28,14 +28,16 @@ def backbone_factory(cfg: ml_collections.ConfigDict, bn_axis_name: str | None, d
     """A factory ``(name=...) -> backbone module`` for ``cfg.backbone``."""
     if cfg.backbone == "vgg16":
         return functools.partial(vgg.VGG16, width=cfg.width, depth=tuple(cfg.depth),
-                                 output_stride=cfg.output_stride, dtype=dtype)
+                                 output_stride=cfg.output_stride, dtype=dtype,
+                                 dilated_conv=cfg.dilated_conv)
     if cfg.backbone in BACKBONES:
         from scaleattn.models import resnet  # pylint: disable=import-outside-toplevel
         return functools.partial(
             resnet.resnet, cfg.backbone, width=cfg.width, depth=tuple(cfg.depth),
             output_stride=cfg.output_stride, multi_grid=tuple(cfg.multi_grid),
             stride_in_1x1=cfg.stride_in_1x1, bn_mode=cfg.bn_mode,
-            bn_axis_name=bn_axis_name, dtype=dtype)
+            bn_axis_name=bn_axis_name, dtype=dtype, dilated_conv=cfg.dilated_conv,
+            remat=cfg.remat)
     raise ValueError(f"model.backbone must be one of {BACKBONES}, got {cfg.backbone!r}")
 
 
@@ -44,10 +46,12 @@ def head_factory(cfg: ml_collections.ConfigDict, bn_axis_name: str | None, dtype
     if cfg.head == "largefov":
         return functools.partial(heads.LargeFOVHead, cfg.num_classes, fc_width=cfg.fc_width,
                                  fc6_dilation=cfg.fc6_dilation, dropout=cfg.dropout,
-                                 width=cfg.width, dtype=dtype)
+                                 width=cfg.width, dtype=dtype,
+                                 dilated_conv=cfg.dilated_conv)
     if cfg.head == "aspp_v2":
         return functools.partial(heads.ASPPv2Head, cfg.num_classes,
-                                 rates=tuple(cfg.aspp_rates), dtype=dtype)
+                                 rates=tuple(cfg.aspp_rates), dtype=dtype,
+                                 dilated_conv=cfg.dilated_conv)
     if cfg.head == "gsag":
         from scaleattn.models import self_attention  # pylint: disable=import-outside-toplevel
         return functools.partial(self_attention.GSAGHead, num_classes=cfg.num_classes,

@@ -29,12 +29,13 @@ class LargeFOVHead(nn.Module):
     dropout: float = 0.5
     width: float = 1.0
     dtype: Any = jnp.float32
+    dilated_conv: str = "native"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> dict:
         channels = max(1, int(self.fc_width * self.width))
         x = layers.conv(channels, 3, dilation=self.fc6_dilation, use_bias=True,
-                        dtype=self.dtype, name="fc6")(x)
+                        dtype=self.dtype, dilated_conv=self.dilated_conv, name="fc6")(x)
         x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
         x = layers.conv(channels, 1, use_bias=True, dtype=self.dtype, name="fc7")(x)
         x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))
@@ -52,12 +53,14 @@ class ASPPv2Head(nn.Module):
     num_classes: int
     rates: Sequence[int] = (6, 12, 18, 24)
     dtype: Any = jnp.float32
+    dilated_conv: str = "native"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> dict:
         del train
         logits = sum(
             layers.conv(self.num_classes, 3, dilation=rate, use_bias=True, dtype=self.dtype,
-                        kernel_init=classifier_init, name=f"aspp_r{rate}")(x)
+                        kernel_init=classifier_init, dilated_conv=self.dilated_conv,
+                        name=f"aspp_r{rate}")(x)
             for rate in self.rates)
         return {"logits": logits, "features": x}

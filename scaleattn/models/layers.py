@@ -9,18 +9,24 @@ Conventions every model in `scaleattn.models` follows (other modules rely on the
 * Every batch-norm layer is a `flax.linen.BatchNorm` whose module name starts with
   ``bn`` (``bn1``, ``bn_proj`` ...). The optimiser finds batch-norm parameters by
   that name to freeze them when ``bn_mode == 'frozen'``.
+* A dilated convolution can be computed three exact ways (``dilated_conv``, see
+  `DilatedConv`): XLA's native dilated convolution, space-to-batch, or one 1x1
+  convolution over all taps followed by shifted adds. All give the same parameters
+  (``kernel`` ``[k, k, Cin / groups, Cout]``, ``bias``) under the same names.
 * Resizing is done with interpolation matrices (`resize_bilinear`): two einsums
   that run on the MXU / tensor cores, with DeepLab's ``align_corners=True``
   geometry (corner pixels map onto corner pixels).
 """
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 BN_MODES = ("frozen", "train")
+DILATED_CONV_IMPLS = ("native", "space_to_batch", "taps")
 
 # He-normal on fan_out, as torchvision initialises ResNet/VGG convolutions.
 he_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -34,16 +40,129 @@ def same_padding(kernel_size: int, dilation: int = 1):
 
 def conv(features: int, kernel_size: int = 3, *, stride: int = 1, dilation: int = 1,
          groups: int = 1, use_bias: bool = False, dtype: Any = jnp.float32,
-         kernel_init=he_normal, name: str | None = None) -> nn.Conv:
+         kernel_init=he_normal, dilated_conv: str = "native",
+         name: str | None = None) -> nn.Module:
     """A 2-D convolution with symmetric ('Caffe/PyTorch') padding.
 
     Input ``[B, H, W, Cin]`` -> output ``[B, ceil(H / stride), ceil(W / stride), features]``
-    for odd kernel sizes.
+    for odd kernel sizes. A dilated one (``dilation > 1``) is lowered as
+    ``dilated_conv`` says (`DilatedConv`); the parameters are the same either way.
     """
+    if dilation > 1 and dilated_conv != "native":
+        if stride != 1:
+            raise ValueError("a dilated convolution must have stride 1")
+        return DilatedConv(features, kernel_size, dilation=dilation, groups=groups,
+                           use_bias=use_bias, dtype=dtype, kernel_init=kernel_init,
+                           impl=dilated_conv, name=name)
     return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                    padding=same_padding(kernel_size, dilation),
                    kernel_dilation=(dilation, dilation), feature_group_count=groups,
                    use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
+
+
+def space_to_batch(x: jnp.ndarray, rate: int) -> jnp.ndarray:
+    """``[B, H, W, C] -> [rate² B, ceil(H / rate), ceil(W / rate), C]``.
+
+    Pads H and W with zeros at the end to multiples of ``rate``, then gathers every
+    ``rate``-th pixel into a sub-image: sub-image ``(p, q)`` (batch index
+    ``(p * rate + q) * B + b``) holds pixels ``(p + rate * i, q + rate * j)``.
+    """
+    b, h, w, c = x.shape
+    hs, ws = -(-h // rate), -(-w // rate)
+    x = jnp.pad(x, ((0, 0), (0, hs * rate - h), (0, ws * rate - w), (0, 0)))
+    x = x.reshape(b, hs, rate, ws, rate, c).transpose(2, 4, 0, 1, 3, 5)
+    return x.reshape(rate * rate * b, hs, ws, c)
+
+
+def batch_to_space(y: jnp.ndarray, rate: int, size: Sequence[int]) -> jnp.ndarray:
+    """Inverse of `space_to_batch`: ``[rate² B, hs, ws, C] -> [B, size[0], size[1], C]``."""
+    n, hs, ws, c = y.shape
+    b = n // (rate * rate)
+    y = y.reshape(rate, rate, b, hs, ws, c).transpose(2, 3, 0, 4, 1, 5)
+    return y.reshape(b, hs * rate, ws * rate, c)[:, :size[0], :size[1]]
+
+
+def live_taps(kernel_size: int, dilation: int, size: int) -> list[int]:
+    """Kernel taps ``i`` (0..k-1) whose offset ``dilation * (i - k // 2)`` still lands
+    inside a length-``size`` axis for some output pixel; the others only ever read the
+    zero padding and contribute nothing."""
+    centre = kernel_size // 2
+    return [i for i in range(kernel_size) if abs(dilation * (i - centre)) < size]
+
+
+class DilatedConv(nn.Module):
+    """A stride-1 dilated convolution computed without a dilated kernel.
+
+    Same contract and parameters as ``layers.conv(..., dilation=d)`` with
+    ``impl='native'``: ``[B, H, W, Cin] -> [B, H, W, features]``, zero padding
+    ``d * (k - 1) // 2`` on each side, ``kernel [k, k, Cin / groups, features]``.
+    Both lowerings are exact (the tests compare them with XLA's dilated conv):
+
+    * ``'space_to_batch'``: a rate-d convolution reads only pixels ``d`` apart, so
+      it is an ordinary (undilated) convolution on each of the d² interleaved
+      sub-images (`space_to_batch`), zero-padded at the end to multiples of d; the
+      padding plays the role of the original zero border. XLA otherwise may lower a
+      dilated kernel as a zero-filled ``(d (k-1) + 1)²`` one (DESIGN.md §6).
+    * ``'taps'``: one 1x1 convolution (a matrix product) from ``Cin`` to
+      ``k² * features`` channels, then the k² shifted slices are added. Taps that
+      fall wholly in the padding (`live_taps`: rate >= the feature map) are
+      dropped from the product. Suited to few output channels (ASPP's
+      classifiers); ``groups`` must be 1.
+    """
+    features: int
+    kernel_size: int = 3
+    dilation: int = 2
+    groups: int = 1
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    kernel_init: Callable = he_normal
+    impl: str = "space_to_batch"
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        k, d = self.kernel_size, self.dilation
+        if self.impl not in DILATED_CONV_IMPLS[1:]:
+            raise ValueError(f"dilated_conv must be one of {DILATED_CONV_IMPLS}, "
+                             f"got {self.impl!r}")
+        if k % 2 != 1:
+            raise ValueError(f"DilatedConv needs an odd kernel size, got {k}")
+        kernel = self.param("kernel", self.kernel_init,
+                            (k, k, x.shape[-1] // self.groups, self.features), jnp.float32)
+        bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+                if self.use_bias else None)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if self.impl == "space_to_batch":
+            y = jax.lax.conv_general_dilated(
+                space_to_batch(x, d), kernel, (1, 1), same_padding(k),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=self.groups)
+            y = batch_to_space(y, d, x.shape[1:3])
+        else:
+            y = taps_conv(x, kernel, d, self.groups)
+        return y if bias is None else y + bias
+
+
+def taps_conv(x: jnp.ndarray, kernel: jnp.ndarray, dilation: int, groups: int = 1):
+    """``x [B, H, W, Cin]``, ``kernel [k, k, Cin, Cout]`` -> ``[B, H, W, Cout]``: the
+    dilated convolution as one product with the live taps' kernels, then shifted adds."""
+    if groups != 1:
+        raise ValueError("dilated_conv='taps' does not support grouped convolutions")
+    b, h, w, _ = x.shape
+    k, cout = kernel.shape[0], kernel.shape[-1]
+    rows, cols = live_taps(k, dilation, h), live_taps(k, dilation, w)
+    taps = [(i, j) for i in rows for j in cols]
+    stacked = jnp.concatenate([kernel[i, j] for i, j in taps], axis=-1)  # [Cin, T * Cout]
+    products = jnp.einsum("bhwc,cn->bhwn", x, stacked)
+    pad_h, pad_w = dilation * (max(rows) - k // 2), dilation * (max(cols) - k // 2)
+    products = jnp.pad(products, ((0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0)))
+    out = None
+    for t, (i, j) in enumerate(taps):
+        # output (y, x) reads input (y + d (i - k//2), x + d (j - k//2)).
+        top = pad_h + dilation * (i - k // 2)
+        left = pad_w + dilation * (j - k // 2)
+        term = products[:, top:top + h, left:left + w, t * cout:(t + 1) * cout]
+        out = term if out is None else out + term
+    return out
 
 
 def batch_norm(*, train: bool, bn_mode: str, axis_name: str | None = None,

@@ -111,9 +111,10 @@ class Bottleneck(nn.Module):
     bn_mode: str = "frozen"
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
+    dilated_conv: str = "native"
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         def bn(name):
             return layers.batch_norm(train=train, bn_mode=self.bn_mode,
                                      axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
@@ -123,7 +124,8 @@ class Bottleneck(nn.Module):
                         name="conv1")(x)
         y = nn.relu(bn("bn1")(y))
         y = layers.conv(self.inner_channels, 3, stride=stride_3x3, dilation=self.dilation,
-                        groups=self.groups, dtype=self.dtype, name="conv2")(y)
+                        groups=self.groups, dtype=self.dtype, dilated_conv=self.dilated_conv,
+                        name="conv2")(y)
         y = nn.relu(bn("bn2")(y))
         y = layers.conv(self.out_channels, 1, dtype=self.dtype, name="conv3")(y)
         y = bn("bn3")(y)
@@ -158,6 +160,9 @@ class ResNet(nn.Module):
       bn_mode: 'frozen' (running statistics always) or 'train' (batch statistics when
         ``train``); see `layers.batch_norm`.
       bn_axis_name: pmap axis over which batch statistics are averaged, or None.
+      dilated_conv: how the dilated 3x3 convs run (`layers.conv`).
+      remat: recompute each bottleneck block's activations in the backward pass
+        instead of keeping them (``nn.remat``): less memory, about one more forward.
       num_classes: None for segmentation (feature map out), else classifier logits.
     """
     stage_sizes: Sequence[int]
@@ -170,6 +175,8 @@ class ResNet(nn.Module):
     bn_mode: str = "frozen"
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
+    dilated_conv: str = "native"
+    remat: bool = False
     num_classes: int | None = None
 
     @nn.compact
@@ -182,15 +189,17 @@ class ResNet(nn.Module):
         x = nn.relu(x)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
+        block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
         for stage, (planes, blocks) in enumerate(zip(STAGE_PLANES, layout), start=1):
             group_width = scaled(planes * self.width_per_group // 64, self.width)
             for b, (stride, dilation) in enumerate(blocks):
-                x = Bottleneck(inner_channels=group_width * self.groups,
-                               out_channels=scaled(planes * EXPANSION, self.width),
-                               groups=self.groups, stride=stride, dilation=dilation,
-                               stride_in_1x1=self.stride_in_1x1, bn_mode=self.bn_mode,
-                               bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                               name=f"layer{stage}_{b}")(x, train=train)
+                x = block_cls(inner_channels=group_width * self.groups,
+                              out_channels=scaled(planes * EXPANSION, self.width),
+                              groups=self.groups, stride=stride, dilation=dilation,
+                              stride_in_1x1=self.stride_in_1x1, bn_mode=self.bn_mode,
+                              bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+                              dilated_conv=self.dilated_conv,
+                              name=f"layer{stage}_{b}")(x, train)
 
         if self.num_classes is None:
             return x

@@ -33,6 +33,7 @@ class VGG16(nn.Module):
     depth: Sequence[int] = ()
     output_stride: int = 8
     dtype: Any = jnp.float32
+    dilated_conv: str = "native"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -47,7 +48,8 @@ class VGG16(nn.Module):
             dilation = 2 if block == 5 else 1
             for i in range(1, convs + 1):
                 x = layers.conv(max(1, int(channels * self.width)), 3, dilation=dilation,
-                                use_bias=True, dtype=self.dtype, name=f"conv{block}_{i}")(x)
+                                use_bias=True, dtype=self.dtype,
+                                dilated_conv=self.dilated_conv, name=f"conv{block}_{i}")(x)
                 x = nn.relu(x)
             stride = 2 if block <= 3 else 1
             x = nn.max_pool(x, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))

@@ -1,0 +1,152 @@
+"""Dilated convolutions: the space-to-batch and taps lowerings against numpy and XLA's
+native dilated convolution, forward and backward, alone and inside whole models;
+backbone rematerialisation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from numpy_reference import np_conv
+from scaleattn import config as config_lib
+from scaleattn import models
+from scaleattn.models import layers
+
+REWRITES = ("space_to_batch", "taps")
+
+# (height, width, in, out, kernel, rate, groups): odd sizes, rates that do not divide
+# the size, rates at and beyond the size (taps wholly in the padding), a 5x5 kernel,
+# a grouped conv (space-to-batch only).
+CASES = [
+    (9, 7, 4, 5, 3, 2, 1),
+    (13, 13, 6, 3, 3, 12, 1),
+    (13, 11, 6, 3, 3, 24, 1),
+    (5, 8, 3, 4, 3, 5, 1),
+    (10, 9, 4, 6, 5, 3, 1),
+    (9, 9, 8, 8, 3, 4, 4),
+]
+
+
+def conv_module(impl, cout, k, rate, groups):
+    return layers.conv(cout, k, dilation=rate, groups=groups, use_bias=True, dilated_conv=impl)
+
+
+def init(module, x):
+    return module.init(jax.random.PRNGKey(0), x)
+
+
+@pytest.mark.parametrize("impl", ("native",) + REWRITES)
+@pytest.mark.parametrize("h, w, cin, cout, k, rate, groups", CASES)
+def test_matches_numpy(impl, h, w, cin, cout, k, rate, groups):
+    if impl == "taps" and groups > 1:
+        pytest.skip("taps has no grouped form (tested to raise below)")
+    x = np.random.default_rng(1).normal(size=(2, h, w, cin)).astype(np.float32)
+    module = conv_module(impl, cout, k, rate, groups)
+    variables = init(module, x)
+    variables = jax.tree.map(  # a non-zero bias, so that it is checked too
+        lambda v: v + 0.1 if v.ndim == 1 else v, variables)
+    got = jax.jit(module.apply)(variables, x)
+    p = jax.tree.map(np.asarray, variables["params"])
+    expected = np_conv(x.astype(np.float64), p["kernel"].astype(np.float64), 1, rate,
+                       groups) + p["bias"]
+    assert got.shape == (2, h, w, cout)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", REWRITES)
+@pytest.mark.parametrize("h, w, cin, cout, k, rate, groups", CASES)
+def test_same_parameters_and_gradients_as_native(impl, h, w, cin, cout, k, rate, groups):
+    if impl == "taps" and groups > 1:
+        pytest.skip("taps has no grouped form")
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, h, w, cin)).astype(np.float32)
+    weights = rng.normal(size=(2, h, w, cout)).astype(np.float32)
+    native, rewrite = (conv_module(i, cout, k, rate, groups) for i in ("native", impl))
+    variables = init(native, x)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(init(rewrite, x))):
+        np.testing.assert_array_equal(a, b)  # same names, shapes and initial values
+    assert jax.tree.structure(variables) == jax.tree.structure(init(rewrite, x))
+
+    def grads(module):
+        loss = lambda v, x: jnp.sum(module.apply(v, x) * weights)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, x)
+
+    for a, b in zip(jax.tree.leaves(grads(native)), jax.tree.leaves(grads(rewrite))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_space_to_batch_layout_and_inverse():
+    x = np.arange(5 * 7, dtype=np.float32).reshape(1, 5, 7, 1)
+    sub = np.asarray(layers.space_to_batch(jnp.asarray(x), 2))
+    assert sub.shape == (4, 3, 4, 1)
+    # sub-image (p, q) holds pixels (p + 2i, q + 2j), zero beyond the image
+    np.testing.assert_array_equal(sub[1, :, :, 0], np.pad(x[0, 0::2, 1::2, 0], ((0, 0), (0, 1))))
+    np.testing.assert_array_equal(sub[2, :, :, 0], np.pad(x[0, 1::2, 0::2, 0], ((0, 1), (0, 0))))
+    back = layers.batch_to_space(jnp.asarray(sub), 2, (5, 7))
+    np.testing.assert_array_equal(back, x)
+
+
+def test_live_taps():
+    assert layers.live_taps(3, 12, 13) == [0, 1, 2]   # offsets -12, 0, 12 < 13
+    assert layers.live_taps(3, 13, 13) == [1]         # +-13 only reads the padding
+    assert layers.live_taps(3, 24, 41) == [0, 1, 2]
+    assert layers.live_taps(5, 2, 3) == [1, 2, 3]     # offsets -4 -2 0 2 4 on a size-3 axis
+
+
+def test_bad_uses_raise():
+    x = jnp.zeros((1, 9, 9, 4))
+    with pytest.raises(ValueError, match="grouped"):
+        init(conv_module("taps", 4, 3, 2, 2), x)
+    with pytest.raises(ValueError, match="dilated_conv"):
+        init(conv_module("im2col", 4, 3, 2, 1), x)
+    with pytest.raises(ValueError, match="stride 1"):
+        layers.conv(4, 3, stride=2, dilation=2, dilated_conv="taps")
+    config = config_lib.demo_config()
+    config.model.dilated_conv = "fft"
+    with pytest.raises(config_lib.ConfigError, match="model.dilated_conv"):
+        config_lib.validate(config)
+    config = config_lib.demo_config()
+    config.model.remat = True
+    with pytest.raises(config_lib.ConfigError, match="model.remat"):
+        config_lib.validate(config)
+
+
+def tiny_model_config(backbone, head, **model):
+    config = config_lib.voc_config(backbone=backbone)
+    config.model.head, config.model.width, config.model.num_classes = head, 1 / 16, 5
+    config.model.depth = (1, 1, 1, 1) if backbone.startswith("res") else (1, 1, 1, 1, 2)
+    config.model.scales = (1.0, 0.5)
+    for key, value in model.items():
+        config.model[key] = value
+    return config.model
+
+
+def model_outputs_and_grads(model_config, images, labels):
+    model = models.build_model(model_config)
+    variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(images)
+
+    def loss(params):
+        out = model.apply({**variables, "params": params}, images, train=False)
+        return jnp.sum(jax.nn.log_softmax(out["logits"]) * labels), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    return out, grads
+
+
+def test_whole_model_unchanged():
+    """A whole multi-scale ResNet-ASPP model gives the same logits, attention and
+    gradients with its dilated convs (rates 2, 4 and 6-24 on 7 x 6 maps) run as
+    space-to-batch and its bottleneck blocks rematerialised."""
+    rng = np.random.default_rng(3)
+    images = jnp.asarray(rng.normal(size=(2, 49, 41, 3)), jnp.float32)
+    labels = jnp.asarray(rng.normal(size=(2, 7, 6, 5)), jnp.float32)  # the logits' shape
+    out, grads = model_outputs_and_grads(tiny_model_config("resnet50", "aspp_v2"),
+                                         images, labels)
+    out2, grads2 = model_outputs_and_grads(
+        tiny_model_config("resnet50", "aspp_v2", dilated_conv="space_to_batch", remat=True),
+        images, labels)
+    for key in ("logits", "attention"):
+        np.testing.assert_allclose(out2[key], out[key], rtol=1e-4, atol=1e-5)
+    assert jax.tree.structure(grads) == jax.tree.structure(grads2)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2)):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)
