@@ -214,7 +214,7 @@ def benchmark_dtype(config, dtype: str, dilated_conv: str | None = None) -> dict
     run = train.setup_run(cfg)
     device = jax.local_devices()[0]
     rng = jax.random.PRNGKey(cfg.seed)
-    state = jax.device_put(train.initial_state(run, rng), device)
+    state = jax.device_put(train.initial_state(run, rng, pretrained=False), device)
     batch = jax.device_put(synthetic_batch(cfg.batch_size, cfg.data.crop_size,
                                            cfg.model.num_classes, cfg.seed), device)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))

@@ -218,7 +218,7 @@ def restore_trained(config, workdir: str):
     run = train.setup_run(config)
     rng = jax.random.PRNGKey(config.seed)
     # The template only needs shapes: trace the initialisation, do not compile it.
-    template = jax.eval_shape(lambda: train.initial_state(run, rng))
+    template = jax.eval_shape(lambda: train.initial_state(run, rng, pretrained=False))
     manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
     state, _, meta = checkpoint.restore_latest(manager, template, rng)
     return run, state, int(meta["step"])

@@ -21,6 +21,9 @@ import subprocess
 import sys
 
 import numpy as np
+from etils import epath
+
+from scaleattn import checkpoint
 
 RUN_FILE = "run.json"
 
@@ -109,14 +112,20 @@ def run_record(config, *, steps: int, scores: dict, ms_flip_scores: dict | None,
     }
 
 
+def run_path(workdir: str) -> epath.Path:
+    """``workdir/run.json``; a local path or a bucket URL (``gs://...``) alike."""
+    return epath.Path(checkpoint.resolve_workdir(workdir)) / RUN_FILE
+
+
 def write_run(workdir: str, record: dict) -> str:
-    """Writes ``workdir/run.json`` (atomically) and returns its path."""
-    path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), RUN_FILE)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
-    return path
+    """Writes ``workdir/run.json`` (atomically: a temporary file, then a rename) and
+    returns its path. ``workdir`` may be a bucket URL (``gs://...``)."""
+    path = run_path(workdir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+    return str(path)
 
 
 def finish_run(config, workdir: str, run, state, scores: dict, *,
@@ -148,13 +157,12 @@ def finish_run(config, workdir: str, run, state, scores: dict, *,
 
 def load_run(workdir: str) -> dict:
     """The record in ``workdir/run.json`` plus ``workdir``; ValueError if absent."""
-    path = os.path.join(workdir, RUN_FILE)
-    if not os.path.isfile(path):
+    path = run_path(workdir)
+    if not path.is_file():
         raise ValueError(f"{path} does not exist: is {workdir} the workdir of a finished "
                          f"training run?")
     try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
+        record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} cannot be read: {e}") from e
     return dict(record, workdir=workdir)

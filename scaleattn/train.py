@@ -287,13 +287,21 @@ def per_process_batch(global_batch: int) -> int:
     return global_batch // jax.process_count()
 
 
-def initial_state(run: Run, rng: jax.Array) -> TrainState:
+def initial_state(run: Run, rng: jax.Array, *, pretrained: bool = True) -> TrainState:
+    """A fresh state; with ``pretrained``, the ImageNet backbone of
+    ``model.init_from`` loaded into it (`with_pretrained`). Callers that restore a
+    checkpoint into it pass ``pretrained=False``: the file is then not read at all."""
     size = run.config.data.crop_size
     state = create_train_state(run.config, run.model, rng, (1, size, size, 3))
-    if run.config.model.init_from:  # ImageNet backbone; heads stay freshly initialised
-        from scaleattn import weights  # pylint: disable=import-outside-toplevel
-        state = weights.load_pretrained(state, run.config)
-    return state
+    return with_pretrained(run, state) if pretrained else state
+
+
+def with_pretrained(run: Run, state: TrainState) -> TrainState:
+    """``state`` with ``model.init_from``'s backbone (heads stay fresh), if one is set."""
+    if not run.config.model.init_from:
+        return state
+    from scaleattn import weights  # pylint: disable=import-outside-toplevel
+    return weights.load_pretrained(state, run.config)
 
 
 def run_layout(run: Run) -> parallel.Layout:
@@ -472,14 +480,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng = jax.random.split(rng)
     train_rng = np.asarray(train_rng)  # a host value: saved by process 0, read by all
-    state = initial_state(run, init_rng)
+    state = initial_state(run, init_rng, pretrained=False)
     restored = checkpoint.restore_latest(manager, layout.restore_target(state), train_rng,
                                          config=config)
     start_step = 0
-    if restored is not None:
+    if restored is not None:  # model.init_from is not read: the checkpoint has it all
         state, train_rng, meta = restored
         start_step = int(meta["data_position"])
         logging.info("Resuming at step %d.", start_step)
+    else:
+        state = with_pretrained(run, state)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     logging.info("Model %s: %.2fM parameters, %d process(es), %d device(s), %s, global batch "
                  "%d%s.", config.name, num_params / 1e6, jax.process_count(),
@@ -592,7 +602,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     check_batch_sizes(config, run.layout, keys=("eval.batch_size",))
     manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
     rng = jax.random.PRNGKey(config.seed)
-    state = initial_state(run, rng)
+    state = initial_state(run, rng, pretrained=False)
     _, train_rng = jax.random.split(rng)
     restored = checkpoint.restore_latest(manager, run.layout.restore_target(state),
                                          np.asarray(train_rng), config=config)

@@ -1,5 +1,6 @@
 """The whole run: main's command line, a short training that checkpoints and resumes."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 
 from scaleattn import checkpoint, train
 from scaleattn import config as config_lib
+from scaleattn.weights import WeightsError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,6 +66,21 @@ def test_resume_gives_the_same_parameters(straight_run, data_dir, tmp_path):
     assert a.keys() == b.keys()
     for key in a:  # same batches, same dropout keys, same updates: bit-identical
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_resume_and_eval_do_not_read_init_from(straight_run, data_dir, tmp_path):
+    """model.init_from is only for a fresh run: resuming (or evaluating) restores the
+    whole state from the checkpoint, so a file that is gone since is no error."""
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    config = tiny_demo_config(data_dir, 4)
+    config.model.init_from = str(tmp_path / "moved_away.msgpack")
+    config.train.eval_at_end = False
+    train.train_and_evaluate(config, str(workdir))  # resumes at 4: nothing left to do
+    assert train.evaluate_checkpoint(config, str(workdir))["miou"] == pytest.approx(
+        straight_run[1]["miou"])
+    with pytest.raises(WeightsError, match="model.init_from=.*does not exist"):
+        train.train_and_evaluate(config, str(tmp_path / "fresh"))
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(straight_run, data_dir):
