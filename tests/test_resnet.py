@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from numpy_reference import np_conv
+from scaleattn.models import layers
 from scaleattn.models import resnet as resnet_lib
 from scaleattn.models.resnet import Bottleneck, resnet, stage_layout
 
@@ -122,9 +123,11 @@ def test_module_convs_follow_layout(stride_in_1x1):
     seen = {}
 
     def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
-            seen["/".join(context.module.path)] = (context.module.strides,
-                                                   context.module.kernel_dilation)
+        module, name = context.module, "/".join(context.module.path)
+        if context.method_name == "__call__" and isinstance(module, nn.Conv):
+            seen[name] = (module.strides, module.kernel_dilation)
+        elif context.method_name == "__call__" and isinstance(module, layers.PointwiseConv):
+            seen[name] = ((module.stride, module.stride), (1, 1))  # 1x1 as a matmul
         return next_fun(*args, **kwargs)
 
     model = resnet("resnet50", depth=(1, 1, 1, 3), width=1 / 16, output_stride=8,

@@ -1,6 +1,6 @@
-"""Dilated convolutions: the space-to-batch and taps lowerings against numpy and XLA's
-native dilated convolution, forward and backward, alone and inside whole models;
-backbone rematerialisation."""
+"""How convolutions are lowered: dilated ones as space-to-batch or taps, 1x1 ones as
+matrix products, checked against numpy and XLA's own convolution, forward and
+backward, alone and inside whole models; backbone rematerialisation."""
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +75,32 @@ def test_same_parameters_and_gradients_as_native(impl, h, w, cin, cout, k, rate,
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("stride, use_bias, size", [(1, True, (9, 7)), (2, False, (9, 7)),
+                                                    (2, False, (8, 6)), (3, True, (10, 11))])
+def test_pointwise_matmul_is_the_1x1_convolution(stride, use_bias, size):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, *size, 6)).astype(np.float32)
+    out_h, out_w = -(-size[0] // stride), -(-size[1] // stride)
+    weights = rng.normal(size=(2, out_h, out_w, 5)).astype(np.float32)
+    matmul, conv = (layers.conv(5, 1, stride=stride, use_bias=use_bias, pointwise_conv=impl)
+                    for impl in ("matmul", "conv"))
+    assert isinstance(matmul, layers.PointwiseConv)
+    variables = init(conv, x)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(init(matmul, x))):
+        np.testing.assert_array_equal(a, b)
+    p = jax.tree.map(np.asarray, variables["params"])
+    expected = np_conv(x.astype(np.float64), p["kernel"].astype(np.float64), stride)
+    got = jax.jit(matmul.apply)(variables, x)
+    np.testing.assert_allclose(got, expected + p.get("bias", 0), rtol=1e-5, atol=1e-5)
+
+    def grads(module):
+        loss = lambda v, x: jnp.sum(module.apply(v, x) * weights)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables, x)
+
+    for a, b in zip(jax.tree.leaves(grads(conv)), jax.tree.leaves(grads(matmul))):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+
 def test_space_to_batch_layout_and_inverse():
     x = np.arange(5 * 7, dtype=np.float32).reshape(1, 5, 7, 1)
     sub = np.asarray(layers.space_to_batch(jnp.asarray(x), 2))
@@ -99,6 +125,8 @@ def test_bad_uses_raise():
         init(conv_module("taps", 4, 3, 2, 2), x)
     with pytest.raises(ValueError, match="dilated_conv"):
         init(conv_module("im2col", 4, 3, 2, 1), x)
+    with pytest.raises(ValueError, match="pointwise_conv"):
+        layers.conv(4, 1, pointwise_conv="fft")
     with pytest.raises(ValueError, match="stride 1"):
         layers.conv(4, 3, stride=2, dilation=2, dilated_conv="taps")
     config = config_lib.demo_config()
