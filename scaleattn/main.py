@@ -8,6 +8,7 @@ Any config value can be overridden,
 e.g. ``--config.train.steps=200``.
 """
 
+import logging as std_logging
 import os
 import re
 import sys
@@ -114,17 +115,20 @@ def run_tool(config) -> None:
 
 
 class QuietLibraries:
-    """A log filter that drops INFO lines from libraries (Orbax logs every file it writes)."""
-    prefixes = ("orbax", "tensorflow_datasets", "etils")
+    """A log filter that drops INFO lines from libraries (Orbax logs every file it
+    writes; JAX says it found no TPU); their warnings and errors still show."""
+    prefixes = ("orbax/", "tensorflow_datasets/", "etils/", "jax/_src/xla_bridge")
 
     def filter(self, record) -> bool:
         path = record.pathname.replace("\\", "/")
-        noisy = any(f"/{p}/" in path for p in self.prefixes)
-        return record.levelno > logging.INFO or not noisy
+        noisy = any(f"/{p}" in path for p in self.prefixes)
+        return record.levelno > std_logging.INFO or not noisy  # absl's INFO is 0, not 20
 
 
 def run():
-    logging.get_absl_handler().python_handler.addFilter(QuietLibraries())
+    # On the absl handler itself: it hands records to its inner handler's emit(),
+    # which never consults that handler's filters.
+    logging.get_absl_handler().addFilter(QuietLibraries())
     app.run(main, flags_parser=parse_flags)
 
 

@@ -133,3 +133,17 @@ def test_every_config_file_loads_and_validates(name):
         name, os.path.join(REPO, "configs", f"{name}.py")).get_config()
     config_lib.validate(config)
     assert config.is_locked
+
+
+def test_library_info_lines_are_dropped_warnings_kept():
+    from scaleattn.main import QuietLibraries  # pylint: disable=import-outside-toplevel
+    import logging  # pylint: disable=import-outside-toplevel
+
+    def record(path, level):
+        return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+    quiet = QuietLibraries()
+    orbax = "/venv/lib/python3.11/site-packages/orbax/checkpoint/_src/checkpoint_manager.py"
+    assert not quiet.filter(record(orbax, logging.INFO))
+    assert quiet.filter(record(orbax, logging.WARNING))
+    assert quiet.filter(record("/repo/scaleattn/train.py", logging.INFO))
