@@ -59,6 +59,7 @@ BLOCK_TF = """
 import sys
 sys.modules["tensorflow"] = None           # any `import tensorflow` now fails
 sys.modules["tensorflow_datasets"] = None
+sys.modules["tensorboardX"] = None         # nor is it on the lent GPU machines
 sys.argv = ["scaleattn.main"] + sys.argv[1:]
 from scaleattn import main
 try:
