@@ -40,6 +40,7 @@ from ml_collections import config_flags
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scaleattn import config as config_lib  # noqa: E402  (no JAX needed)
 
 FLAGS = flags.FLAGS
 
@@ -449,7 +450,7 @@ def main(argv):
     device = torch.device(FLAGS.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    dtypes = [d.strip() for d in config.bench.dtypes.split(",") if d.strip()]
+    dtypes = config_lib.comma_list(config.bench.dtypes)
     results = []
     for dtype in dtypes:
         print(f"timing the torch peer of {config.name} in {dtype} on {device} ...",

@@ -40,6 +40,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from scaleattn import config as config_lib
 from scaleattn import train
 
 # Dense bf16 peak FLOP/s by device kind (lower-case substring of `device_kind`, first
@@ -270,7 +271,7 @@ def benchmark_dtype(config, dtype: str, dilated_conv: str | None = None) -> dict
 
 def benchmark(config) -> dict:
     """All dtypes of ``config.bench.dtypes``: ``{'setup': {...}, 'results': [rows]}``."""
-    dtypes = [d.strip() for d in config.bench.dtypes.split(",") if d.strip()]
+    dtypes = config_lib.comma_list(config.bench.dtypes)
     device = jax.local_devices()[0]
     cfg = bench_config(config, dtypes[0] if dtypes else "float32")
     setup = {
@@ -286,7 +287,7 @@ def benchmark(config) -> dict:
         "num_classes": cfg.model.num_classes, "remat": cfg.model.remat,
         "steps": cfg.bench.steps, "warmup": cfg.bench.warmup,
     }
-    impls = [d.strip() for d in config.bench.dilated_convs.split(",") if d.strip()]
+    impls = config_lib.comma_list(config.bench.dilated_convs)
     results = []
     for dtype in dtypes:
         for impl in impls or [None]:

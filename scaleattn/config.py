@@ -202,6 +202,11 @@ def demo_config(*, scales=(1.0, 0.5), merge="attention") -> ml_collections.Confi
     return c
 
 
+def comma_list(text: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated config string ('a, b,' -> [a, b])."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key."""
 
@@ -255,7 +260,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.parallel.param_sharding != "replicated" and config.parallel.mode != "sharded":
         raise ConfigError(f"config.parallel.param_sharding={config.parallel.param_sharding!r} "
                           f"needs config.parallel.mode='sharded'")
-    for impl in filter(None, (d.strip() for d in config.bench.dilated_convs.split(","))):
+    for impl in comma_list(config.bench.dilated_convs):
         if impl not in CHOICES["model.dilated_conv"]:
             raise ConfigError(f"config.bench.dilated_convs has {impl!r}, not one of "
                               f"{CHOICES['model.dilated_conv']}")

@@ -225,6 +225,12 @@ class Layout:
 
     # -------------------------------------------------------------- placing
 
+    @functools.cached_property
+    def local_device_sharding(self) -> NamedSharding:
+        """pmap: the leading axis over this process's devices, one slice each."""
+        return NamedSharding(Mesh(np.array(jax.local_devices()), ("local",)),
+                             PartitionSpec("local"))
+
     def put_state(self, tree):
         """A host (or single-device) pytree placed where the steps expect the state.
 
@@ -263,9 +269,8 @@ class Layout:
         if self.mode == "jit":
             return jax.device_put(batch)
         if self.mode == "pmap":
-            devices = jax.local_devices()
-            n = len(devices)
-            sharding = NamedSharding(Mesh(np.array(devices), ("local",)), PartitionSpec("local"))
+            sharding = self.local_device_sharding
+            n = sharding.num_devices
 
             def split(x):
                 if x.shape[0] % n:

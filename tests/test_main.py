@@ -8,6 +8,7 @@ import flax
 import numpy as np
 import pytest
 
+import demo_runs
 from scaleattn import checkpoint, train
 from scaleattn import config as config_lib
 from scaleattn.weights import WeightsError
@@ -16,15 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_demo_config(data_dir, steps):
-    c = config_lib.demo_config()
-    c.data.data_dir = str(data_dir)
-    c.data.demo_train_size, c.data.demo_val_size = 16, 8
-    c.data.crop_size = 48
-    c.model.width, c.model.fc_width = 1 / 16, 64
-    c.batch_size, c.eval.batch_size = 8, 8
-    c.train.steps, c.train.log_every, c.train.checkpoint_every = steps, 1, 2
-    c.train.eval_every = 0
-    c.parallel.mode = "jit"  # pmap and sharded runs are compared in test_parallel.py
+    c = demo_runs.tiny_demo_config(data_dir, images=(16, 8), crop=48, fc_width=64, batch=8,
+                                   steps=steps, log_every=1, checkpoint_every=2)
     c.optim.schedule = "constant"  # so that a 2-step run is the start of a 4-step one
     return c
 

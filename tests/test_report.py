@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import demo_runs
 from scaleattn import config as config_lib
 from scaleattn import report, train
 
@@ -60,15 +61,8 @@ def test_tree_digest_sees_every_bit():
 
 
 def tiny_demo_config(data_dir):
-    c = config_lib.demo_config()
-    c.data.data_dir = str(data_dir)
-    c.data.demo_train_size, c.data.demo_val_size = 8, 4
-    c.data.crop_size = 32
-    c.model.width, c.model.fc_width = 1 / 16, 32
-    c.batch_size, c.eval.batch_size = 4, 4
-    c.train.steps, c.train.log_every, c.train.checkpoint_every = 3, 3, 3
-    c.train.eval_every = 0
-    c.parallel.mode = "jit"
+    c = demo_runs.tiny_demo_config(data_dir, images=(8, 4), crop=32, fc_width=32, batch=4,
+                                   steps=3, log_every=3, checkpoint_every=3)
     c.predict.summary_images = 1
     return c
 

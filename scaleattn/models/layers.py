@@ -69,6 +69,20 @@ def conv(features: int, kernel_size: int = 3, *, stride: int = 1, dilation: int 
                    use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
 
 
+def conv_parameters(module: nn.Module, x: jnp.ndarray, kernel_shape: Sequence[int]):
+    """Declares ``kernel`` (``module.kernel_init``) and, with ``module.use_bias``, a zero
+    ``bias`` as `nn.Conv` does (same names, order, float32), and returns ``(x, kernel,
+    bias)`` promoted to ``module.dtype`` (``bias`` None without one)."""
+    kernel = module.param("kernel", module.kernel_init, tuple(kernel_shape), jnp.float32)
+    bias = (module.param("bias", nn.initializers.zeros_init(), (kernel_shape[-1],),
+                         jnp.float32) if module.use_bias else None)
+    return nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
+
+
+def add_bias(y: jnp.ndarray, bias: jnp.ndarray | None) -> jnp.ndarray:
+    return y if bias is None else y + bias
+
+
 class PointwiseConv(nn.Module):
     """A 1x1 convolution as a matrix product over channels (``einsum``), with the
     parameters of `nn.Conv` (``kernel [1, 1, Cin, Cout]``, ``bias``); a stride keeps
@@ -87,15 +101,10 @@ class PointwiseConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features),
-                            jnp.float32)
-        bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-                if self.use_bias else None)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = conv_parameters(self, x, (1, 1, x.shape[-1], self.features))
         if self.stride > 1:
             x = x[:, ::self.stride, ::self.stride]
-        y = jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
-        return y if bias is None else y + bias
+        return add_bias(jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0]), bias)
 
 
 def space_to_batch(x: jnp.ndarray, rate: int) -> jnp.ndarray:
@@ -164,11 +173,8 @@ class DilatedConv(nn.Module):
                              f"got {self.impl!r}")
         if k % 2 != 1:
             raise ValueError(f"DilatedConv needs an odd kernel size, got {k}")
-        kernel = self.param("kernel", self.kernel_init,
-                            (k, k, x.shape[-1] // self.groups, self.features), jnp.float32)
-        bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-                if self.use_bias else None)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, kernel, bias = conv_parameters(self, x,
+                                          (k, k, x.shape[-1] // self.groups, self.features))
         if self.impl == "space_to_batch":
             y = jax.lax.conv_general_dilated(
                 space_to_batch(x, d), kernel, (1, 1), same_padding(k),
@@ -177,7 +183,7 @@ class DilatedConv(nn.Module):
             y = batch_to_space(y, d, x.shape[1:3])
         else:
             y = taps_conv(x, kernel, d, self.groups)
-        return y if bias is None else y + bias
+        return add_bias(y, bias)
 
 
 def taps_conv(x: jnp.ndarray, kernel: jnp.ndarray, dilation: int, groups: int = 1):
