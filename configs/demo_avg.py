@@ -1,6 +1,9 @@
-"""Demo (generated scale_shapes data, CPU): merge="avg"."""
+"""Demo: `demo`'s recipe with average pooling over the scales {1, 0.5}."""
 from scaleattn import config
 
 
 def get_config():
-    return config.demo_config(merge="avg")
+    c = config.recipe("demo")
+    c.name = "demo_avg"
+    c.model.merge = "avg"
+    return c

@@ -1,6 +1,9 @@
-"""Demo (generated scale_shapes data, CPU): merge="max"."""
+"""Demo: `demo`'s recipe with max pooling over the scales {1, 0.5}."""
 from scaleattn import config
 
 
 def get_config():
-    return config.demo_config(merge="max")
+    c = config.recipe("demo")
+    c.name = "demo_max"
+    c.model.merge = "max"
+    return c

@@ -1,6 +1,10 @@
-"""Demo (generated scale_shapes data, CPU): scales=(1.0,)."""
+"""Demo: `demo`'s recipe at scale 1 only (no merge; one branch, one loss)."""
 from scaleattn import config
 
 
 def get_config():
-    return config.demo_config(scales=(1.0,))
+    c = config.recipe("demo")
+    c.name = "demo_single"
+    c.model.scales = (1.0,)
+    c.loss.extra_supervision = False
+    return c

@@ -1,6 +1,9 @@
-"""VOC 2012, voc_max: the paper's setting with merge="max"."""
+"""VOC 2012: `voc_s3`'s recipe with max pooling over the three scales."""
 from scaleattn import config
 
 
 def get_config():
-    return config.voc_config(merge="max")
+    c = config.recipe("voc_s3")
+    c.name = "voc_max"
+    c.model.merge = "max"
+    return c

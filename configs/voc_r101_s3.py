@@ -1,6 +1,52 @@
-"""VOC 2012, voc_r101_s3: the paper's setting with backbone="resnet101"."""
+"""VOC 2012: DeepLab-v2 ResNet-101 + ASPP, scales {1, 0.75, 0.5}, attention merge,
+extra supervision; DeepLab-v2's recipe (its "+Aug" row: random rescaling 0.5-1.5).
+
+DeepLab-v2 (its paper and public prototxts): ImageNet ResNet-101 with frozen batch
+norm, output stride 8, ASPP-L (rates 6, 12, 18, 24) at 10x learning rate (biases 20x),
+SGD momentum 0.9, weight decay 5e-4, poly policy (power 0.9), base LR 2.5e-4,
+batch 10, 20,000 iterations, crop 321, random rescale 0.5-1.5 + mirror.
+"""
 from scaleattn import config
 
 
 def get_config():
-    return config.voc_config(backbone="resnet101")
+    c = config.base_config()
+    c.name = "voc_r101_s3"
+    c.seed = 0
+
+    c.data.name = "voc2012"
+    c.data.train_split, c.data.eval_split = "train_aug", "val"
+    c.data.crop_size = 321
+    c.data.scale_range = (0.5, 1.5)
+    c.data.flip = True
+    c.data.mean, c.data.std = config.IMAGENET_MEAN, config.IMAGENET_STD
+    c.data.eval_size = 513
+
+    c.model.backbone, c.model.head = "resnet101", "aspp_v2"
+    c.model.num_classes = 21
+    c.model.output_stride = 8
+    c.model.aspp_rates = (6, 12, 18, 24)
+    c.model.bn_mode = "frozen"
+    c.model.scales = (1.0, 0.75, 0.5)
+    c.model.merge = "attention"
+    c.model.attention_width, c.model.attention_dropout = 512, 0.5
+    c.model.init_from = "imagenet"      # converted ResNet-101 ImageNet weights (see README)
+
+    c.loss.extra_supervision = True
+    c.loss.scale_loss_size = "branch"
+    c.loss.label_resize = "nearest"
+    c.loss.type = "ce"
+
+    c.batch_size = 10
+    c.optim.base_lr = 2.5e-4
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 5e-4
+    c.optim.schedule, c.optim.poly_power = "poly", 0.9
+    c.optim.new_layer_lr_mult = 10.0    # ASPP and the attention head
+    c.optim.new_layer_patterns = ("aspp", "attention")
+    c.optim.bias_lr_mult = 2.0
+
+    c.train.steps = 20000
+    c.train.eval_every = 5000
+    c.train.checkpoint_every = 2000
+    return c

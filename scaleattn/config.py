@@ -1,13 +1,18 @@
-"""The full default configuration; every file in `configs/` starts from it.
+"""The config schema: every key a run can use, its type and a shared default.
 
-Every key a run can use is declared here with its type, so that a misspelt or
-unknown key (in a config file or a ``--config.a.b=v`` override) is an error that
-names the key instead of a silently ignored setting. Config files change values,
-never add keys: `base_config` returns a locked dict.
+Every key is declared here with its type, so that a misspelt or unknown key (in a
+config file or a ``--config.a.b=v`` override) is an error that names the key instead
+of a silently ignored setting. Config files change values, never add keys:
+`base_config` returns a locked dict.
 
-Defaults are the paper's (Chen et al. 2016, DeepLab-LargeFOV on VOC 2012, see
-DESIGN.md §1.1); the demo configs shrink them.
+The *recipes* (the values that define a paper's row: schedule, batch, crop,
+augmentation, learning-rate multipliers, the start) live in the files of
+``configs/``, where a reader of ``configs/voc_s3.py`` sees them; a variant file
+loads the recipe it varies with `recipe` and changes only what defines its row.
 """
+
+import importlib.util
+import os
 
 import ml_collections
 
@@ -62,6 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.gsag_variant = "hybrid"    # GSAG head: 'basic' | 'incremental' | 'hybrid'
     m.gsag_channels = 512        # GSAG head width (before `width`)
     m.gsag_window = 7            # GSAG pointwise self-attention window
+    m.gsag_global_attention = "pooled"  # GSAG global layer: 'pooled' (one context vector
+                                 # per image, the write-up) | 'non_local' (one per position)
     m.gsag_dropout = 0.0
     m.scales = (1.0, 0.75, 0.5)  # share-net input scales; must contain 1.0
     m.merge = "attention"        # 'attention' | 'avg' | 'max'
@@ -71,11 +78,17 @@ def base_config() -> ml_collections.ConfigDict:
     m.dilated_conv = "native"    # how dilated convs run: 'native' | 'space_to_batch' |
                                  # 'taps' (exact rewrites, same params; `layers.DilatedConv`)
     m.remat = False              # recompute backbone blocks in the backward pass (less memory)
-    m.init_from = ""             # ImageNet backbone from `python -m scaleattn.convert` ('' = none)
+    m.init_from = "imagenet"     # the start of a fresh run: 'imagenet' (the converted file
+                                 # for the backbone in `pretrained_dir`, see `pretrained_file`),
+                                 # a path to a file of `python -m scaleattn.convert`, or
+                                 # 'scratch' (random initialisation, only when asked for)
+    m.pretrained_dir = "~/scaleattn_weights"  # where 'imagenet' looks for <backbone>_imagenet.msgpack
 
     # ---- loss -------------------------------------------------------------------
     c.loss = l = ml_collections.ConfigDict()
     l.extra_supervision = True   # add one loss per scale to the merged loss
+    l.scale_loss_size = "branch"  # per-scale losses on each branch's own score map with the
+                                 # labels shrunk to it (paper) | 'merged': after the resize
     l.label_resize = "nearest"   # 'nearest' (labels -> logits size, paper) | 'upsample_logits'
     l.ignore_label = 255
     l.type = "ce"                # 'ce' | 'ohem' (online hard example mining, GSAG)
@@ -93,6 +106,8 @@ def base_config() -> ml_collections.ConfigDict:
     o.poly_power = 0.9
     o.new_layer_lr_mult = 10.0   # for newly initialised layers, found by name:
     o.new_layer_patterns = ("fc8", "aspp", "attention", "gsag")
+    o.bias_lr_mult = 1.0         # learning-rate multiplier of conv/dense biases (Caffe's
+                                 # DeepLab prototxts: 2, so a new layer's bias gets 20x)
 
     # ---- training loop ----------------------------------------------------------
     c.train = t = ml_collections.ConfigDict()
@@ -142,64 +157,51 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def voc_config(*, scales=(1.0, 0.75, 0.5), merge="attention", extra_supervision=True,
-               backbone="vgg16") -> ml_collections.ConfigDict:
-    """The paper's VOC 2012 setting (DESIGN.md §1.1) for one row of its tables.
+INIT_SCRATCH, INIT_IMAGENET = "scratch", "imagenet"
+PRETRAINED_SUFFIX = "_imagenet.msgpack"
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs")
 
-    VGG16-LargeFOV: SGD momentum 0.9, weight decay 5e-4, batch 30, base LR 1e-3
-    (x10 for fc8 and the attention head), x0.1 every 2000 steps for 6000 steps
-    (Caffe's 'step' policy as in DeepLab's solver), crop 321, train_aug.
-    ResNet-101: DeepLab-v2's ASPP head, poly schedule (power 0.9), base LR 2.5e-4,
-    batch 10, 20000 steps, frozen batch norm.
+
+def recipe(name: str) -> ml_collections.ConfigDict:
+    """The config of a recipe file: ``configs/<name>.py`` (or a path) -> its `get_config()`.
+
+    Variant files use it to start from the recipe they vary (``voc_avg.py`` is
+    ``recipe('voc_s3')`` with ``model.merge='avg'``); tests and tools use it to read the
+    shipped recipes.
     """
-    c = base_config()
-    c.model.scales = tuple(scales)
-    c.model.merge = merge
-    c.loss.extra_supervision = extra_supervision and len(scales) > 1
-    if backbone != "vgg16":
-        c.model.backbone, c.model.head = backbone, "aspp_v2"
-        c.batch_size, c.optim.base_lr, c.optim.schedule = 10, 2.5e-4, "poly"
-        c.train.steps, c.train.eval_every, c.train.checkpoint_every = 20000, 5000, 2000
-    tag = "baseline" if len(scales) == 1 else f"s{len(scales)}_{merge}"
-    c.name = f"voc_{backbone}_{tag}" + ("" if c.loss.extra_supervision else "_noextra")
-    return c
+    path = name if name.endswith(".py") else os.path.join(CONFIGS_DIR, f"{name}.py")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(
+        f"scaleattn_recipe_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
-def demo_config(*, scales=(1.0, 0.5), merge="attention") -> ml_collections.ConfigDict:
-    """The demo: a tiny LargeFOV on the generated `scale_shapes` set, CPU, minutes.
+def pretrained_file(model_config: ml_collections.ConfigDict) -> str | None:
+    """The converted ImageNet file a fresh run starts from, ``None`` for 'scratch'.
 
-    The same code as the VOC configs at 1/8 width and one convolution per VGG block;
-    fc6's dilation is cut to 2 so the receptive field (~160 px, far less in effect)
-    does not cover the largest objects at scale 1, which is what makes the 0.5 input
-    useful, while the smallest objects need the full-resolution input.
+    ``model.init_from='imagenet'`` means ``<model.pretrained_dir>/<backbone>_imagenet.msgpack``;
+    any other value except 'scratch' is the file's path.
     """
-    c = base_config()
-    c.data.name = "scale_shapes"
-    c.data.data_dir = "~/tensorflow_datasets"
-    c.data.train_split, c.data.eval_split = "train", "val"
-    c.data.crop_size, c.data.eval_size = 128, 128
-    c.data.scale_range = (0.75, 1.25)
-    c.data.mean, c.data.std = (127.5, 127.5, 127.5), (64.0, 64.0, 64.0)
-    c.model.num_classes = 4
-    c.model.width = 0.125
-    c.model.depth = (1, 1, 1, 1, 1)
-    c.model.fc6_dilation = 2
-    c.model.dropout = 0.1
-    c.model.attention_dropout = 0.1
-    c.model.scales = tuple(scales)
-    c.model.merge = merge
-    c.loss.extra_supervision = len(scales) > 1
-    c.batch_size = 8
-    c.eval.batch_size = 16
-    c.optim.base_lr = 0.01
-    c.optim.schedule = "poly"
-    c.train.steps = 2000
-    c.train.log_every = 50
-    c.train.eval_every = 1000
-    c.train.checkpoint_every = 500
-    tag = "single" if len(scales) == 1 else merge
-    c.name = f"demo_{tag}"
-    return c
+    if model_config.init_from == INIT_SCRATCH:
+        return None
+    if model_config.init_from == INIT_IMAGENET:
+        return os.path.join(os.path.expanduser(model_config.pretrained_dir),
+                            model_config.backbone + PRETRAINED_SUFFIX)
+    return os.path.expanduser(model_config.init_from)
+
+
+def convert_command(backbone: str, destination: str) -> str:
+    """The command that writes ``destination`` for ``backbone`` from torchvision's weights."""
+    sources = {"vgg16": "vgg16-397923af.pth", "resnet50": "resnet50-0676ba61.pth",
+               "resnet101": "resnet101-63fe2227.pth",
+               "resnext101_32x4d": "resnext101_32x4d.safetensors",
+               "resnext101_32x8d": "resnext101_32x8d-8ba56ff5.pth"}
+    return (f"python -m scaleattn.convert --from=torchvision --arch={backbone} "
+            f"/path/to/{sources.get(backbone, backbone + '.pth')} {destination}")
 
 
 def comma_list(text: str) -> list[str]:
@@ -221,7 +223,9 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.dilated_conv": ("native", "space_to_batch", "taps"),
     "model.gsag_variant": ("basic", "incremental", "hybrid"),
+    "model.gsag_global_attention": ("pooled", "non_local"),
     "loss.label_resize": ("nearest", "upsample_logits"),
+    "loss.scale_loss_size": ("branch", "merged"),
     "loss.type": ("ce", "ohem"),
     "optim.schedule": ("step", "poly", "constant"),
     "parallel.mode": ("pmap", "jit", "sharded"),
@@ -267,6 +271,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.model.remat and not config.model.backbone.startswith("res"):
         raise ConfigError(f"config.model.remat=True recomputes ResNet/ResNeXt blocks; "
                           f"model.backbone={config.model.backbone!r} has none (set it False)")
+    if not config.model.init_from.strip():
+        raise ConfigError("config.model.init_from is empty: say how a fresh run starts, "
+                          "'imagenet' (converted ImageNet weights), a converted file's path, "
+                          "or 'scratch' (random initialisation)")
+    if config.optim.bias_lr_mult < 0:
+        raise ConfigError(f"config.optim.bias_lr_mult={config.optim.bias_lr_mult} must be >= 0")
     if config.batch_size % config.train.grad_accum_steps:
         raise ConfigError(f"config.batch_size={config.batch_size} must divide into "
                           f"config.train.grad_accum_steps={config.train.grad_accum_steps} "
@@ -284,8 +294,11 @@ def gsag_config(*, variant="hybrid", backbone="resnet101", scales=(1.0,),
     threshold 0.7 and 100,000 kept pixels. ``scales``/``merge`` put the head inside
     the Attention-to-Scale wrapper.
     """
-    c = voc_config(scales=scales, merge=merge, extra_supervision=len(scales) > 1,
-                   backbone=backbone)
+    c = recipe("voc_r101_s3")
+    c.model.backbone, c.model.scales, c.model.merge = backbone, tuple(scales), merge
+    c.loss.extra_supervision = len(scales) > 1
+    c.optim.bias_lr_mult = 1.0
+    c.data.scale_range = (0.5, 2.0)
     c.model.head, c.model.gsag_variant = "gsag", variant
     c.model.bn_mode, c.model.sync_bn = "train", True
     c.data.crop_size = 513
@@ -298,7 +311,7 @@ def gsag_config(*, variant="hybrid", backbone="resnet101", scales=(1.0,),
 
 def demo_gsag_config(*, variant="hybrid") -> ml_collections.ConfigDict:
     """The GSAG ablation on the demo data: a tiny ResNet-50 layout and GSAG head, CPU."""
-    c = demo_config(scales=(1.0,))
+    c = recipe("demo_single")
     c.model.backbone, c.model.head, c.model.gsag_variant = "resnet50", "gsag", variant
     c.model.depth, c.model.width = (1, 1, 1, 1), 0.125
     c.model.bn_mode = "train"

@@ -113,25 +113,41 @@ def ohem_cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, *, threshold: f
                          axis_name=axis_name)
 
 
+SCALE_LOSS_SIZES = ("branch", "merged")
+
+
+def supervised_maps(outputs: dict, cfg: ml_collections.ConfigDict) -> dict:
+    """The score maps the loss terms are computed on, by term name.
+
+    ``loss_merged`` is the merged map; with ``cfg.extra_supervision`` and more than one
+    scale, ``loss_scale_<i>`` is scale ``i``'s map: at the branch's own output size
+    (``cfg.scale_loss_size == 'branch'``, the paper: the ground truth is shrunk to each
+    branch's size) or after its resize to the merged size ('merged').
+    """
+    maps = {"loss_merged": outputs["logits"]}
+    key = {"branch": "branch_logits", "merged": "scale_logits"}.get(cfg.scale_loss_size)
+    if key is None:
+        raise ValueError(f"loss.scale_loss_size must be one of {SCALE_LOSS_SIZES}, "
+                         f"got {cfg.scale_loss_size!r}")
+    per_scale = outputs.get(key, [])
+    if cfg.extra_supervision and len(per_scale) > 1:
+        maps.update({f"loss_scale_{i}": logits for i, logits in enumerate(per_scale)})
+    return maps
+
+
 def segmentation_loss(outputs: dict, labels: jnp.ndarray, cfg: ml_collections.ConfigDict,
                       axis_name: str | None = None) -> tuple[jnp.ndarray, dict]:
-    """The training objective of a model's outputs.
+    """The training objective of a model's outputs: ``CE(merged) + sum_s CE(f^s)``.
 
-    ``CE(merged)`` (plain or OHEM, ``cfg.type``) plus, with ``cfg.extra_supervision`` and more than one scale,
-    ``sum_s CE(scale_logits[s])`` (the paper's extra supervision).
+    One cross-entropy term (plain or OHEM, ``cfg.type``) per map of `supervised_maps`:
+    the merged map, plus (the paper's extra supervision) one per scale. Labels are
+    matched to each map's size as ``cfg.label_resize`` says.
 
     Returns:
       ``(loss, terms)`` with ``terms = {'loss_merged': ..., 'loss_scale_<i>': ...}``.
     """
     ohem = (cfg.ohem_threshold, cfg.ohem_min_kept) if cfg.type == "ohem" else None
-
-    def term(logits):
-        return cross_entropy(logits, labels, ignore_label=cfg.ignore_label,
-                             label_resize=cfg.label_resize, ohem=ohem, axis_name=axis_name)
-
-    terms = {"loss_merged": term(outputs["logits"])}
-    scale_logits = outputs.get("scale_logits", [])
-    if cfg.extra_supervision and len(scale_logits) > 1:
-        for i, logits in enumerate(scale_logits):
-            terms[f"loss_scale_{i}"] = term(logits)
+    terms = {name: cross_entropy(logits, labels, ignore_label=cfg.ignore_label,
+                                 label_resize=cfg.label_resize, ohem=ohem, axis_name=axis_name)
+             for name, logits in supervised_maps(outputs, cfg).items()}
     return sum(terms.values()), terms

@@ -5,8 +5,11 @@ SGD with momentum 0.9 and L2 weight decay added to the gradient of the *kernels*
 or poly learning-rate schedule, and a learning-rate multiplier (10x) for the layers
 that start from scratch rather than from ImageNet weights: they are found by name,
 any parameter whose path matches one of ``new_layer_patterns`` (regular expressions;
-the defaults name fc8, the ASPP and GSAG heads and the attention head). With
-``bn_mode == 'frozen'`` the batch-norm scales and offsets get no update.
+the defaults name fc8, the ASPP and GSAG heads and the attention head). Convolution and
+dense biases get a further ``bias_lr_mult`` (Caffe's DeepLab prototxts: ``lr_mult: 2``
+on every bias, so a new layer's bias learns at 20x); batch-norm offsets are not biases
+in that sense and keep their layer's rate. With ``bn_mode == 'frozen'`` the batch-norm
+scales and offsets get no update.
 
 Caffe scales the decayed gradient by the layer's learning rate before the momentum
 (``v = m v + lr (g + wd w)``); optax's ``sgd`` applies the rate after the momentum
@@ -47,17 +50,35 @@ def is_batch_norm(path: str) -> bool:
     return any(part.startswith("bn") for part in path.split("/")[:-1])
 
 
+def is_bias(path: str) -> bool:
+    """A convolution / dense bias (not a batch-norm offset)."""
+    return path.split("/")[-1] == "bias" and not is_batch_norm(path)
+
+
 def param_groups(params, patterns, bn_frozen: bool):
-    """Labels every parameter 'new', 'pretrained' or 'frozen' (a pytree like ``params``)."""
+    """Labels every parameter with its learning-rate group (a pytree like ``params``).
+
+    Groups: 'frozen' (batch norm when ``bn_frozen``), else '<origin>_<kind>' with origin
+    'new' (path matches one of ``patterns``) or 'pretrained', and kind 'bias' (`is_bias`)
+    or 'weight'.
+    """
     compiled = [re.compile(p) for p in patterns]
 
     def label(path: str) -> str:
         if bn_frozen and is_batch_norm(path):
             return "frozen"
-        return "new" if any(p.search(path) for p in compiled) else "pretrained"
+        origin = "new" if any(p.search(path) for p in compiled) else "pretrained"
+        return f"{origin}_{'bias' if is_bias(path) else 'weight'}"
 
     flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
     return flax.traverse_util.unflatten_dict({k: label(param_path(k)) for k in flat})
+
+
+def group_lr_multipliers(cfg: ml_collections.ConfigDict) -> dict[str, float]:
+    """The learning-rate multiplier of each group of `param_groups`."""
+    return {"pretrained_weight": 1.0, "pretrained_bias": cfg.bias_lr_mult,
+            "new_weight": cfg.new_layer_lr_mult,
+            "new_bias": cfg.new_layer_lr_mult * cfg.bias_lr_mult, "frozen": 0.0}
 
 
 def decay_mask(params):
@@ -76,7 +97,7 @@ def create_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
             optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
             optax.sgd(lambda step: schedule(step) * multiplier, momentum=cfg.momentum))
 
-    transforms = {"pretrained": sgd(1.0), "new": sgd(cfg.new_layer_lr_mult),
-                  "frozen": optax.set_to_zero()}
+    transforms = {group: sgd(multiplier) if multiplier else optax.set_to_zero()
+                  for group, multiplier in group_lr_multipliers(cfg).items()}
     labels = lambda params: param_groups(params, tuple(cfg.new_layer_patterns), bn_frozen)
     return optax.multi_transform(transforms, labels), schedule

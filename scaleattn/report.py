@@ -90,8 +90,12 @@ def device_description() -> str:
 
 
 def run_record(config, *, steps: int, scores: dict, ms_flip_scores: dict | None,
-               wall_time_s: float, params) -> dict:
-    """The JSON-able record of a finished run (see the module docstring)."""
+               wall_time_s: float, params, start: str | None = None) -> dict:
+    """The JSON-able record of a finished run (see the module docstring).
+
+    ``start`` is where the run's first step started from: 'scratch' or the path of
+    the converted ImageNet file (``None``: not known).
+    """
     def score(values, key):
         value = (values or {}).get(key)
         return None if value is None else float(value)
@@ -101,6 +105,7 @@ def run_record(config, *, steps: int, scores: dict, ms_flip_scores: dict | None,
         "commit": git_commit(),
         "steps": int(steps),
         "seed": int(config.seed),
+        "start": start,
         "miou": score(scores, "miou"),
         "pixel_accuracy": score(scores, "pixel_accuracy"),
         "miou_ms_flip": score(ms_flip_scores, "miou"),
@@ -129,7 +134,7 @@ def write_run(workdir: str, record: dict) -> str:
 
 
 def finish_run(config, workdir: str, run, state, scores: dict, *,
-               wall_time_s: float) -> dict | None:
+               wall_time_s: float, start: str | None = None) -> dict | None:
     """End-of-training hook: ms+flip eval if ``config.predict.ms_eval_at_end``, run.json.
 
     ``state`` is the (possibly replicated) device state of ``run`` (a `train.Run`).
@@ -147,7 +152,7 @@ def finish_run(config, workdir: str, run, state, scores: dict, *,
         return None
     record = run_record(config, steps=int(host_state.step), scores=scores,
                         ms_flip_scores=ms_flip, wall_time_s=wall_time_s,
-                        params=host_state.params)
+                        params=host_state.params, start=start)
     write_run(workdir, record)
     return record
 

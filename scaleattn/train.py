@@ -128,14 +128,6 @@ def micro_batches(batch: dict, k: int) -> dict:
     return jax.tree_util.tree_map(split, batch)
 
 
-def term_logits(outputs: dict) -> dict:
-    """The logits behind each term of `losses.segmentation_loss`, by the term's name."""
-    named = {"loss_merged": outputs["logits"]}
-    named.update({f"loss_scale_{i}": logits
-                  for i, logits in enumerate(outputs.get("scale_logits", []))})
-    return named
-
-
 def term_weights(labels: jnp.ndarray, logits_shape: tuple, loss_config,
                  axis_name: str | None) -> jnp.ndarray:
     """Each micro-batch's share ``[k]`` of the valid pixels a loss term counts.
@@ -180,7 +172,7 @@ def accumulate_gradients(grad_fn, state: TrainState, batch: dict, rng: jax.Array
     outputs = jax.eval_shape(forward, state.params, first["image"])
     names = jax.eval_shape(lambda o, l: losses.segmentation_loss(o, l, loss_config)[1],
                            outputs, first["label"]).keys()
-    logits = term_logits(outputs)
+    logits = losses.supervised_maps(outputs, loss_config)
     weights = {name: term_weights(micro["label"], logits[name].shape, loss_config, axis_name)
                for name in names}
 
@@ -297,11 +289,40 @@ def initial_state(run: Run, rng: jax.Array, *, pretrained: bool = True) -> Train
 
 
 def with_pretrained(run: Run, state: TrainState) -> TrainState:
-    """``state`` with ``model.init_from``'s backbone (heads stay fresh), if one is set."""
-    if not run.config.model.init_from:
+    """``state`` with the ImageNet backbone of ``model.init_from`` (heads stay fresh);
+    ``state`` itself for ``init_from='scratch'``."""
+    path = config_lib.pretrained_file(run.config.model)
+    if path is None:
         return state
     from scaleattn import weights  # pylint: disable=import-outside-toplevel
-    return weights.load_pretrained(state, run.config)
+    return weights.load_pretrained(state, run.config, path)
+
+
+def has_checkpoints(workdir: str) -> bool:
+    """Whether ``workdir`` holds checkpoint steps to resume from (read-only check)."""
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    directory = epath.Path(checkpoint.checkpoint_dir(workdir))
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def check_pretrained_start(config: ml_collections.ConfigDict) -> str:
+    """Where a fresh run of ``config`` starts: ``'scratch'`` or the converted file's path.
+
+    Raises `weights.WeightsError` (one line: the key, the file expected and the
+    command that writes it) when the file does not exist, so a run that was meant to
+    start from ImageNet never trains from random weights by accident.
+    """
+    path = config_lib.pretrained_file(config.model)
+    if path is None:
+        return config_lib.INIT_SCRATCH
+    if not os.path.isfile(path):
+        from scaleattn import weights  # pylint: disable=import-outside-toplevel
+        raise weights.WeightsError(
+            f"config.model.init_from={config.model.init_from!r}: {path} does not exist. "
+            f"Convert ImageNet weights for {config.model.backbone} first: "
+            f"{config_lib.convert_command(config.model.backbone, path)} (or pass "
+            f"--config.model.init_from=scratch to train from random weights)")
+    return path
 
 
 def run_layout(run: Run) -> parallel.Layout:
@@ -469,6 +490,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ran).
     """
     from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
+    if not has_checkpoints(workdir):  # a fresh run: its start must exist before anything
+        start = check_pretrained_start(config)
+    else:
+        start = config_lib.pretrained_file(config.model) or config_lib.INIT_SCRATCH
     prepare_data(config.data)
     run = setup_run(config)
     layout = run.layout
@@ -580,7 +605,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Training took %.1f s.", time.time() - run_start)
     if cfg.eval_at_end and not cfg.keep_best:
         scores = evaluate_now(cfg.steps)
-    report.finish_run(config, workdir, run, device_state, scores,
+    report.finish_run(config, workdir, run, device_state, scores, start=start,
                       wall_time_s=time.time() - run_start)
     writer.close()
     return scores

@@ -673,14 +673,18 @@ def summarise(paths: list[str], limit: int = 8) -> str:
     return ", ".join(parts[:limit]) + more if parts else "none"
 
 
-def load_pretrained(state, config):
-    """``state`` with the backbone (and fc6/fc7) from ``config.model.init_from``.
+def load_pretrained(state, config, path: str | None = None):
+    """``state`` with the backbone (and fc6/fc7) from ``path`` (default: the file
+    ``config.model.init_from`` names, see `config.pretrained_file`).
 
     Checks the file against the config (`check_meta`), merges it (`merge_pretrained`),
     re-initialises the optimiser state for the new parameters and logs what was loaded
     and what keeps its fresh initialisation.
     """
-    path = os.path.expanduser(config.model.init_from)
+    if path is None:
+        from scaleattn import config as config_lib  # pylint: disable=import-outside-toplevel
+        path = config_lib.pretrained_file(config.model)
+    path = os.path.expanduser(path)
     tree = read_pretrained(path)
     meta = tree["meta"]
     check_meta(meta, config, path)

@@ -8,7 +8,7 @@ def tiny_demo_config(data_dir, *, images: tuple[int, int], crop: int, fc_width: 
     """The demo config shrunk to ``images`` (train, val) demo images of a ``crop``² crop,
     width 1/16, ``batch`` for training and evaluation, one device (jit), no evaluation
     during training."""
-    c = config_lib.demo_config()
+    c = config_lib.recipe("demo")
     c.data.data_dir = str(data_dir)
     c.data.demo_train_size, c.data.demo_val_size = images
     c.data.crop_size = crop

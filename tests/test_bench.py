@@ -135,7 +135,7 @@ def test_torch_peer_computes_the_same_function(backbone):
     import torch_peer  # pylint: disable=import-outside-toplevel
     from scaleattn import config as config_lib  # pylint: disable=import-outside-toplevel
     from scaleattn.models import build_model  # pylint: disable=import-outside-toplevel
-    config = config_lib.voc_config(backbone=backbone)
+    config = config_lib.recipe("voc_s3" if backbone == "vgg16" else "voc_r101_s3")
     m = config.model
     m.width, m.num_classes, m.fc6_dilation, m.scales = 1 / 16, 5, 2, (1.0, 0.75)
     m.depth = (1, 1, 1, 1, 1) if backbone == "vgg16" else (1, 1, 2, 1)

@@ -131,18 +131,18 @@ def test_bad_uses_raise():
         layers.conv(4, 1, pointwise_conv="fft")
     with pytest.raises(ValueError, match="stride 1"):
         layers.conv(4, 3, stride=2, dilation=2, dilated_conv="taps")
-    config = config_lib.demo_config()
+    config = config_lib.recipe("demo")
     config.model.dilated_conv = "fft"
     with pytest.raises(config_lib.ConfigError, match="model.dilated_conv"):
         config_lib.validate(config)
-    config = config_lib.demo_config()
+    config = config_lib.recipe("demo")
     config.model.remat = True
     with pytest.raises(config_lib.ConfigError, match="model.remat"):
         config_lib.validate(config)
 
 
 def tiny_model_config(backbone, head, **model):
-    config = config_lib.voc_config(backbone=backbone)
+    config = config_lib.recipe("voc_s3" if backbone == "vgg16" else "voc_r101_s3")
     config.model.head, config.model.width, config.model.num_classes = head, 1 / 16, 5
     config.model.depth = (1, 1, 1, 1) if backbone.startswith("res") else (1, 1, 1, 1, 2)
     config.model.scales = (1.0, 0.5)

@@ -681,8 +681,8 @@ def test_keras_dense_and_torch_linear_are_the_7x7_convs(keras):
 # ============================================================ init_from: a run
 
 
-def tiny_config(init_from=""):
-    c = config_lib.demo_config(scales=(1.0, 0.5), merge="attention")
+def tiny_config(init_from="scratch"):
+    c = config_lib.recipe("demo")
     c.model.width, c.model.fc_width, c.model.depth = 1 / 16, 1024, (1, 1, 1, 1, 1)
     c.data.crop_size = 33
     c.model.init_from = init_from
@@ -708,9 +708,9 @@ def test_init_from_loads_backbone_and_fc6_fc7_and_keeps_the_heads(tmp_path, monk
     config.model.init_from = path
     seen = {}
 
-    def spy(state, cfg):                  # remembers the fresh state initial_state built
+    def spy(state, cfg, *args):           # remembers the fresh state initial_state built
         seen["fresh"] = state
-        return load_pretrained(state, cfg)
+        return load_pretrained(state, cfg, *args)
 
     load_pretrained = weights.load_pretrained
     monkeypatch.setattr(weights, "load_pretrained", spy)

@@ -69,22 +69,56 @@ def test_logits_upsampled_to_labels():
     np.testing.assert_allclose(got, numpy_cross_entropy(up, labels), rtol=1e-5)
 
 
-@pytest.mark.parametrize("extra", [True, False])
-def test_extra_supervision_adds_one_term_per_scale(extra):
-    scale_maps = [random_case(s)[0] for s in (4, 5, 6)]
-    _, labels = random_case(7)
-    merged = sum(scale_maps) / 3
-    cfg = ml_collections.ConfigDict(dict(extra_supervision=extra, label_resize="nearest", type="ce",
-                                         ignore_label=255))
-    outputs = {"logits": jnp.asarray(merged), "scale_logits": [jnp.asarray(m) for m in scale_maps]}
+def numpy_nearest_downsample(labels, size):
+    """Label ``[B, H, W]`` -> ``[B, h, w]``: output pixel i takes input row
+    round(i (H - 1) / (h - 1)) (the centre of its cell for a stride-8 net on 321 -> 41)."""
+    rows = [int(np.floor(i * (labels.shape[1] - 1) / (size[0] - 1) + 0.5)) for i in range(size[0])]
+    cols = [int(np.floor(j * (labels.shape[2] - 1) / (size[1] - 1) + 0.5)) for j in range(size[1])]
+    return labels[:, rows][:, :, cols]
+
+
+def numpy_bilinear(x, size):
+    """Align-corners bilinear resize of ``[B, h, w, C]`` by explicit interpolation."""
+    b, h, w, c = x.shape
+    out = np.zeros((b, size[0], size[1], c), np.float64)
+    for i in range(size[0]):
+        y = i * (h - 1) / (size[0] - 1)
+        y0, fy = min(int(y), h - 2), y - min(int(y), h - 2)
+        for j in range(size[1]):
+            xx = j * (w - 1) / (size[1] - 1)
+            x0, fx = min(int(xx), w - 2), xx - min(int(xx), w - 2)
+            out[:, i, j] = ((1 - fy) * (1 - fx) * x[:, y0, x0] + (1 - fy) * fx * x[:, y0, x0 + 1]
+                            + fy * (1 - fx) * x[:, y0 + 1, x0] + fy * fx * x[:, y0 + 1, x0 + 1])
+    return out
+
+
+@pytest.mark.parametrize("extra,size", [(True, "branch"), (True, "merged"), (False, "branch")])
+def test_extra_supervision_adds_one_term_per_scale(extra, size):
+    """The paper's shapes: a 321 crop gives branch maps of 41, 31 and 21 (scales 1, 0.75,
+    0.5). Loss = CE(merged at 41) + sum_s CE(f^s): 'branch' against the labels shrunk
+    (nearest) to each branch's own size, 'merged' on the maps resized to 41."""
+    rng = np.random.RandomState(3)
+    labels = rng.randint(0, 4, (2, 321, 321)).astype(np.int32)
+    labels[rng.rand(2, 321, 321) < 0.2] = 255
+    branch = [rng.randn(2, n, n, 4).astype(np.float32) * 2 for n in (41, 31, 21)]
+    resized = [numpy_bilinear(m, (41, 41)).astype(np.float32) for m in branch]
+    merged = sum(resized) / 3
+    cfg = ml_collections.ConfigDict(dict(extra_supervision=extra, label_resize="nearest",
+                                         type="ce", ignore_label=255, scale_loss_size=size))
+    outputs = {"logits": jnp.asarray(merged), "scale_logits": [jnp.asarray(m) for m in resized],
+               "branch_logits": [jnp.asarray(m) for m in branch]}
     loss, terms = losses.segmentation_loss(outputs, jnp.asarray(labels), cfg)
-    expected = numpy_cross_entropy(merged, labels)
+    at = lambda m: numpy_cross_entropy(m, numpy_nearest_downsample(labels, m.shape[1:3]))  # noqa
+    expected = {"loss_merged": at(merged)}
     if extra:
-        expected += sum(numpy_cross_entropy(m, labels) for m in scale_maps)
-        assert sorted(terms) == ["loss_merged", "loss_scale_0", "loss_scale_1", "loss_scale_2"]
-    else:
-        assert list(terms) == ["loss_merged"]
-    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+        maps = branch if size == "branch" else resized
+        expected.update({f"loss_scale_{i}": at(m) for i, m in enumerate(maps)})
+    assert sorted(terms) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(terms[name], value, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(loss, sum(expected.values()), rtol=1e-5)
+    if extra and size == "branch":  # the paper's terms differ from the resized maps' ones
+        assert abs(terms["loss_scale_2"] - at(resized[2])) > 1e-3
 
 
 def numpy_confusion(pred, label, classes):

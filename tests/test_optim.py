@@ -19,10 +19,11 @@ def params_and_grads():
     return params, grads
 
 
-@pytest.mark.parametrize("bn_frozen", [True, False])
-def test_first_update_matches_hand_computed(bn_frozen):
+@pytest.mark.parametrize("bn_frozen,bias_mult", [(True, 1.0), (False, 1.0), (True, 2.0)])
+def test_first_update_matches_hand_computed(bn_frozen, bias_mult):
     cfg = config_lib.base_config().optim
     cfg.base_lr, cfg.weight_decay, cfg.new_layer_lr_mult = 0.1, 0.01, 10.0
+    cfg.bias_lr_mult = bias_mult
     tx, _ = optim.create_optimizer(cfg, total_steps=100, bn_frozen=bn_frozen)
     params, grads = params_and_grads()
     updates, _ = tx.update(grads, tx.init(params), params)
@@ -30,12 +31,13 @@ def test_first_update_matches_hand_computed(bn_frozen):
     lr = 0.1
     # pretrained kernel: -lr (g + wd w); bias: no decay
     np.testing.assert_allclose(up["net"]["backbone"]["conv1_1"]["kernel"], -lr * (0.5 + 0.01))
-    np.testing.assert_allclose(up["net"]["backbone"]["conv1_1"]["bias"], -lr * 0.5)
+    np.testing.assert_allclose(up["net"]["backbone"]["conv1_1"]["bias"], -bias_mult * lr * 0.5)
     # new layers (fc8, attention): 10x
     np.testing.assert_allclose(up["net"]["largefov"]["fc8"]["kernel"], -10 * lr * (0.5 + 0.02))
-    np.testing.assert_allclose(up["attention"]["conv1"]["bias"], -10 * lr * 0.5)
-    bn = up["net"]["backbone"]["bn1"]["scale"]
-    np.testing.assert_allclose(bn, 0.0 if bn_frozen else -lr * 0.5)
+    np.testing.assert_allclose(up["attention"]["conv1"]["bias"], -10 * bias_mult * lr * 0.5)
+    for leaf in ("scale", "bias"):  # a batch-norm offset is not a bias for bias_lr_mult
+        np.testing.assert_allclose(up["net"]["backbone"]["bn1"][leaf],
+                                   0.0 if bn_frozen else -lr * 0.5)
 
 
 def test_momentum_accumulates():
@@ -72,3 +74,43 @@ def test_unknown_schedule_names_the_key():
     cfg.schedule = "cosine"
     with pytest.raises(ValueError, match="optim.schedule"):
         optim.learning_rate_schedule(cfg, 10)
+
+
+def effective_learning_rates(config, params) -> dict[str, float]:
+    """Each parameter's learning rate in units of optim.base_lr, read off the optimiser's
+    first update for a unit gradient (no decay, no momentum history)."""
+    cfg = config.optim
+    cfg.weight_decay = 0.0
+    tx, _ = optim.create_optimizer(cfg, total_steps=config.train.steps,
+                                   bn_frozen=config.model.bn_mode == "frozen")
+    ones = jax.tree_util.tree_map(jnp.ones_like, params)
+    updates, _ = tx.update(ones, tx.init(params), params)
+    flat = jax.tree_util.tree_flatten_with_path(updates)[0]
+    return {"/".join(k.key for k in path): float(-np.asarray(u).reshape(-1)[0]) / cfg.base_lr
+            for path, u in flat}
+
+
+@pytest.mark.parametrize("recipe", ["voc_s3", "voc_r101_s3"])
+def test_recipe_learning_rates_are_caffe_deeplab(recipe):
+    """DeepLab's prototxts: weights 1x, biases 2x, the new layers (fc8 / ASPP and the
+    attention head) 10x with their biases 20x, frozen batch norm 0."""
+    from scaleattn.models import build_model
+    config = config_lib.recipe(recipe)
+    config.model.width, config.model.fc_width, config.model.attention_width = 1 / 32, 64, 32
+    config.model.depth = (1, 1, 1, 1, 1) if recipe == "voc_s3" else (1, 1, 1, 1)
+    model = build_model(config.model)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, 33, 33, 3)), train=False))
+    params = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), params["params"])
+    rates = effective_learning_rates(config, params)
+    expected = {}
+    for path in rates:
+        new = "/fc8/" in path or "/aspp" in path or path.startswith("attention/")
+        bias = path.endswith("/bias") and "/bn" not in path
+        frozen_bn = "/bn" in path
+        expected[path] = 0.0 if frozen_bn else (10.0 if new else 1.0) * (2.0 if bias else 1.0)
+    assert {p: r for p, r in rates.items() if r != pytest.approx(expected[p])} == {}
+    seen = {abs(round(r, 4)) for r in rates.values()}
+    # Every group is present: VGG's convs have biases; the ResNet's have none (batch
+    # norm instead, frozen).
+    assert seen == ({20.0, 10.0, 2.0, 1.0} if recipe == "voc_s3" else {20.0, 10.0, 1.0, 0.0})

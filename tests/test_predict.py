@@ -54,7 +54,7 @@ def test_heatmap_and_rgb_composite():
 
 
 def tiny_config():
-    c = config_lib.demo_config(scales=(1.0, 0.5))
+    c = config_lib.recipe("demo")
     c.model.width, c.model.fc_width = 1 / 16, 32
     c.data.crop_size, c.data.eval_size = 24, 40
     c.parallel.mode = "jit"

@@ -13,7 +13,7 @@ from scaleattn import report, train
 
 def record(name, miou, **config_changes):
     config = config_lib.voc_config(**config_changes) if name.startswith("voc") else \
-        config_lib.demo_config()
+        config_lib.recipe("demo")
     return {"name": name, "commit": "abc123def456", "steps": 6000, "miou": miou,
             "pixel_accuracy": 0.9, "miou_ms_flip": None if miou is None else miou + 0.01,
             "wall_time_s": 5400.0, "device": "NVIDIA H100 80GB HBM3 x1",

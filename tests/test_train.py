@@ -7,7 +7,7 @@ from scaleattn import parallel, train
 
 
 def tiny_config(mode):
-    c = config_lib.demo_config(scales=(1.0, 0.5), merge="attention")
+    c = config_lib.recipe("demo")
     c.model.width, c.model.fc_width = 1 / 16, 64
     c.model.dropout = c.model.attention_dropout = 0.0
     c.data.crop_size = 33

@@ -85,9 +85,10 @@ def limit_workers(workers: int) -> list[int]:
 
 
 def voc_data_config(data_dir: str):
-    """The `voc_config` data section (paper defaults), reading from ``data_dir``."""
+    """The data section of the `voc_r101_s3` recipe (crop 321, random rescale 0.5-1.5,
+    mirror), reading from ``data_dir``."""
     from scaleattn import config  # pylint: disable=import-outside-toplevel
-    data = copy.deepcopy(config.voc_config().data)
+    data = copy.deepcopy(config.recipe("voc_r101_s3").data)
     data.data_dir = os.fspath(data_dir)
     return data
 

@@ -12,8 +12,10 @@ image at each scale ``s`` of a list; every branch's score map ``f^s`` is resized
 
 Reading taken where the write-up is terse: the attention head sees each branch's
 penultimate features (fc7 for LargeFOV, the last ResNet stage for ASPP) resized to
-the common size; `scale_logits` are the branch score maps after that resize, the maps
-the extra-supervision losses are computed on.
+the common size. The model returns each branch's score map twice: at the branch's
+own size (`branch_logits`, what the paper's extra-supervision losses are computed
+on, against the ground truth shrunk to that size) and resized to the common size
+(`scale_logits`, what is merged).
 """
 
 from typing import Any, Callable, Sequence
@@ -95,6 +97,8 @@ class MultiScaleSegmenter(nn.Module):
     ``images [B, H, W, 3] -> dict`` with
       * ``logits``: ``[B, h, w, C]`` merged scores at the scale-1 branch's size,
       * ``scale_logits``: list of S maps ``[B, h, w, C]`` (each branch, resized),
+      * ``branch_logits``: list of S maps ``[B, h_s, w_s, C]`` (each branch at its own
+        output size, e.g. 41, 31 and 21 for a 321 crop at scales 1, 0.75, 0.5),
       * ``attention``: ``[B, h, w, S]`` merge weights ('attention' and 'avg' only).
 
     With a single scale the wrapper is the plain network (``logits`` = its output).
@@ -120,9 +124,11 @@ class MultiScaleSegmenter(nn.Module):
                 images, layers.scaled_size(size, scale))
             branches.append(self.net(x, train=train))
         out_size = branches[list(self.scales).index(1.0)]["logits"].shape[1:3]
-        scale_logits = [layers.resize_bilinear(b["logits"], out_size) for b in branches]
+        branch_logits = [b["logits"] for b in branches]
+        scale_logits = [layers.resize_bilinear(b, out_size) for b in branch_logits]
         if len(self.scales) == 1:
-            return {"logits": scale_logits[0], "scale_logits": scale_logits}
+            return {"logits": scale_logits[0], "scale_logits": scale_logits,
+                    "branch_logits": branch_logits}
 
         stacked = jnp.stack(scale_logits)
         if self.merge == "attention":
@@ -136,7 +142,7 @@ class MultiScaleSegmenter(nn.Module):
         else:
             weights = None
         out = {"logits": merge_scales(stacked, self.merge, weights),
-               "scale_logits": scale_logits}
+               "scale_logits": scale_logits, "branch_logits": branch_logits}
         if weights is not None:
             out["attention"] = weights
         return out
