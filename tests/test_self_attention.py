@@ -1,12 +1,14 @@
-"""GSAG pieces against numpy references, and the GSAG head's contract."""
+"""GSAG pieces and the whole GSAG head against numpy references."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scaleattn.models.self_attention import (GatedPooling, GSAGHead, SelfAttention,
-                                             VectorMapping, pooling_statistics)
+from scaleattn.models.self_attention import (GatedPooling, GSAGHead, KeyQueryValue,
+                                             VectorMapping, attention_context,
+                                             pooled_attention, pooling_statistics,
+                                             split_key_query)
 
 
 def random_variables(module, *inputs, seed=0, **kwargs):
@@ -40,6 +42,32 @@ def np_softmax(logits, mask=None):
     return e / e.sum(-1, keepdims=True)
 
 
+def np_relu(x):
+    return np.maximum(x, 0)
+
+
+def np_sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def np_dense(x, p):
+    """A 1x1 conv (kernel [1, 1, Cin, Cout]) or dense layer (kernel [Cin, Cout])."""
+    kernel = p["kernel"].reshape(-1, p["kernel"].shape[-1]).astype(np.float64)
+    return x @ kernel + p.get("bias", 0)
+
+
+def np_conv3x3(x, kernel):
+    """'Same' 3x3 convolution, zero padding 1, no bias: ``[B,h,w,Cin] -> [B,h,w,Cout]``."""
+    b, h, w, _ = x.shape
+    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return sum(padded[:, dy:dy + h, dx:dx + w] @ kernel[dy, dx]
+               for dy in range(3) for dx in range(3))
+
+
+def np_batch_norm(x, p, s):
+    return (x - s["mean"]) / np.sqrt(s["var"] + 1e-5) * p["scale"] + p["bias"]
+
+
 def np_window_mask(h, w, window):
     """``[hw, hw]``: position j is inside the window centred on position i."""
     ys, xs = np.divmod(np.arange(h * w), w)
@@ -47,17 +75,28 @@ def np_window_mask(h, w, window):
     return ((np.abs(ys[:, None] - ys[None]) <= r) & (np.abs(xs[:, None] - xs[None]) <= r))
 
 
-def np_self_attention(x, params, key_channels, window=None):
-    """Key-query / value attention over all positions, or those in the window."""
-    b, h, w, c = x.shape
-    x = x.reshape(b, h * w, c).astype(np.float64)
-    kq = x @ params["key_query"]["kernel"][0, 0] + params["key_query"]["bias"]
-    value = x @ params["value"]["kernel"][0, 0] + params["value"]["bias"]
-    key, query = kq[..., :key_channels], kq[..., key_channels:]
-    logits = np.einsum("bnd,bmd->bnm", query, key) / np.sqrt(key_channels)
-    mask = None if window is None else np_window_mask(h, w, window)
-    context = np.einsum("bnm,bmv->bnv", np_softmax(logits, mask), value)
-    return kq.reshape(b, h, w, -1), context.reshape(b, h, w, -1)
+def np_key_query_value(x, p):
+    """``(key_query, value)`` of the two 1x1 linear layers."""
+    return np_dense(x.astype(np.float64), p["key_query"]), np_dense(x.astype(np.float64),
+                                                                   p["value"])
+
+
+def np_attention(key_query, value, form, window=None):
+    """The context map of each form, written from its definition."""
+    b, h, w, two_d = key_query.shape
+    d = two_d // 2
+    key = key_query[..., :d].reshape(b, h * w, d)
+    query = key_query[..., d:].reshape(b, h * w, d)
+    v = value.reshape(b, h * w, -1)
+    if form == "pooled":
+        # One query per image (the mean of the queries) scores every key; the context is
+        # the attention-weighted mean of all values, the same vector at every position.
+        weights = np_softmax(np.einsum("bd,bnd->bn", query.mean(1), key) / np.sqrt(d))
+        context = np.einsum("bn,bnv->bv", weights, v)
+        return np.broadcast_to(context[:, None, None], value.shape)
+    mask = None if form == "non_local" else np_window_mask(h, w, window)
+    logits = np.einsum("bnd,bmd->bnm", query, key) / np.sqrt(d)
+    return np.einsum("bnm,bmv->bnv", np_softmax(logits, mask), v).reshape(value.shape)
 
 
 def np_pooling_statistics(x, window):
@@ -74,17 +113,84 @@ def np_pooling_statistics(x, window):
     return local_mean, local_var, global_mean, global_var
 
 
-# ---- self-attention -----------------------------------------------------------------
+def np_vector_mapping(key_query, context, p, s):
+    hidden = np_relu(np_dense(np.concatenate([key_query, context], -1), p["dense"]))
+    return np_relu(np_batch_norm(np_dense(hidden, p["conv"]), p["bn"], s["bn"]))
 
-def test_global_attention_matches_numpy():
+
+def np_gated_pooling(x, p, window):
+    stats = np.concatenate(np_pooling_statistics(x, window), -1)
+    return x * np_sigmoid(np_dense(stats, p["gate"]))
+
+
+def np_gsag_head(x, variables, variant, window, global_attention="pooled"):
+    """The GSAG head's forward pass in inference mode, written from its description."""
+    p, s = variables["params"], variables["batch_stats"]
+    # Key layer.
+    x1 = np_relu(np_batch_norm(np_conv3x3(x, p["key_conv"]["kernel"]), p["bn_key"],
+                               s["bn_key"]))
+    out = x1
+    if variant != "basic":
+        # Query layer: pointwise attention on the key layer's key, query and value.
+        key_query, value = np_key_query_value(x1, p["key_qkv"])
+        out = x1 + np_dense(np_attention(key_query, value, "pointwise", window),
+                            p["pointwise_proj"])
+    if variant == "hybrid":
+        # Attention-mean-pool layer: global context, mapped back, added; gated intensity.
+        key_query, value = np_key_query_value(out, p["global_qkv"])
+        context = np_attention(key_query, value, global_attention)
+        out = out + np_vector_mapping(key_query, context, p["vector_mapping"],
+                                      s["vector_mapping"])
+        out = np_gated_pooling(out, p["gated_pooling"], window)
+    return np_dense(out, p["classifier"]), out
+
+
+# ---- key layer's projections and the three attention forms --------------------------
+
+def test_key_query_value_matches_numpy():
     x = features((2, 4, 5, 6))
-    module = SelfAttention(key_channels=3, value_channels=5, window=None)
+    module = KeyQueryValue(key_channels=3, value_channels=5)
     variables = random_variables(module, x)
-    key_query, context = jax.jit(module.apply)(variables, x)
-    expected_kq, expected_context = np_self_attention(x, variables["params"], 3)
-    assert key_query.shape == (2, 4, 5, 6) and context.shape == (2, 4, 5, 5)
+    key_query, value = jax.jit(module.apply)(variables, x)
+    expected_kq, expected_value = np_key_query_value(x, variables["params"])
+    assert key_query.shape == (2, 4, 5, 6) and value.shape == (2, 4, 5, 5)
     np.testing.assert_allclose(key_query, expected_kq, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(context, expected_context, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5, atol=1e-5)
+    key, query = split_key_query(key_query)
+    np.testing.assert_array_equal(key, key_query[..., :3])
+    np.testing.assert_array_equal(query, key_query[..., 3:])
+
+
+def test_pooled_context_is_one_attention_weighted_mean_per_image():
+    """The write-up's global attention: one context vector per image, at every position,
+    the attention-weighted mean of all the values."""
+    rng = np.random.default_rng(1)
+    key_query = rng.normal(scale=2.0, size=(3, 5, 4, 6)).astype(np.float32)
+    value = rng.normal(size=(3, 5, 4, 7)).astype(np.float32)
+    context = np.asarray(jax.jit(attention_context, static_argnums=2)(key_query, value,
+                                                                      "pooled"))
+    assert context.shape == (3, 5, 4, 7)
+    np.testing.assert_array_equal(context, np.broadcast_to(context[:, :1, :1], context.shape))
+    np.testing.assert_allclose(context, np_attention(key_query, value, "pooled"),
+                               rtol=1e-5, atol=1e-6)
+    # The weights: a distribution over the 20 positions of each image, not uniform.
+    key, query = split_key_query(key_query)
+    weights, vector = jax.jit(pooled_attention)(query, key, value)
+    assert weights.shape == (3, 5, 4) and vector.shape == (3, 7)
+    np.testing.assert_allclose(np.sum(weights, axis=(1, 2)), 1.0, rtol=1e-6)
+    assert np.ptp(np.asarray(weights)) > 0.05
+    np.testing.assert_allclose(vector, np.einsum("bhw,bhwv->bv", weights, value), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_non_local_context_matches_numpy():
+    rng = np.random.default_rng(2)
+    key_query = rng.normal(size=(2, 4, 5, 6)).astype(np.float32)
+    value = rng.normal(size=(2, 4, 5, 3)).astype(np.float32)
+    context = jax.jit(attention_context, static_argnums=2)(key_query, value, "non_local")
+    np.testing.assert_allclose(context, np_attention(key_query, value, "non_local"),
+                               rtol=1e-5, atol=1e-5)
+    assert np.ptp(np.asarray(context)[0, :, :, 0]) > 0.05   # differs between positions
 
 
 @pytest.mark.parametrize("shape, window", [
@@ -92,28 +198,21 @@ def test_global_attention_matches_numpy():
     ((1, 7, 9, 4), 5),
     ((1, 3, 2, 4), 5),   # window covers the map: every position sees all
 ])
-def test_pointwise_attention_is_global_attention_with_window_mask(shape, window):
-    x = features(shape, seed=1)
-    module = SelfAttention(key_channels=2, value_channels=3, window=window)
-    variables = random_variables(module, x, seed=2)
-    _, context = jax.jit(module.apply)(variables, x)
-    _, expected = np_self_attention(x, variables["params"], 2, window)
-    np.testing.assert_allclose(context, expected, rtol=1e-5, atol=1e-5)
+def test_pointwise_attention_is_non_local_with_window_mask(shape, window):
+    rng = np.random.default_rng(3)
+    key_query = rng.normal(size=shape).astype(np.float32)
+    value = rng.normal(size=shape[:3] + (3,)).astype(np.float32)
+    context = jax.jit(attention_context, static_argnums=(2, 3))(key_query, value,
+                                                                "pointwise", window)
+    np.testing.assert_allclose(context, np_attention(key_query, value, "pointwise", window),
+                               rtol=1e-5, atol=1e-5)
 
 
-def test_large_window_equals_global_module():
-    x = features((2, 3, 3, 4), seed=3)
-    local = SelfAttention(key_channels=2, value_channels=3, window=5)
-    variables = random_variables(local, x)
-    global_ = SelfAttention(key_channels=2, value_channels=3, window=None)
-    np.testing.assert_allclose(jax.jit(local.apply)(variables, x)[1],
-                               jax.jit(global_.apply)(variables, x)[1], rtol=1e-5, atol=1e-6)
-
-
-def test_even_window_fails():
-    with pytest.raises(ValueError, match="odd"):
-        jax.eval_shape(lambda: SelfAttention(2, 3, window=4).init(
-            jax.random.key(0), jnp.zeros((1, 4, 4, 2))))
+@pytest.mark.parametrize("form, window, match", [("pointwise", 4, "odd"),
+                                                 ("global", None, "form")])
+def test_bad_attention_form_or_window_fails(form, window, match):
+    with pytest.raises(ValueError, match=match):
+        attention_context(jnp.zeros((1, 4, 4, 4)), jnp.zeros((1, 4, 4, 2)), form, window)
 
 
 # ---- vector mapping and gated pooling ----------------------------------------------
@@ -124,11 +223,15 @@ def test_vector_mapping_matches_numpy():
     variables = random_variables(module, key_query, context, train=False)
     out = jax.jit(lambda v, a, b: module.apply(v, a, b, train=False))(variables, key_query,
                                                                        context)
-    p, s = variables["params"], variables["batch_stats"]["bn"]
-    hidden = np.concatenate([key_query, context], -1) @ p["dense"]["kernel"] + p["dense"]["bias"]
-    y = hidden @ p["conv"]["kernel"][0, 0]
-    y = (y - s["mean"]) / np.sqrt(s["var"] + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
-    np.testing.assert_allclose(out, np.maximum(y, 0), rtol=1e-4, atol=1e-5)
+    expected = np_vector_mapping(key_query, context, variables["params"],
+                                 variables["batch_stats"])
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    # The ReLU between the dense layer and the 1x1 conv is live: without it the map
+    # would be affine, and it is not.
+    p, s = variables["params"], variables["batch_stats"]
+    affine = np_relu(np_batch_norm(np_dense(np_dense(np.concatenate(
+        [key_query, context], -1), p["dense"]), p["conv"]), p["bn"], s["bn"]))
+    assert np.abs(np.asarray(out) - affine).max() > 0.05
 
 
 @pytest.mark.parametrize("shape, window", [((2, 6, 7, 3), 3), ((1, 5, 4, 2), 7)])
@@ -140,15 +243,15 @@ def test_pooling_statistics_match_numpy(shape, window):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_gated_pooling_gate_from_statistics():
+def test_gated_pooling_scales_feature_intensity():
     x = features((2, 5, 6, 3), seed=7)
     module = GatedPooling(window=3)
     variables = random_variables(module, x)
-    gate = jax.jit(module.apply)(variables, x)
-    p = variables["params"]["gate"]
-    stats = np.concatenate(np_pooling_statistics(x, 3), -1)
-    expected = 1 / (1 + np.exp(-(stats @ p["kernel"][0, 0] + p["bias"])))
-    np.testing.assert_allclose(gate, expected, rtol=1e-4, atol=1e-6)
+    out = np.asarray(jax.jit(module.apply)(variables, x))
+    np.testing.assert_allclose(out, np_gated_pooling(x, variables["params"], 3),
+                               rtol=1e-4, atol=1e-6)
+    # features x gate, gate in (0, 1): same sign, smaller magnitude, never mixed in.
+    assert np.all(np.sign(out) == np.sign(x)) and np.all(np.abs(out) < np.abs(x))
 
 
 # ---- the head -----------------------------------------------------------------------
@@ -156,10 +259,9 @@ def test_gated_pooling_gate_from_statistics():
 HEAD = dict(num_classes=5, channels=64, width=0.25, window=3)   # 16 channels
 NEW_MODULES = {
     "basic": {"key_conv", "bn_key", "classifier"},
-    "incremental": {"key_conv", "bn_key", "classifier", "pointwise_attention",
-                    "pointwise_proj"},
-    "hybrid": {"key_conv", "bn_key", "classifier", "pointwise_attention", "pointwise_proj",
-               "global_attention", "vector_mapping", "gated_pooling"},
+    "incremental": {"key_conv", "bn_key", "key_qkv", "pointwise_proj", "classifier"},
+    "hybrid": {"key_conv", "bn_key", "key_qkv", "pointwise_proj", "global_qkv",
+               "vector_mapping", "gated_pooling", "classifier"},
 }
 
 
@@ -176,6 +278,20 @@ def test_head_contract(variant):
     bn_names = {path[-2].key for path, _ in
                 jax.tree_util.tree_leaves_with_path(variables["batch_stats"])}
     assert all(name.startswith("bn") for name in bn_names)
+
+
+@pytest.mark.parametrize("variant, global_attention", [
+    ("basic", "pooled"), ("incremental", "pooled"), ("hybrid", "pooled"),
+    ("hybrid", "non_local")])
+def test_head_matches_numpy(variant, global_attention):
+    x = features((2, 5, 6, 8), seed=9)
+    head = GSAGHead(variant=variant, global_attention=global_attention, **HEAD)
+    variables = random_variables(head, x, train=False, seed=3)
+    out = jax.jit(lambda v, x: head.apply(v, x, train=False))(variables, x)
+    logits, penultimate = np_gsag_head(x, variables, variant, HEAD["window"],
+                                       global_attention)
+    np.testing.assert_allclose(out["features"], penultimate, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out["logits"], logits, rtol=1e-4, atol=1e-4)
 
 
 def test_incremental_head_starts_as_basic_head():
@@ -195,25 +311,6 @@ def test_incremental_head_starts_as_basic_head():
         rtol=1e-5, atol=1e-6)
 
 
-def test_hybrid_features_are_the_gated_sum():
-    """``features = g * x2 + (1 - g) * m``: x2 the query layer's output, m the global path."""
-    x = features((2, 5, 6, 8), seed=9)
-    head = GSAGHead(variant="hybrid", **HEAD)
-    variables = random_variables(head, x, train=False)
-    out, state = jax.jit(lambda v, x: head.apply(v, x, train=False,
-                                                 capture_intermediates=True))(variables, x)
-    inter = state["intermediates"]
-    x2 = (jax.nn.relu(inter["bn_key"]["__call__"][0])
-          + inter["pointwise_proj"]["__call__"][0])
-    gate = inter["gated_pooling"]["__call__"][0]
-    global_features = inter["vector_mapping"]["__call__"][0]
-    np.testing.assert_allclose(out["features"], gate * x2 + (1 - gate) * global_features,
-                               rtol=1e-5, atol=1e-6)
-    p = variables["params"]["classifier"]
-    np.testing.assert_allclose(out["logits"], out["features"] @ p["kernel"][0, 0] + p["bias"],
-                               rtol=1e-4, atol=1e-5)
-
-
 def test_head_trains_with_batch_norm_and_dropout():
     x = features((2, 4, 4, 8), seed=10)
     head = GSAGHead(variant="hybrid", bn_mode="train", dropout=0.5, **HEAD)
@@ -230,12 +327,14 @@ def test_head_trains_with_batch_norm_and_dropout():
         variables["params"], x)
     assert np.isfinite(loss)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-    assert all(np.any(g != 0) for g in jax.tree.leaves(grads["global_attention"]))
+    for name in ("global_qkv", "vector_mapping", "gated_pooling"):
+        assert all(np.any(g != 0) for g in jax.tree.leaves(grads[name])), name
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)),
                                             variables["batch_stats"], stats)))
 
 
-def test_unknown_variant_fails():
-    with pytest.raises(ValueError, match="variant"):
-        jax.eval_shape(lambda: GSAGHead(num_classes=3, variant="full").init(
+@pytest.mark.parametrize("option", [{"variant": "full"}, {"global_attention": "local"}])
+def test_unknown_variant_or_global_attention_fails(option):
+    with pytest.raises(ValueError, match=list(option)[0]):
+        jax.eval_shape(lambda: GSAGHead(num_classes=3, **option).init(
             jax.random.key(0), jnp.zeros((1, 4, 4, 2)), train=False))

@@ -57,6 +57,7 @@ def head_factory(cfg: ml_collections.ConfigDict, bn_axis_name: str | None, dtype
         return functools.partial(self_attention.GSAGHead, num_classes=cfg.num_classes,
                                  variant=cfg.gsag_variant, channels=cfg.gsag_channels,
                                  width=cfg.width, window=cfg.gsag_window,
+                                 global_attention=cfg.gsag_global_attention,
                                  dropout=cfg.gsag_dropout, bn_mode=cfg.bn_mode,
                                  bn_axis_name=bn_axis_name, dtype=dtype)
     raise ValueError(f"model.head must be one of {HEADS}, got {cfg.head!r}")

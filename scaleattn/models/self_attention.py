@@ -1,55 +1,194 @@
-"""Gated Self-Attention Group (GSAG) segmentation heads (seed 004, DESIGN.md §1.2).
+"""Gated Self-Attention Group (GSAG) segmentation heads.
 
-The write-up names the pieces but not their wiring. Where it is vague this module
-takes the simplest reading that keeps every named piece, as follows.
+The GSAG write-up (a Chinese blog post) lists its pieces in §3.2 ("innovations") but
+gives neither their wiring nor their sizes. The table below takes §3.2 sentence by
+sentence (row numbers follow its five parts; 0.x is its introduction), names the code
+that implements each sentence, and says where the code had to choose. ``x`` is a
+feature map ``[B, h, w, C]`` with ``C = channels * width`` (512 at full size); key
+and query have ``dk = C / 8`` channels, values ``dv = C / 2``.
 
-Pieces (``x`` is a feature map ``[B, h, w, C]``):
+| #   | The write-up says (in English) | Code                       | Where the code chose         |
+|-----|--------------------------------|----------------------------|------------------------------|
+| 0.1 | The authors propose a network  | `GSAGHead` (a segmentation | A head on the last backbone  |
+|     | that integrates group          | head on a dilated ResNet / | stage; 'group' is read as    |
+|     | attention: the Gated           | ResNeXt)                   | the group of layers below,   |
+|     | Self-Attention Group (GSAG).   |                            | not as channel groups.       |
+|     |                                |                            |                              |
+| 0.2 | GSAG captures global features  | the whole model trains end | 'Different layers' is read   |
+|     | of different layers and can be | to end                     | as the group's own three     |
+|     | fine-tuned end to end,         | (`train.train_step`);      | layers; the head reads one   |
+|     | extracting both global and     | backbone from ImageNet     | backbone stage, not several. |
+|     | local information.             | (`model.init_from`)        |                              |
+|     |                                |                            |                              |
+| 0.3 | The network is made of a       | `pooled_attention`,        | The first four are the parts |
+|     | global self-attention          | `VectorMapping`,           | the three layers are built   |
+|     | mechanism, a vector mapping, a | `local_attention`,         | from (rows 5.x).             |
+|     | pointwise self-attention       | `GatedPooling`, and the    |                              |
+|     | mechanism, a gated pooling     | three layers of `GSAGHead` |                              |
+|     | layer and three convolution    |                            |                              |
+|     | layers.                        |                            |                              |
+|     |                                |                            |                              |
+| 1.1 | Global self-attention extracts | `attention_context(...,    | -                            |
+|     | global information from the    | 'pooled')` in the          |                              |
+|     | convolutional feature map.     | attention-mean-pool layer  |                              |
+|     |                                |                            |                              |
+| 1.2 | It is built from two linear    | `KeyQueryValue` (two 1x1   | A linear layer on a feature  |
+|     | layers.                        | convs with bias)           | map = a 1x1 convolution,     |
+|     |                                |                            | applied at every position.   |
+|     |                                |                            |                              |
+| 1.3 | The first, the key-query       | `KeyQueryValue.key_query`  | One conv whose output is     |
+|     | linear layer, reads the        | (2 dk outputs), split by   | split in halves (key first); |
+|     | previous layer's feature map   | `split_key_query`          | dk = C / 8.                  |
+|     | and produces key vectors and   |                            |                              |
+|     | query vectors.                 |                            |                              |
+|     |                                |                            |                              |
+| 1.4 | The second, the value linear   | `KeyQueryValue.value` (dv  | dv = C / 2 (the write-up     |
+|     | layer, reads the same map and  | = C / 2 outputs)           | gives no widths).            |
+|     | produces value vectors.        |                            |                              |
+|     |                                |                            |                              |
+| 1.5 | The key-query layer learns a   | `pooled_attention`: weight | One query per image, qbar =  |
+|     | semantic representation, so    | a_j = softmax_j(qbar . k_j | the mean of the per-position |
+|     | that pixels at different       | / sqrt(dk))                | queries, scores every key    |
+|     | positions take different       |                            | (scaled dot product, softmax |
+|     | meanings from their context.   |                            | over all h*w positions,      |
+|     |                                |                            | float32). Alternative not    |
+|     |                                |                            | taken: the mean over i of    |
+|     |                                |                            | the non-local softmax_j(q_i  |
+|     |                                |                            | . k_j), quadratic in h*w.    |
+|     |                                |                            |                              |
+| 1.6 | The value layer compresses the | `pooled_attention`:        | The weights are the          |
+|     | values of all pixels into one  | context = sum_j a_j v_j,   | attention weights of 1.5, so |
+|     | vector, instead of one         | one [dv] vector per image  | the vector is their weighted |
+|     | encoding per position.         |                            | mean of the values. The      |
+|     |                                |                            | non-local form (a context    |
+|     |                                |                            | per position) is kept as the |
+|     |                                |                            | option global_attention =    |
+|     |                                |                            | 'non_local', not the         |
+|     |                                |                            | default.                     |
+|     |                                |                            |                              |
+| 1.7 | So the value layer is the      | the pooled vector is the   | -                            |
+|     | important tool for extracting  | only input of the head     |                              |
+|     | global information.            | that sees the whole image  |                              |
+|     |                                |                            |                              |
+| 2.1 | Every convolution layer can    | `VectorMapping`, applied   | Applied where a global       |
+|     | learn global information       | once: in the               | vector exists. The key layer |
+|     | through a vector mapping       | attention-mean-pool layer  | (3x3 conv) and the query     |
+|     | layer.                         | (hybrid)                   | layer (windowed attention)   |
+|     |                                |                            | stay local by design (4.x:   |
+|     |                                |                            | pointwise attention only     |
+|     |                                |                            | looks at each pixel's        |
+|     |                                |                            | neighbourhood); the mapped   |
+|     |                                |                            | vector is added to the map   |
+|     |                                |                            | they produce, so from there  |
+|     |                                |                            | on every layer (gated        |
+|     |                                |                            | pooling, classifier) sees    |
+|     |                                |                            | it.                          |
+|     |                                |                            |                              |
+| 2.2 | The key-query vector and the   | `VectorMapping.dense` on   | Key-query vector: the global |
+|     | value vector are concatenated  | concat(key_query_i,        | layer's key-query output at  |
+|     | and fed to a fully connected   | context)                   | position i (2 dk); value     |
+|     | layer.                         |                            | vector: the image's pooled   |
+|     |                                |                            | context (dv). Position i's   |
+|     |                                |                            | key-query vector is what     |
+|     |                                |                            | maps the one context back    |
+|     |                                |                            | onto every position          |
+|     |                                |                            | differently.                 |
+|     |                                |                            |                              |
+| 2.3 | It is then transformed by a    | `VectorMapping`: dense ->  | A ReLU after each of the two |
+|     | 1x1 convolution, followed by a | ReLU -> `conv` (1x1) -> BN | linear maps: with only the   |
+|     | nonlinear activation.          | -> ReLU                    | last one the dense layer and |
+|     |                                |                            | the 1x1 conv would be a      |
+|     |                                |                            | single linear map. The BN is |
+|     |                                |                            | the heads' usual             |
+|     |                                |                            | conv-BN-ReLU.                |
+|     |                                |                            |                              |
+| 2.4 | In this way the convolution    | attention-mean-pool layer: | Added to the query layer's   |
+|     | layer obtains a new            | x3 = x2 +                  | output x2 (residual), so the |
+|     | representation vector.         | VectorMapping(...)         | local features are kept.     |
+|     |                                |                            |                              |
+| 3.1 | Pointwise self-attention       | `attention_context(...,    | 'Pointwise' = each pixel     |
+|     | extracts local information at  | 'pointwise', window)` =    | attends to a window x window |
+|     | every position of the feature  | `local_attention`          | neighbourhood (7; demo 5)    |
+|     | map.                           |                            | around it; positions outside |
+|     |                                |                            | the map are left out, not    |
+|     |                                |                            | zero-padded.                 |
+|     |                                |                            |                              |
+| 3.2 | It is built from two linear    | `KeyQueryValue` named      | The same module as 1.2; the  |
+|     | layers: a key-query layer      | `key_qkv` (part of the key | pointwise attention reads    |
+|     | producing keys and queries,    | layer, 5.2)                | the key layer's key, query   |
+|     | and a value layer producing    |                            | and value.                   |
+|     | values.                        |                            |                              |
+|     |                                |                            |                              |
+| 3.3 | Like the global mechanism it   | `local_attention`: c_i =   | A context per position (not  |
+|     | encodes the input features;    | sum_{j in window(i)}       | pooled): the same            |
+|     | unlike it, it only attends to  | softmax_j(q_i . k_j /      | key-query-value form,        |
+|     | each pixel's context, and so   | sqrt(dk)) v_j              | restricted to the window.    |
+|     | gathers more local             |                            |                              |
+|     | information.                   |                            |                              |
+|     |                                |                            |                              |
+| 4.1 | Gated pooling is an effective  | `GatedPooling` (hybrid),   | -                            |
+|     | way to merge local and global  | on the sum of local        |                              |
+|     | information.                   | features and mapped global |                              |
+|     |                                | vector                     |                              |
+|     |                                |                            |                              |
+| 4.2 | It is built from two layers.   | `pooling_statistics` (no   | The first 'layer' is         |
+|     |                                | weights), then             | parameter-free pooling; the  |
+|     |                                | `GatedPooling.gate`        | second is a 1x1 conv with    |
+|     |                                |                            | bias + sigmoid.              |
+|     |                                |                            |                              |
+| 4.3 | The first takes a set of       | `pooling_statistics`: per  | Same window as the pointwise |
+|     | feature maps and produces      | channel, over a window x   | attention; biased variances; |
+|     | local and global means and     | window neighbourhood       | float32.                     |
+|     | variances.                     | (local) and over the whole |                              |
+|     |                                | image (global)             |                              |
+|     |                                |                            |                              |
+| 4.4 | The second, a gating           | `GatedPooling`: x *        | The gate scales the          |
+|     | mechanism, uses the learnt     | sigmoid(conv1x1(concat(4   | intensity (features x gate), |
+|     | means and variances to adjust  | statistics)))              | per position and channel; no |
+|     | the intensity of the feature   |                            | mix with another path.       |
+|     | maps, selecting the important  |                            |                              |
+|     | features.                      |                            |                              |
+|     |                                |                            |                              |
+| 5.1 | The three convolution layers   | `GSAGHead.__call__`: key   | Variants (write-up's         |
+|     | are GSAG's core; they carry    | layer -> query layer ->    | experiments): basic = key    |
+|     | the extraction of global and   | attention-mean-pool layer  | layer; incremental = + query |
+|     | local information.             | -> classifier              | layer; hybrid = +            |
+|     |                                |                            | attention-mean-pool layer    |
+|     |                                |                            | (the 'gated' module).        |
+|     |                                |                            |                              |
+| 5.2 | The first, the key layer,      | key layer: x1 =            | The key-query-value          |
+|     | reads the previous output and  | ReLU(BN(conv3x3(x))); key, | projections are made when a  |
+|     | obtains a new feature map in   | query, value =             | later layer reads them       |
+|     | key-query-value form.          | `key_qkv`(x1)              | (incremental, hybrid); the   |
+|     |                                |                            | basic head is                |
+|     |                                |                            | conv3x3-BN-ReLU +            |
+|     |                                |                            | classifier.                  |
+|     |                                |                            |                              |
+| 5.3 | The second, the query layer,   | query layer: x2 = x1 +     | Residual update; the 1x1     |
+|     | updates the feature map with   | `pointwise_proj`(c), c =   | projection back to C         |
+|     | pointwise self-attention.      | local_attention(q, k, v)   | channels is                  |
+|     |                                |                            | zero-initialised, so a new   |
+|     |                                |                            | incremental head computes    |
+|     |                                |                            | what the basic one does.     |
+|     |                                |                            |                              |
+| 5.4 | The third, the                 | x3 = x2 +                  | 'Weighted sum' = the         |
+|     | attention-mean-pooling layer,  | `vector_mapping`(kq,       | attention-weighted mean of   |
+|     | makes a new feature map with   | pooled context of          | the values (1.6); the        |
+|     | global self-attention and      | `global_qkv`(x2)); output  | layer's output is then gated |
+|     | takes a weighted sum to give   | = `gated_pooling`(x3)      | (4.4) and read by the        |
+|     | the final output.              |                            | classifier.                  |
 
-1. **Self-attention** (`SelfAttention`, one module for both forms). A "key-query
-   linear layer" (one 1x1 conv ``key_query`` with bias, ``2 * dk`` outputs, split into
-   key ``[..., :dk]`` and query ``[..., dk:]``) and a "value linear layer" (1x1 conv
-   ``value`` with bias, ``dv`` outputs). Attention weights are the softmax over
-   positions of ``q_i . k_j / sqrt(dk)`` (scaled dot product; the softmax runs in
-   float32); the context at ``i`` is ``sum_j a_ij v_j``.
-   * *global* (``window=None``): ``j`` runs over all ``h * w`` positions (non-local).
-   * *pointwise* (``window=k``, odd): ``j`` runs over the ``k x k`` window centred on
-     ``i``; positions outside the map are excluded (not zero-padded keys). This is the
-     global form with a window mask, computed as a sum over the ``k^2`` shifts instead
-     of an ``(hw)^2`` matrix (`local_attention`).
-   The module returns both the key-query vectors ``[B, h, w, 2 dk]`` and the context
-   ``[B, h, w, dv]``.
-2. **Vector mapping** (`VectorMapping`): ``concat(key_query, context)`` ->
-   dense (``hidden`` units) -> 1x1 conv -> BN -> ReLU. The "key-query vector" is read
-   as the key-query layer's output at the pixel, the "value vector" as the attended
-   value (the context). The BN (the heads' usual conv-BN-ReLU) is our addition.
-3. **Gated pooling** (`GatedPooling`): the local (``window x window``, outside
-   positions excluded) and global (per image) mean and variance of every channel
-   (`pooling_statistics`), concatenated (``4C``) -> 1x1 conv with bias -> sigmoid: a
-   gate ``g`` in (0, 1) per position and channel. "Merges local and global
-   information": the head uses it as the weights of a weighted sum
-   ``g * local + (1 - g) * global`` (below).
-4. **Three-convolution group** (`GSAGHead`), on the backbone features:
-   * key layer: ``conv3x3(C) -> BN -> ReLU`` -> ``x1``;
-   * query layer: pointwise self-attention on ``x1``, its context projected back to C
-     channels by a 1x1 conv (``pointwise_proj``, zero-initialised so that a new head
-     starts as the basic head) and added: ``x2 = x1 + proj(context)``;
-   * attention-mean-pool layer: global self-attention on ``x2`` (every output is an
-     attention-weighted mean of all values), vector-mapped to C channels -> ``m``;
-     the gate from ``x2``'s statistics weights the sum ``x3 = g * x2 + (1 - g) * m``.
-   The last layer's output is the penultimate representation (``features``), which a
-   1x1 conv ``classifier`` (with bias, N(0, 0.01) init) turns into class scores.
+The write-up's experiments (§3.4): the three heads ``basic`` / ``incremental`` /
+``hybrid`` (`VARIANTS`) on ResNet-50/101 and ResNeXt-101; the hybrid head trained with
+OHEM-softmax gives its best result. The ``gsag_hybrid_*`` configs therefore train
+with OHEM (`scaleattn.losses.ohem_keep_mask`, on logits upsampled to the label size);
+``gsag_basic_*`` and ``gsag_incremental_*`` train with plain softmax cross-entropy,
+OHEM being one switch away (``loss.type='ohem'``).
 
-Variants (each adds the next layer of the group):
-  * ``basic``: key layer only (plain conv3x3-BN-ReLU head);
-  * ``incremental``: + the pointwise self-attention (query) layer;
-  * ``hybrid``: + the gated global (attention-mean-pool) layer = the full group.
-
-Widths: ``C = channels * width``; ``dk = max(1, C // 8)``; ``dv = max(1, C // 2)``;
-vector-mapping hidden units = ``C``. An optional dropout (``dropout``, default 0) sits
-before the classifier; ``features`` is taken before it.
-
-Cost: global attention holds a ``[B, hw, hw]`` float32 matrix (a 65x65 map: 71 MB per
-image); the pointwise form never builds one.
+Cost: the pooled global attention and the gated pooling are linear in ``h * w``; the
+pointwise attention is ``O(h * w * window^2)`` and never builds an attention matrix;
+the ``non_local`` option holds a ``[B, hw, hw]`` float32 matrix (71 MB per image for a
+65x65 map).
 """
 
 from typing import Any
@@ -62,6 +201,7 @@ import numpy as np
 from scaleattn.models import layers
 
 VARIANTS = ("basic", "incremental", "hybrid")
+GLOBAL_ATTENTIONS = ("pooled", "non_local")
 
 # DeepLab initialises its new classifiers with N(0, 0.01).
 classifier_init = nn.initializers.normal(0.01)
@@ -106,8 +246,35 @@ def attention_weights(logits: jnp.ndarray, valid: np.ndarray | None = None) -> j
     return jax.nn.softmax(logits, axis=-1)
 
 
-def global_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray) -> jnp.ndarray:
-    """Every position attends to all: ``[B,h,w,d], [B,h,w,d], [B,h,w,dv] -> [B,h,w,dv]``."""
+def split_key_query(key_query: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """``[..., 2 d] -> (key [..., :d], query [..., d:])``: the key-query layer's two halves."""
+    return jnp.split(key_query, 2, axis=-1)
+
+
+def pooled_attention(query: jnp.ndarray, key: jnp.ndarray,
+                     value: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """One context vector per image: the attention-weighted mean of all the values.
+
+    ``query, key [B, h, w, d], value [B, h, w, dv] -> (weights [B, h, w], context [B, dv])``:
+    the image's query is the mean of its per-position queries, ``qbar = mean_i q_i``;
+    position ``j`` gets the weight ``a_j = softmax_j(qbar . k_j / sqrt(d))`` (over all
+    ``h * w`` positions, float32) and ``context = sum_j a_j v_j``. Linear in ``h * w``.
+    """
+    b, h, w, d = key.shape
+    image_query = jnp.mean(query.astype(jnp.float32), axis=(1, 2))                 # [B, d]
+    logits = jnp.einsum("bhwd,bd->bhw", key.astype(jnp.float32), image_query) / np.sqrt(d)
+    weights = attention_weights(logits.reshape(b, h * w)).reshape(b, h, w)
+    context = jnp.einsum("bhw,bhwv->bv", weights.astype(value.dtype), value)
+    return weights, context
+
+
+def non_local_attention(query: jnp.ndarray, key: jnp.ndarray,
+                        value: jnp.ndarray) -> jnp.ndarray:
+    """A context per position, each position attending to all (non-local block).
+
+    ``[B,h,w,d], [B,h,w,d], [B,h,w,dv] -> [B,h,w,dv]``: ``c_i = sum_j a_ij v_j`` with
+    ``a_ij = softmax_j(q_i . k_j / sqrt(d))``; holds a ``[B, hw, hw]`` float32 matrix.
+    """
     b, h, w, d = query.shape
     q, k = query.reshape(b, h * w, d), key.reshape(b, h * w, d)
     v = value.reshape(b, h * w, value.shape[-1])
@@ -119,7 +286,7 @@ def local_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray,
                     window: int) -> jnp.ndarray:
     """Each position attends to its ``window x window`` neighbourhood inside the map.
 
-    ``[B,h,w,d], [B,h,w,d], [B,h,w,dv] -> [B,h,w,dv]``; equal to `global_attention`
+    ``[B,h,w,d], [B,h,w,d], [B,h,w,dv] -> [B,h,w,dv]``; equal to `non_local_attention`
     with logits outside the window masked out, in ``O(hw * window^2)`` memory.
     """
     h, w, d = query.shape[1], query.shape[2], query.shape[3]
@@ -127,6 +294,26 @@ def local_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray,
                        axis=-1) / np.sqrt(d)                                # [B,h,w,K]
     a = attention_weights(logits, window_validity(h, w, window)).astype(value.dtype)
     return sum(a[..., i:i + 1] * v for i, v in enumerate(window_shifts(value, window)))
+
+
+def attention_context(key_query: jnp.ndarray, value: jnp.ndarray, form: str,
+                      window: int | None = None) -> jnp.ndarray:
+    """The context map ``[B, h, w, dv]`` of ``key_query [B,h,w,2d]`` and ``value [B,h,w,dv]``.
+
+    ``form``: 'pointwise' (`local_attention` over ``window``), 'pooled' (the one
+    `pooled_attention` vector of each image, at every position) or 'non_local'
+    (`non_local_attention`).
+    """
+    key, query = split_key_query(key_query)
+    if form == "pointwise":
+        return local_attention(query, key, value, window)
+    if form == "pooled":
+        context = pooled_attention(query, key, value)[1]
+        return jnp.broadcast_to(context[:, None, None, :], value.shape)
+    if form == "non_local":
+        return non_local_attention(query, key, value)
+    raise ValueError(f"the self-attention form must be 'pointwise' or one of "
+                     f"{GLOBAL_ATTENTIONS}, got {form!r}")
 
 
 def pooling_statistics(x: jnp.ndarray, window: int) -> tuple[jnp.ndarray, ...]:
@@ -145,15 +332,14 @@ def pooling_statistics(x: jnp.ndarray, window: int) -> tuple[jnp.ndarray, ...]:
     return local_mean, local_var, global_mean, global_var
 
 
-class SelfAttention(nn.Module):
-    """Key-query / value self-attention, global (``window=None``) or windowed.
+class KeyQueryValue(nn.Module):
+    """The key-query linear layer and the value linear layer (1x1 convs with bias).
 
     ``x [B, h, w, C] -> (key_query [B, h, w, 2 * key_channels],
-    context [B, h, w, value_channels])``; the key is ``key_query[..., :key_channels]``.
+    value [B, h, w, value_channels])``; `split_key_query` gives key and query.
     """
     key_channels: int
     value_channels: int
-    window: int | None = None
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -162,16 +348,16 @@ class SelfAttention(nn.Module):
                                 name="key_query")(x)
         value = layers.conv(self.value_channels, 1, use_bias=True, dtype=self.dtype,
                             name="value")(x)
-        key, query = jnp.split(key_query, 2, axis=-1)
-        if self.window is None:
-            context = global_attention(query, key, value)
-        else:
-            context = local_attention(query, key, value, self.window)
-        return key_query, context
+        return key_query, value
 
 
 class VectorMapping(nn.Module):
-    """``concat(key_query, context)`` -> dense -> 1x1 conv -> BN -> ReLU: ``[B,h,w,features]``."""
+    """``concat(key_query, context)`` -> dense -> ReLU -> 1x1 conv -> BN -> ReLU.
+
+    ``key_query [B, h, w, Ck], context [B, h, w, Cv] -> [B, h, w, features]``: the
+    fully connected layer and the 1x1 convolution act on each position's vector; the
+    ReLU between them keeps the two from collapsing into one linear map.
+    """
     hidden: int
     features: int
     bn_mode: str = "frozen"
@@ -182,7 +368,7 @@ class VectorMapping(nn.Module):
     def __call__(self, key_query: jnp.ndarray, context: jnp.ndarray, *,
                  train: bool) -> jnp.ndarray:
         x = jnp.concatenate([key_query, context.astype(key_query.dtype)], axis=-1)
-        x = nn.Dense(self.hidden, dtype=self.dtype, name="dense")(x)
+        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="dense")(x))
         x = layers.conv(self.features, 1, dtype=self.dtype, name="conv")(x)
         x = layers.batch_norm(train=train, bn_mode=self.bn_mode, axis_name=self.bn_axis_name,
                               dtype=self.dtype, name="bn")(x)
@@ -190,20 +376,24 @@ class VectorMapping(nn.Module):
 
 
 class GatedPooling(nn.Module):
-    """Gate from local and global statistics: ``x [B,h,w,C] -> g [B,h,w,C]`` in (0, 1)."""
+    """Gates the intensity of ``x [B, h, w, C]``: ``x * g``, ``g [B, h, w, C]`` in (0, 1).
+
+    ``g = sigmoid(conv1x1(concat(local mean, local variance, global mean, global
+    variance)))`` of ``x``'s channels (`pooling_statistics`, ``4C`` inputs).
+    """
     window: int = 7
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         stats = jnp.concatenate(pooling_statistics(x, self.window), axis=-1)
-        gate = layers.conv(x.shape[-1], 1, use_bias=True, dtype=self.dtype,
-                           name="gate")(stats.astype(self.dtype))
-        return nn.sigmoid(gate)
+        gate = nn.sigmoid(layers.conv(x.shape[-1], 1, use_bias=True, dtype=self.dtype,
+                                      name="gate")(stats.astype(self.dtype)))
+        return x * gate.astype(x.dtype)
 
 
 class GSAGHead(nn.Module):
-    """GSAG segmentation head (see the module docstring for the wiring).
+    """GSAG segmentation head (the module docstring maps it to the write-up).
 
     ``features [B, h, w, Cin] -> {'logits': [B, h, w, num_classes],
     'features': [B, h, w, channels * width]}``; ``features`` is what the classifier
@@ -215,6 +405,8 @@ class GSAGHead(nn.Module):
       channels: width of the group before the ``width`` multiplier (512).
       width: channel multiplier (tests: tiny).
       window: odd side of the pointwise-attention and local-pooling window.
+      global_attention: 'pooled' (one context vector per image, the write-up) |
+        'non_local' (a context per position).
       dropout: rate of the dropout before the classifier (0 = none; needs a 'dropout'
         rng when training).
       bn_mode, bn_axis_name: see `layers.batch_norm`.
@@ -224,6 +416,7 @@ class GSAGHead(nn.Module):
     channels: int = 512
     width: float = 1.0
     window: int = 7
+    global_attention: str = "pooled"
     dropout: float = 0.0
     bn_mode: str = "frozen"
     bn_axis_name: str | None = None
@@ -233,34 +426,40 @@ class GSAGHead(nn.Module):
     def __call__(self, features: jnp.ndarray, *, train: bool) -> dict:
         if self.variant not in VARIANTS:
             raise ValueError(f"GSAG variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.global_attention not in GLOBAL_ATTENTIONS:
+            raise ValueError(f"GSAG global_attention must be one of {GLOBAL_ATTENTIONS}, "
+                             f"got {self.global_attention!r}")
         _check_window(self.window)
         c = max(1, int(self.channels * self.width))
         key_channels, value_channels = max(1, c // 8), max(1, c // 2)
 
-        # Key layer.
+        # Key layer: conv3x3-BN-ReLU, then (when a query layer reads them) key, query
+        # and value from its key-query and value linear layers.
         x = layers.conv(c, 3, dtype=self.dtype, name="key_conv")(features)
         x = layers.batch_norm(train=train, bn_mode=self.bn_mode, axis_name=self.bn_axis_name,
                               dtype=self.dtype, name="bn_key")(x)
         x = nn.relu(x)
 
-        # Query layer: pointwise (windowed) self-attention, added residually.
+        # Query layer: pointwise (windowed) self-attention, added back to the map; the
+        # zero-initialised projection makes a new incremental head start as the basic one.
         if self.variant in ("incremental", "hybrid"):
-            _, context = SelfAttention(key_channels, value_channels, self.window,
-                                       dtype=self.dtype, name="pointwise_attention")(x)
+            key_query, value = KeyQueryValue(key_channels, value_channels, dtype=self.dtype,
+                                             name="key_qkv")(x)
+            context = attention_context(key_query, value, "pointwise", self.window)
             x = x + layers.conv(c, 1, use_bias=True, dtype=self.dtype,
                                 kernel_init=nn.initializers.zeros,
                                 name="pointwise_proj")(context)
 
-        # Attention-mean-pool layer: global self-attention, gated against the local path.
+        # Attention-mean-pool layer: the global context vector, mapped back onto every
+        # position, added; then gated pooling scales the intensity of the result.
         if self.variant == "hybrid":
-            key_query, context = SelfAttention(key_channels, value_channels, None,
-                                               dtype=self.dtype, name="global_attention")(x)
-            global_features = VectorMapping(c, c, bn_mode=self.bn_mode,
-                                            bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                                            name="vector_mapping")(key_query, context,
-                                                                   train=train)
-            gate = GatedPooling(self.window, dtype=self.dtype, name="gated_pooling")(x)
-            x = gate * x + (1 - gate) * global_features
+            key_query, value = KeyQueryValue(key_channels, value_channels, dtype=self.dtype,
+                                             name="global_qkv")(x)
+            context = attention_context(key_query, value, self.global_attention)
+            x = x + VectorMapping(c, c, bn_mode=self.bn_mode, bn_axis_name=self.bn_axis_name,
+                                  dtype=self.dtype, name="vector_mapping")(key_query, context,
+                                                                           train=train)
+            x = GatedPooling(self.window, dtype=self.dtype, name="gated_pooling")(x)
 
         penultimate = x
         if self.dropout > 0:
