@@ -76,6 +76,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from scaleattn import checkpoint, parallel, train  # pylint: disable=import-outside-toplevel
     from scaleattn.data import errors  # pylint: disable=import-outside-toplevel
+    from scaleattn.weights import WeightsError  # pylint: disable=import-outside-toplevel
     config = load_config()
     try:
         config_lib.validate(config)
@@ -93,7 +94,7 @@ def main(argv):
         else:
             run_tool(config)
     except (config_lib.ConfigError, errors.DataError, checkpoint.CheckpointError,
-            train.NonFiniteLossError) as e:
+            train.NonFiniteLossError, WeightsError) as e:
         logging.error("%s", e)
         sys.exit(f"error: {e}")
 

@@ -8,8 +8,9 @@ Two runs with the same seed and config on CPU give the same scores and the same
 digest (tested), so the digest column of the table says at a glance whether runs
 reproduced bit for bit.
 
-``python -m scaleattn.report WORKDIR...`` prints the table, next to the paper's
-numbers for the matching setting (DESIGN.md §1.1) as reference columns.
+``python -m scaleattn.report WORKDIR...`` prints the table, and one row per group of
+runs that differ only in their seed (mean ± std), each next to the published number
+for the same split, CRF / MS-COCO setting and model (`PAPER`; ``--paper`` lists them).
 """
 
 import argparse
@@ -27,20 +28,54 @@ from scaleattn import checkpoint
 
 RUN_FILE = "run.json"
 
-# The paper's (and later reimplementations') numbers, by setting (DESIGN.md §1.1).
-# A run matches a row when every key of `match` equals the run's value.
+# Published VOC 2012 numbers we could source, each with its split, CRF and MS-COCO
+# setting. A run is compared only with the rows whose `match` equals its `setting`
+# on every key (split, CRF and COCO included); rows with ``match=None`` are listed
+# for reference (`--paper`) but describe a setup this code does not train (another
+# dataset, a domain transform, a classifier head we do not have). ``coco=None``: the
+# source does not establish whether MS-COCO was used.
+VOC_VGG = {"data": "voc2012", "backbone": "vgg16", "head": "largefov"}
 PAPER = (
-    {"match": {"data": "voc2012", "backbone": "vgg16", "num_scales": 1},
-     "val": 62.25, "test": None,
-     "setting": "DeepLab-LargeFOV single scale (63.42 with poly LR)"},
-    {"match": {"data": "voc2012", "backbone": "vgg16", "num_scales": 3,
-               "merge": "attention", "extra_supervision": True},
-     "val": None, "test": 75.7,
-     "setting": "LargeFOV-CRF + attention + extra supervision, VOC test (76.3 with COCO)"},
-    {"match": {"data": "voc2012", "backbone": "resnet101", "num_scales": 3,
-               "merge": "attention", "extra_supervision": True},
-     "val": 77.0, "test": None,
-     "setting": "ResNet-101 reimplementations, VOC val (~77)"},
+    {"what": "DeepLab-LargeFOV, step policy, batch 30, 6K iterations (the attention "
+             "paper's baseline schedule)", "split": "val", "crf": False, "coco": False,
+     "miou": 62.25, "source": "DeepLab-v2 paper, Table 2",
+     "match": dict(VOC_VGG, num_scales=1, schedule="step")},
+    {"what": "DeepLab-LargeFOV, poly policy", "split": "val", "crf": False, "coco": False,
+     "miou": 63.42, "source": "DeepLab-v2 paper, Table 2",
+     "match": dict(VOC_VGG, num_scales=1, schedule="poly")},
+    {"what": "DeepLab-LargeFOV (v1) + CRF", "split": "val", "crf": True, "coco": False,
+     "miou": 67.64, "source": "DeepLab v1 paper",
+     "match": dict(VOC_VGG, num_scales=1)},
+    {"what": "DeepLab-CRF-Attention (the Attention-to-Scale entry)", "split": "test",
+     "crf": True, "coco": None, "miou": 75.7, "source": "DeepLab-v2 paper, Table 5",
+     "match": dict(VOC_VGG, num_scales=3, merge="attention", extra_supervision=True)},
+    {"what": "DeepLab-CRF-Attention-DT (adds a domain transform, another paper)",
+     "split": "test", "crf": True, "coco": None, "miou": 76.3,
+     "source": "DeepLab-v2 paper, Table 5", "match": None},
+    {"what": "DeepLab-v2 ResNet-101, plain classifier, single scale", "split": "val",
+     "crf": False, "coco": False, "miou": 68.72, "source": "DeepLab-v2 paper, Table 4",
+     "match": None},
+    {"what": "DeepLab-v2 ResNet-101 + multi-scale inputs (max fusion)", "split": "val",
+     "crf": False, "coco": False, "miou": 71.27, "source": "DeepLab-v2 paper, Table 4",
+     "match": None},
+    {"what": "DeepLab-v2 ResNet-101 + MSC + COCO", "split": "val", "crf": False,
+     "coco": True, "miou": 73.28, "source": "DeepLab-v2 paper, Table 4", "match": None},
+    {"what": "DeepLab-v2 ResNet-101 + MSC + COCO + Aug", "split": "val", "crf": False,
+     "coco": True, "miou": 74.87, "source": "DeepLab-v2 paper, Table 4", "match": None},
+    {"what": "DeepLab-v2 ResNet-101 + MSC + COCO + Aug + LargeFOV", "split": "val",
+     "crf": False, "coco": True, "miou": 75.54, "source": "DeepLab-v2 paper, Table 4",
+     "match": None},
+    {"what": "DeepLab-v2 ResNet-101 + MSC + COCO + Aug + ASPP", "split": "val", "crf": False,
+     "coco": True, "miou": 76.35, "source": "DeepLab-v2 paper, Table 4",
+     "match": {"data": "voc2012", "backbone": "resnet101", "head": "aspp_v2", "num_scales": 3,
+               "merge": "max"}},
+    {"what": "DeepLab-v2 ResNet-101 + MSC + COCO + Aug + ASPP + CRF", "split": "val",
+     "crf": True, "coco": True, "miou": 77.69, "source": "DeepLab-v2 paper, Table 4",
+     "match": {"data": "voc2012", "backbone": "resnet101", "head": "aspp_v2", "num_scales": 3,
+               "merge": "max"}},
+    {"what": "DeepLab-Attention (VGG16, multi-scale), PASCAL-Person-Part", "split": "val",
+     "crf": None, "coco": None, "miou": 56.39, "source": "DeepLab-v2 paper, Table 7",
+     "match": None},
 )
 
 
@@ -108,6 +143,8 @@ def run_record(config, *, steps: int, scores: dict, ms_flip_scores: dict | None,
         "start": start,
         "miou": score(scores, "miou"),
         "pixel_accuracy": score(scores, "pixel_accuracy"),
+        "per_class_iou": None if not scores or scores.get("per_class_iou") is None else
+        [None if np.isnan(v) else float(v) for v in np.asarray(scores["per_class_iou"])],
         "miou_ms_flip": score(ms_flip_scores, "miou"),
         "wall_time_s": round(float(wall_time_s), 1),
         "device": device_description(),
@@ -174,21 +211,48 @@ def load_run(workdir: str) -> dict:
 
 
 def setting(record: dict) -> dict:
-    """The keys of a run's config that `PAPER` rows are matched on."""
+    """What a run is compared on: the `PAPER` match keys plus split, CRF and COCO.
+
+    Our runs never pretrain on MS-COCO (``coco`` False); ``crf`` is True only when the
+    record says a CRF was applied to the scores it reports.
+    """
     cfg = record.get("config", {})
     model, loss = cfg.get("model", {}), cfg.get("loss", {})
-    return {"data": cfg.get("data", {}).get("name"), "backbone": model.get("backbone"),
+    crf = record.get("crf")
+    return {"data": cfg.get("data", {}).get("name"),
+            "split": cfg.get("data", {}).get("eval_split"),
+            "crf": bool(crf.get("applied")) if isinstance(crf, dict) else False,
+            "coco": False,
+            "backbone": model.get("backbone"), "head": model.get("head"),
             "num_scales": len(model.get("scales", ())), "merge": model.get("merge"),
-            "extra_supervision": loss.get("extra_supervision")}
+            "extra_supervision": loss.get("extra_supervision"),
+            "schedule": cfg.get("optim", {}).get("schedule")}
 
 
 def paper_reference(record: dict) -> dict | None:
-    """The `PAPER` row for a run's setting, or ``None``."""
+    """The `PAPER` row with the run's split, CRF, COCO and model setting, or ``None``.
+
+    A row whose MS-COCO use is not established (``coco=None``) is not ruled out by
+    the run's COCO setting; its cell says so.
+    """
     keys = setting(record)
     for row in PAPER:
+        if row["match"] is None or any(keys[k] != row[k] for k in ("split", "crf")):
+            continue
+        if row["coco"] is not None and row["coco"] != keys["coco"]:
+            continue
         if all(keys.get(k) == v for k, v in row["match"].items()):
             return row
     return None
+
+
+def paper_table() -> str:
+    """The sourced published numbers, as a Markdown table."""
+    flag = {True: "yes", False: "no", None: "not established"}
+    lines = ["| what | split | CRF | MS-COCO | mIoU | source |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['what']} | {r['split']} | {flag[r['crf']]} | {flag[r['coco']]} | "
+              f"{r['miou']:.2f} | {r['source']} |" for r in PAPER]
+    return "\n".join(lines) + "\n"
 
 
 def percent(value) -> str:
@@ -199,40 +263,101 @@ def reference(value) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
+def paper_cells(record: dict) -> list[str]:
+    """The 'paper mIoU' and 'paper setting' cells of a run's row."""
+    paper = paper_reference(record)
+    if paper is None:
+        return ["—", "no published number for this split / CRF / model setting"]
+    coco = {True: "MS-COCO yes", False: "MS-COCO no", None: "MS-COCO not established"}
+    return [f"{paper['miou']:.2f}", f"{paper['what']} ({paper['split']}, "
+            f"CRF {'yes' if paper['crf'] else 'no'}, {coco[paper['coco']]}; "
+            f"{paper['source']})"]
+
+
 def markdown_table(records: list[dict]) -> str:
-    """One row per run: identity, scores (in %), time, device, and the paper's numbers."""
-    header = ("| run | config | commit | steps | mIoU | mIoU ms+flip | wall time | device "
-              "| params sha256 | paper val | paper test | paper setting |")
+    """One row per run: identity, scores (in %), time, device, and the paper's number."""
+    header = ("| run | config | commit | seed | steps | mIoU | mIoU ms+flip | wall time | "
+              "device | params sha256 | paper mIoU | paper setting |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in records:
-        paper = paper_reference(r) or {}
         wall = r.get("wall_time_s")
         lines.append("| " + " | ".join([
             os.path.basename(os.path.normpath(r.get("workdir", ""))) or "—",
-            r.get("name", "—"), f"`{r.get('commit', '—')}`", str(r.get("steps", "—")),
+            r.get("name", "—"), f"`{r.get('commit', '—')}`", str(r.get("seed", "—")),
+            str(r.get("steps", "—")),
             percent(r.get("miou")), percent(r.get("miou_ms_flip")),
             "—" if wall is None else f"{wall / 60:.1f} min", r.get("device", "—"),
             f"`{r.get('params_sha256', '')[:12]}`" if r.get("params_sha256") else "—",
-            reference(paper.get("val")), reference(paper.get("test")),
-            paper.get("setting", "—"),
+            *paper_cells(r),
         ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def seed_groups(records: list[dict]) -> list[list[dict]]:
+    """Runs grouped by everything but the seed: same config (seed aside) and steps.
+
+    Groups keep the order in which their first run appears.
+    """
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        config = {k: v for k, v in r.get("config", {}).items() if k != "seed"}
+        key = json.dumps([config, r.get("steps")], sort_keys=True)
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
+
+
+def mean_std(values: list) -> str:
+    """'mean ± std' in % over the runs that have the value (sample std, n - 1)."""
+    values = [100 * float(v) for v in values if v is not None]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def seed_table(records: list[dict]) -> str:
+    """One row per group of `seed_groups`: mIoU (and per-class IoU) mean ± std over seeds."""
+    header = ("| config | seeds | steps | mIoU | per-class IoU | mIoU ms+flip | paper mIoU "
+              "| paper setting |")
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for group in seed_groups(records):
+        per_class = [r.get("per_class_iou") for r in group]
+        classes = ("—" if any(p is None for p in per_class) else " / ".join(
+            mean_std(list(column)) for column in zip(*per_class)))
+        lines.append("| " + " | ".join([
+            group[0].get("name", "—"), ", ".join(str(r.get("seed", "?")) for r in group),
+            str(group[0].get("steps", "—")), mean_std([r.get("miou") for r in group]),
+            classes, mean_std([r.get("miou_ms_flip") for r in group]),
+            *paper_cells(group[0])]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m scaleattn.report",
-        description="Markdown table of training runs (their workdir/run.json) next to "
-                    "the paper's numbers.")
-    parser.add_argument("workdirs", nargs="+", metavar="WORKDIR")
-    parser.add_argument("--output", help="also write the table to this file")
+        description="Markdown tables of training runs (their workdir/run.json): one row "
+                    "per run, then one row per group of runs that differ only in the seed "
+                    "(mean ± std), each next to the published number for its setting.")
+    parser.add_argument("workdirs", nargs="*", metavar="WORKDIR")
+    parser.add_argument("--output", help="also write the tables to this file")
+    parser.add_argument("--paper", action="store_true",
+                        help="print the sourced published numbers (split, CRF, MS-COCO)")
     args = parser.parse_args(argv)
+    if not args.workdirs and not args.paper:
+        parser.error("give at least one WORKDIR (or --paper)")
     try:
         records = [load_run(w) for w in args.workdirs]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    table = markdown_table(records)
+    parts = []
+    if records:
+        parts += ["### Runs\n\n" + markdown_table(records),
+                  "### Over seeds (mean ± sample std)\n\n" + seed_table(records)]
+    if args.paper:
+        parts.append("### Published numbers\n\n" + paper_table())
+    table = "\n".join(parts)
     print(table, end="")
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:

@@ -110,9 +110,43 @@ def test_wrong_type_and_bad_value_are_one_line_errors(tmp_path):
     assert "config.model.merge='mean'" in result.stderr
 
 
+@pytest.mark.parametrize("name,backbone", [("voc_s3", "vgg16"), ("voc_r101_s3", "resnet101"),
+                                           ("gsag_hybrid_x101", "resnext101_32x8d")])
+def test_fresh_paper_run_without_imagenet_weights_stops_before_training(tmp_path, name,
+                                                                        backbone):
+    """No silent training from random weights: one line naming model.init_from, the file
+    expected and the command that writes it; nothing is created in the workdir."""
+    weights_dir = tmp_path / "weights"
+    result = run_main(f"--config=configs/{name}.py", f"--workdir={tmp_path / 'w'}",
+                      f"--config.model.pretrained_dir={weights_dir}")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    line = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(line) == 1, result.stderr
+    expected = f"{weights_dir}/{backbone}_imagenet.msgpack"
+    assert "config.model.init_from='imagenet'" in line[0] and expected in line[0]
+    assert (f"python -m scaleattn.convert --from=torchvision --arch={backbone} " in line[0]
+            and line[0].count(expected) == 2)
+    assert "--config.model.init_from=scratch" in line[0]
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+                                        if f.endswith(".py")))
+def test_paper_configs_start_from_imagenet_demo_configs_from_scratch(name):
+    config = config_lib.recipe(name)
+    if name.startswith(("voc_", "gsag_")):
+        assert config.model.init_from == "imagenet"
+        assert config_lib.pretrained_file(config.model).endswith(
+            f"{config.model.backbone}_imagenet.msgpack")
+    else:
+        assert name.startswith("demo") and config.model.init_from == "scratch"
+        assert config_lib.pretrained_file(config.model) is None
+
+
 def test_voc_config_without_data_says_what_is_expected_where(tmp_path):
     result = run_main("--config=configs/voc_s3.py", f"--workdir={tmp_path / 'w'}",
-                      f"--config.data.data_dir={tmp_path / 'data'}")
+                      f"--config.data.data_dir={tmp_path / 'data'}",
+                      "--config.model.init_from=scratch")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "VOCtrainval_11-May-2012.tar" in result.stderr
     assert "python -m scaleattn.data.build" in result.stderr

@@ -11,44 +11,80 @@ from scaleattn import config as config_lib
 from scaleattn import report, train
 
 
-def record(name, miou, **config_changes):
-    config = config_lib.voc_config(**config_changes) if name.startswith("voc") else \
-        config_lib.recipe("demo")
-    return {"name": name, "commit": "abc123def456", "steps": 6000, "miou": miou,
-            "pixel_accuracy": 0.9, "miou_ms_flip": None if miou is None else miou + 0.01,
+def record(recipe, miou, seed=0, per_class=None, **changes):
+    """A run.json record of the shipped ``recipe`` with ``section.key=value`` changes."""
+    config = config_lib.recipe(recipe)
+    config.seed = seed
+    for key, value in changes.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    return {"name": config.name, "commit": "abc123def456", "steps": 6000, "seed": seed,
+            "miou": miou, "pixel_accuracy": 0.9, "per_class_iou": per_class,
+            "miou_ms_flip": None if miou is None else miou + 0.01,
             "wall_time_s": 5400.0, "device": "NVIDIA H100 80GB HBM3 x1",
             "params_sha256": "f" * 64, "config": json.loads(config.to_json())}
 
 
-def test_table_has_one_row_per_run_next_to_the_paper(tmp_path):
-    runs = [dict(record("voc_vgg16_s3_attention", 0.7123), workdir="/x/attn"),
-            dict(record("voc_vgg16_baseline_noextra", 0.6301, scales=(1.0,)), workdir="/x/b"),
-            dict(record("voc_resnet101_s3_attention", None, backbone="resnet101"),
-                 workdir="/x/r"),
-            dict(record("demo_attention", 0.5), workdir="/x/demo/")]
+def test_runs_are_matched_only_to_published_numbers_of_their_setting():
+    runs = [dict(record("voc_s3", 0.7123), workdir="/x/attn"),
+            dict(record("voc_baseline", 0.6301), workdir="/x/b"),
+            dict(record("voc_baseline", 0.64, optim__schedule="poly"), workdir="/x/p"),
+            dict(record("voc_r101_s3", None), workdir="/x/r"),
+            dict(record("demo", 0.5), workdir="/x/demo/")]
     lines = report.markdown_table(runs).splitlines()
-    assert lines[0].startswith("| run | config | commit | steps | mIoU | mIoU ms+flip |")
-    assert len(lines) == 2 + 4
-    assert lines[2] == ("| attn | voc_vgg16_s3_attention | `abc123def456` | 6000 | 71.23 | 72.23 "
-                        "| 90.0 min | NVIDIA H100 80GB HBM3 x1 | `ffffffffffff` | — | 75.70 | "
-                        "LargeFOV-CRF + attention + extra supervision, VOC test (76.3 with "
-                        "COCO) |")
-    assert "| 63.01 | 64.01 |" in lines[3] and "| 62.25 | — |" in lines[3]
-    assert "| — | — |" in lines[4] and "| 77.00 | — |" in lines[4]
-    assert lines[5].startswith("| demo | demo_attention |") and lines[5].endswith(
-        "| — | — | — |")
+    assert lines[0].startswith("| run | config | commit | seed | steps | mIoU | mIoU ms+flip |")
+    assert len(lines) == 2 + 5
+    # The attention paper's only VOC entry is test + CRF: a val run without CRF has none.
+    assert lines[2] == ("| attn | voc_s3 | `abc123def456` | 0 | 6000 | 71.23 | 72.23 | 90.0 min "
+                        "| NVIDIA H100 80GB HBM3 x1 | `ffffffffffff` | — | no published "
+                        "number for this split / CRF / model setting |")
+    assert "| 63.01 | 64.01 |" in lines[3] and "| 62.25 | DeepLab-LargeFOV, step policy" in lines[3]
+    assert "| 63.42 | DeepLab-LargeFOV, poly policy (val, CRF no, MS-COCO no;" in lines[4]
+    assert lines[5].endswith("| — | no published number for this split / CRF / model setting |")
+    assert lines[6].startswith("| demo | demo_attention |")
+    # The same runs evaluated with a CRF, and on the test split, find the CRF rows only.
+    crf = dict(record("voc_baseline", 0.68), crf={"applied": True})
+    assert report.paper_reference(crf)["miou"] == 67.64
+    test_crf = dict(record("voc_s3", 0.75, data__eval_split="test"), crf={"applied": True})
+    assert report.paper_reference(test_crf)["miou"] == 75.7
+    assert report.paper_reference(dict(record("voc_s3", 0.75, data__eval_split="test"))) is None
+
+
+def test_published_numbers_are_labelled_with_split_crf_and_coco():
+    table = report.paper_table()
+    assert "| DeepLab-CRF-Attention (the Attention-to-Scale entry) | test | yes | not established" \
+        " | 75.70 |" in table
+    assert "| DeepLab-CRF-Attention-DT" in table and "| 76.30 |" in table
+    for row in report.PAPER:
+        assert row["split"] in ("val", "test") and row["crf"] in (True, False, None)
+    assert not any(row["miou"] == 77.0 for row in report.PAPER)  # no unsourced "~77 val"
+
+
+def test_runs_that_differ_only_in_seed_become_one_row_with_mean_and_std():
+    runs = [record("demo", m, seed=s, per_class=[0.9, p, None])
+            for s, (m, p) in enumerate([(0.5, 0.2), (0.6, 0.4), (0.7, 0.6)])]
+    runs.append(record("demo_avg", 0.4, seed=0))
+    lines = report.seed_table(runs).splitlines()
+    assert len(lines) == 2 + 2
+    # mean 0.6, sample std 0.1 (in %): 60.00 ± 10.00
+    assert lines[2].startswith("| demo_attention | 0, 1, 2 | 6000 | 60.00 ± 10.00 | "
+                               "90.00 ± 0.00 / 40.00 ± 20.00 / — | 61.00 ± 10.00 |")
+    assert lines[3].startswith("| demo_avg | 0 | 6000 | 40.00 | — | 41.00 |")
 
 
 def test_report_command_reads_workdirs(tmp_path, capsys):
-    for name in ("a", "b"):
-        report.write_run(str(tmp_path / name), record("demo_attention", 0.25))
+    for name, seed in (("a", 0), ("b", 1)):
+        report.write_run(str(tmp_path / name), record("demo", 0.25 + seed / 10, seed=seed))
     assert report.main([str(tmp_path / "a"), str(tmp_path / "b"),
                         f"--output={tmp_path / 'table.md'}"]) == 0
     printed = capsys.readouterr().out
     assert printed == (tmp_path / "table.md").read_text()
     assert "| a | demo_attention |" in printed and "| b | demo_attention |" in printed
+    assert "| demo_attention | 0, 1 | 6000 | 30.00 ± 7.07 |" in printed
     assert report.main([str(tmp_path / "missing")]) == 1
     assert "missing/run.json does not exist" in capsys.readouterr().err
+    assert report.main(["--paper"]) == 0
+    assert "| 62.25 |" in capsys.readouterr().out
 
 
 def test_tree_digest_sees_every_bit():
@@ -96,6 +132,7 @@ def test_same_seed_and_config_give_bit_identical_runs(tmp_path, compilation_cach
         assert runs[-1]["miou"] == scores["miou"]
     first, second = runs
     assert first["steps"] == 3 and first["name"] == "demo_attention"
+    assert first["start"] == "scratch" and len(first["per_class_iou"]) == 4
     assert first["wall_time_s"] > 0 and first["device"].startswith("cpu")
     assert 0 <= first["miou"] <= 1 and len(first["params_sha256"]) == 64
     for key in ("miou", "pixel_accuracy", "params_sha256", "config", "commit"):
