@@ -127,6 +127,13 @@ def test_multiscale_output_shapes(backbone, scales, merge, head):
     expected = (2, 7, 6, 5)  # ceil(49/8), ceil(41/8)
     assert out["logits"].shape == expected
     assert [m.shape for m in out["scale_logits"]] == [expected] * len(scales)
+    # each branch at its own size: input ceil(49 s) x ceil(41 s), then stride 8 (ceil)
+    stride8 = lambda n, s: -(-int(np.ceil(n * s - 1e-6)) // 8)  # noqa: E731
+    branch_sizes = [(2, stride8(49, s), stride8(41, s), 5) for s in scales]
+    assert [m.shape for m in out["branch_logits"]] == branch_sizes
+    for branch, resized in zip(out["branch_logits"], out["scale_logits"]):
+        np.testing.assert_allclose(layers.resize_bilinear(branch, expected[1:3]), resized,
+                                   rtol=1e-5, atol=1e-5)
     # one set of network weights, whatever the number of scales
     assert set(variables["params"]) <= {"net", "attention"}
     if merge == "max" or len(scales) == 1:
