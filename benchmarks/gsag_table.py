@@ -1,10 +1,11 @@
-"""Parameters and forward FLOPs of the full-size GSAG variants (issue 6), as a table.
+"""Parameters and forward FLOPs of the full-size GSAG configs, as a table.
 
     python benchmarks/gsag_table.py [--size=513] [--variants=basic,incremental,hybrid]
 
-FLOPs are XLA's cost analysis of the lowered (not compiled) inference forward pass of
-one ``size x size`` image: no device time, no TensorFlow; the counts are the HLO's
-(2 per multiply-add). Parameters exclude batch-norm statistics.
+One row per shipped ``configs/gsag_<variant>_<backbone>.py``. FLOPs are XLA's cost
+analysis of the lowered (not compiled) inference forward pass of one ``size x size``
+image: no device time, no TensorFlow; the counts are the HLO's (2 per multiply-add).
+Parameters exclude batch-norm statistics.
 """
 
 import argparse
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 from scaleattn import config as config_lib
 from scaleattn.models import build_model
 
-BACKBONES = {"r50": "resnet50", "r101": "resnet101", "x101": "resnext101_32x8d"}
+BACKBONES = ("r50", "r101", "x101")
 
 
 def model_cost(config, size: int) -> tuple[int, float]:
@@ -37,11 +38,11 @@ def main():
     args = parser.parse_args()
     print(f"| config | backbone | params (M) | GFLOPs @ {args.size}x{args.size} |")
     print("|---|---|---|---|")
-    for short, backbone in BACKBONES.items():
-        for variant in args.variants.split(","):
-            config = config_lib.gsag_config(variant=variant, backbone=backbone)
+    for backbone in BACKBONES:
+        for variant in config_lib.comma_list(args.variants):
+            config = config_lib.recipe(f"gsag_{variant}_{backbone}")
             params, flops = model_cost(config, args.size)
-            print(f"| gsag_{variant}_{short} | {backbone} | {params / 1e6:.2f} | "
+            print(f"| {config.name} | {config.model.backbone} | {params / 1e6:.2f} | "
                   f"{flops / 1e9:.1f} |", flush=True)
 
 

@@ -1,6 +1,75 @@
-"""VOC 2012: GSAG hybrid head on resnet101, OHEM (see scaleattn.config.gsag_config)."""
+"""VOC 2012: the GSAG hybrid head on a dilated ResNet-101, trained with OHEM: the
+write-up's best model (hybrid + OHEM-softmax). The recipe of every `gsag_*` config.
+
+Every value that defines the GSAG rows is set here; the other `gsag_*` files load this
+one and change only the variant, the backbone, the loss type or the scales.
+
+The GSAG write-up gives the model (`scaleattn/models/self_attention.py` maps it
+sentence by sentence), the data (VOC 2012, mIoU), the backbones and "hybrid + OHEM-
+softmax is best", but no training schedule. This is a composite of the dilated-ResNet
+recipes of its time (DeepLabv3, PSPNet, OCNet), none of them the write-up's own:
+ImageNet backbone at output stride 8, trained and synchronised batch norm, crop 513
+with random rescale 0.5-2.0 and mirror, batch 8, SGD momentum 0.9, weight decay 1e-4,
+base LR 0.01 with the poly policy (power 0.9) and 10x on the new head, 30,000 steps
+on train_aug.
+
+OHEM as OCNet / PSPNet-style OHEM-softmax does it: the logits are upsampled (bilinear)
+to the label's size and the loss trains on the pixels whose true-class probability is
+below 0.7, but on at least the 100,000 hardest. min_kept counts each device's batch
+(pmap): 38% of the pixels of one 513x513 crop (8 devices, one image each), 4.8% of
+eight (one device); in 'sharded' mode it counts the global batch. Early on every
+pixel is below 0.7 and all are trained on; the mining starts as the model becomes
+confident on the easy pixels.
+"""
 from scaleattn import config
 
 
 def get_config():
-    return config.gsag_config(variant="hybrid", backbone="resnet101")
+    c = config.base_config()
+    c.name = "gsag_hybrid_r101"
+    c.seed = 0
+
+    # Data: VOC 2012 train_aug (10,582 images), evaluated on val.
+    c.data.name = "voc2012"
+    c.data.train_split, c.data.eval_split = "train_aug", "val"
+    c.data.crop_size = 513
+    c.data.scale_range = (0.5, 2.0)
+    c.data.flip = True
+    c.data.mean, c.data.std = config.IMAGENET_MEAN, config.IMAGENET_STD
+    c.data.eval_size = 513
+
+    # Model: dilated ResNet-101 (output stride 8) + the GSAG head, one scale.
+    c.model.backbone, c.model.head = "resnet101", "gsag"
+    c.model.num_classes = 21
+    c.model.output_stride = 8
+    c.model.multi_grid = ()
+    c.model.bn_mode, c.model.sync_bn = "train", True
+    c.model.gsag_variant = "hybrid"      # key + query + attention-mean-pool layers
+    c.model.gsag_channels = 512
+    c.model.gsag_window = 7              # pointwise attention and local pooling window
+    c.model.gsag_global_attention = "pooled"  # one context vector per image
+    c.model.gsag_dropout = 0.0
+    c.model.scales = (1.0,)
+    c.model.init_from = "imagenet"       # converted ResNet-101 ImageNet weights (see README)
+
+    # Loss: OHEM-softmax on logits upsampled to the label size.
+    c.loss.extra_supervision = False     # one scale, one loss
+    c.loss.label_resize = "upsample_logits"
+    c.loss.type = "ohem"
+    c.loss.ohem_threshold = 0.7
+    c.loss.ohem_min_kept = 100_000       # per device, at the label's resolution
+
+    # Optimisation: SGD, poly policy.
+    c.batch_size = 8
+    c.optim.base_lr = 0.01
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 1e-4
+    c.optim.schedule, c.optim.poly_power = "poly", 0.9
+    c.optim.new_layer_lr_mult = 10.0     # the GSAG head (and a scale-attention head)
+    c.optim.new_layer_patterns = ("gsag", "attention")
+    c.optim.bias_lr_mult = 1.0
+
+    c.train.steps = 30000
+    c.train.eval_every = 5000
+    c.train.checkpoint_every = 2000
+    return c

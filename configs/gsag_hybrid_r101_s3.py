@@ -1,7 +1,15 @@
-"""VOC 2012: GSAG hybrid head on ResNet-101 inside Attention to Scale (3 scales)."""
+"""VOC 2012: `gsag_hybrid_r101`'s recipe inside Attention to Scale: the GSAG hybrid
+network shared over scales {1, 0.75, 0.5}, merged by the attention head, with one
+extra OHEM loss per scale on that branch's own map (upsampled to the label size)."""
 from scaleattn import config
 
 
 def get_config():
-    return config.gsag_config(variant="hybrid", backbone="resnet101",
-                              scales=(1.0, 0.75, 0.5), merge="attention")
+    c = config.recipe("gsag_hybrid_r101")
+    c.name = "gsag_hybrid_r101_s3"
+    c.model.scales = (1.0, 0.75, 0.5)
+    c.model.merge = "attention"
+    c.model.attention_width, c.model.attention_dropout = 512, 0.5
+    c.loss.extra_supervision = True
+    c.loss.scale_loss_size = "branch"
+    return c

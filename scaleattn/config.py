@@ -93,7 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
     l.ignore_label = 255
     l.type = "ce"                # 'ce' | 'ohem' (online hard example mining, GSAG)
     l.ohem_threshold = 0.7       # OHEM: keep pixels whose true-class probability is below
-    l.ohem_min_kept = 100_000    # ... and at least this many per batch (per device)
+    l.ohem_min_kept = 100_000    # ... and at least this many per device's batch, counted at
+                                 # the loss's resolution (see label_resize)
 
     # ---- optimisation -----------------------------------------------------------
     c.optim = o = ml_collections.ConfigDict()
@@ -264,10 +265,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.parallel.param_sharding != "replicated" and config.parallel.mode != "sharded":
         raise ConfigError(f"config.parallel.param_sharding={config.parallel.param_sharding!r} "
                           f"needs config.parallel.mode='sharded'")
-    for impl in comma_list(config.bench.dilated_convs):
-        if impl not in CHOICES["model.dilated_conv"]:
-            raise ConfigError(f"config.bench.dilated_convs has {impl!r}, not one of "
-                              f"{CHOICES['model.dilated_conv']}")
+    for key, choices in (("bench.dilated_convs", "model.dilated_conv"),
+                         ("bench.dtypes", "model.dtype")):
+        for item in comma_list(lookup(config, key)):
+            if item not in CHOICES[choices]:
+                raise ConfigError(f"config.{key} has {item!r}, not one of {CHOICES[choices]}")
     if config.model.remat and not config.model.backbone.startswith("res"):
         raise ConfigError(f"config.model.remat=True recomputes ResNet/ResNeXt blocks; "
                           f"model.backbone={config.model.backbone!r} has none (set it False)")
@@ -282,40 +284,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           f"config.train.grad_accum_steps={config.train.grad_accum_steps} "
                           f"micro-batches")
 
-
-def gsag_config(*, variant="hybrid", backbone="resnet101", scales=(1.0,),
-                merge="attention") -> ml_collections.ConfigDict:
-    """A GSAG model on VOC 2012 (DESIGN.md §1.2): dilated ResNet(-Xt), GSAG head, OHEM.
-
-    The GSAG write-up gives no training schedule; this is the common recipe for
-    dilated-ResNet heads of its time (DeepLabv3 / OCNet): output stride 8, crop 513,
-    batch 8, SGD momentum 0.9, base LR 0.01 (x10 on the head), poly 0.9, weight decay
-    1e-4, 30k steps on train_aug, trained (synchronised) batch norm, OHEM with
-    threshold 0.7 and 100,000 kept pixels. ``scales``/``merge`` put the head inside
-    the Attention-to-Scale wrapper.
-    """
-    c = recipe("voc_r101_s3")
-    c.model.backbone, c.model.scales, c.model.merge = backbone, tuple(scales), merge
-    c.loss.extra_supervision = len(scales) > 1
-    c.optim.bias_lr_mult = 1.0
-    c.data.scale_range = (0.5, 2.0)
-    c.model.head, c.model.gsag_variant = "gsag", variant
-    c.model.bn_mode, c.model.sync_bn = "train", True
-    c.data.crop_size = 513
-    c.batch_size, c.optim.base_lr, c.optim.weight_decay = 8, 0.01, 1e-4
-    c.train.steps = 30000
-    c.loss.type = "ohem"
-    c.name = f"gsag_{variant}_{backbone}" + ("" if len(scales) == 1 else f"_s{len(scales)}_{merge}")
-    return c
-
-
-def demo_gsag_config(*, variant="hybrid") -> ml_collections.ConfigDict:
-    """The GSAG ablation on the demo data: a tiny ResNet-50 layout and GSAG head, CPU."""
-    c = recipe("demo_single")
-    c.model.backbone, c.model.head, c.model.gsag_variant = "resnet50", "gsag", variant
-    c.model.depth, c.model.width = (1, 1, 1, 1), 0.125
-    c.model.bn_mode = "train"
-    c.model.gsag_window = 5
-    c.loss.type, c.loss.ohem_min_kept = "ohem", 512
-    c.name = f"demo_gsag_{variant}"
-    return c

@@ -5,7 +5,12 @@ PSPNet/OCNet reading: train only on the pixels the model finds hard (true-class
 probability below ``threshold``), but on at least the ``min_kept`` hardest ones.
 Everything has static shapes (a sort of the masked probability vector, no boolean
 indexing), so it runs under `jit` / `pmap`; under `pmap` ``min_kept`` counts the
-pixels of each device's batch.
+pixels of each device's batch (under 'sharded' `jit`, those of the global batch).
+``min_kept`` counts pixels at the resolution the loss is computed at: with
+``label_resize='upsample_logits'`` (OCNet / PSPNet-style OHEM-softmax, the GSAG
+configs) that is the label's, 263,169 pixels per 513x513 crop; with 'nearest' it is
+the logits' (65x65 = 4,225 per crop at output stride 8), where a ``min_kept`` of
+100,000 keeps every pixel of a batch of 8 and OHEM mines nothing.
 
 Normalisation: a loss is the sum over valid pixels divided by the number of valid
 pixels in the *global* batch. Under `pmap` the count is `psum`-ed over ``axis_name``
@@ -79,6 +84,27 @@ def ohem_keep_mask(true_prob: jnp.ndarray, valid: jnp.ndarray, *, threshold: flo
     return keep.reshape(true_prob.shape)
 
 
+def trained_pixels(logits: jnp.ndarray, labels: jnp.ndarray, *, ignore_label: int = 255,
+                   label_resize: str = "nearest",
+                   ohem: tuple[float, int] | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Per-pixel CE and the mask of the pixels trained on, at the loss's resolution.
+
+    ``logits [B, h, w, C]`` and ``labels [B, H, W]`` are matched as ``label_resize``
+    says (`match_sizes`); returns ``(nll, mask)``, both ``[B, h', w']`` (the matched
+    size), ``nll`` 0 outside ``mask``. ``mask``: the non-ignored pixels, and with
+    ``ohem = (threshold, min_kept)`` only the hard ones (`ohem_keep_mask`; the
+    selection is not differentiated through).
+    """
+    logits, labels = match_sizes(logits, labels, label_resize)
+    nll, mask = pixel_cross_entropy(logits, labels, ignore_label)
+    if ohem is not None:
+        threshold, min_kept = ohem
+        mask = ohem_keep_mask(jax.lax.stop_gradient(jnp.exp(-nll)), mask,
+                              threshold=threshold, min_kept=min_kept)
+        nll = jnp.where(mask, nll, 0.0)
+    return nll, mask
+
+
 def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, *, ignore_label: int = 255,
                   label_resize: str = "nearest", ohem: tuple[float, int] | None = None,
                   axis_name: str | None = None) -> jnp.ndarray:
@@ -88,20 +114,15 @@ def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, *, ignore_label: int
       logits: ``[B, h, w, C]`` class scores.
       labels: ``[B, H, W]`` int class ids, ``ignore_label`` where unlabelled.
       label_resize: how sizes are matched, see `match_sizes`.
-      ohem: ``(threshold, min_kept)`` to train on hard pixels only (`ohem_keep_mask`;
-        the selection is not differentiated through), ``None`` for all pixels.
+      ohem: ``(threshold, min_kept)`` to train on hard pixels only, ``None`` for all
+        pixels (see `trained_pixels`).
       axis_name: pmap axis to count the pixels over (see module docstring).
 
     Returns:
       Scalar loss (0, with zero gradients, when no pixel counts).
     """
-    logits, labels = match_sizes(logits, labels, label_resize)
-    nll, mask = pixel_cross_entropy(logits, labels, ignore_label)
-    if ohem is not None:
-        threshold, min_kept = ohem
-        mask = ohem_keep_mask(jax.lax.stop_gradient(jnp.exp(-nll)), mask,
-                              threshold=threshold, min_kept=min_kept)
-        nll = jnp.where(mask, nll, 0.0)
+    nll, mask = trained_pixels(logits, labels, ignore_label=ignore_label,
+                               label_resize=label_resize, ohem=ohem)
     return jnp.sum(nll) / global_count(mask, axis_name)
 
 

@@ -1,13 +1,19 @@
 """OHEM cross-entropy: which pixels are kept, and the loss over them, against numpy."""
 
 import functools
+import glob
+import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from scaleattn import config as config_lib
+from scaleattn import losses
 from scaleattn.losses import ohem_cross_entropy, ohem_keep_mask
+from scaleattn.models import build_model
 
 
 def np_keep_mask(prob, valid, threshold, min_kept):
@@ -122,3 +128,109 @@ def test_gradient_flows_only_through_kept_pixels():
     _, kept = np_ohem_loss(logits, labels, 0.0, 5)
     assert kept == 5
     assert (np.abs(grad).sum(-1) > 0).sum() == 5
+
+
+# ---- the shipped GSAG configs mine ------------------------------------------------
+
+GSAG_CONFIGS = sorted(glob.glob(os.path.join(config_lib.CONFIGS_DIR, "gsag_*.py")))
+
+
+def model_output_shapes(cfg, batch: int) -> dict:
+    """Shapes of the maps each loss term of ``cfg`` is computed on, by term name.
+
+    The model's real code under `jax.eval_shape` on a ``[batch, crop, crop, 3]`` input,
+    at 1/64 width and one block per stage: output sizes follow from the strides and
+    scales alone, not from widths or depths, and nothing is computed.
+    """
+    model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
+    model_cfg.width, model_cfg.depth = 1 / 64, (1, 1, 1, 1)
+    model = build_model(model_cfg)
+    images = jax.ShapeDtypeStruct((batch, cfg.data.crop_size, cfg.data.crop_size, 3),
+                                  jnp.float32)
+    outputs = jax.eval_shape(lambda x: model.init_with_output(
+        jax.random.key(0), x, train=False)[0], images)
+    return {name: m.shape for name, m in losses.supervised_maps(outputs, cfg.loss).items()}
+
+
+def partly_trained_logits(shape, labels_per_image, confident_columns, seed=0):
+    """Logits ``[b, h, w, C]`` that depend on the column only: near-uniform softmax
+    (initialisation-like, N(0, 0.01) scores) everywhere, plus a margin of 6 on each
+    image's class in the first ``confident_columns`` columns (p_true ~ 0.95 there)."""
+    b, h, w, c = shape
+    columns = np.random.default_rng(seed).normal(0, 0.01, size=(b, 1, w, c))
+    columns[np.arange(b), 0, :confident_columns, labels_per_image] += 6.0
+    return np.broadcast_to(columns, shape).astype(np.float32)
+
+
+def np_upsampled_true_prob(logits, labels_per_image, size):
+    """True-class probability ``[b, size]`` along the columns of column-only ``logits``
+    grown to ``size`` columns (align_corners, 1-D `np.interp`)."""
+    b, _, w, c = logits.shape
+    x = np.arange(size) * (w - 1) / (size - 1)
+    up = np.stack([np.stack([np.interp(x, np.arange(w), logits[i, 0, :, k]) for k in range(c)],
+                            -1) for i in range(b)]).astype(np.float64)       # [b, size, C]
+    probs = np.exp(up - up.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return probs[np.arange(b), :, labels_per_image]
+
+
+@functools.lru_cache(maxsize=None)
+def kept_and_valid(logit_shape, crop, ignore_label, label_resize, threshold, min_kept):
+    """``(kept, valid, expected)`` for one loss term on the partly trained logits: OHEM's
+    kept-pixel count and the valid-pixel count at the loss's resolution, and (with
+    'upsample_logits') numpy's kept count. Cached: many configs share their shapes."""
+    b, h, w, c = logit_shape
+    rng = np.random.default_rng(1)
+    labels_per_image = rng.integers(0, c, size=b)
+    labels = np.broadcast_to(labels_per_image[:, None, None], (b, crop, crop)).copy()
+    labels[rng.uniform(size=labels.shape) < 0.05] = ignore_label      # VOC-like void band
+    logits = partly_trained_logits(logit_shape, labels_per_image, int(0.7 * w))
+
+    def mask(ohem):
+        return np.asarray(jax.jit(functools.partial(
+            losses.trained_pixels, ignore_label=ignore_label, label_resize=label_resize,
+            ohem=ohem))(logits, labels)[1])
+
+    matched = losses.match_sizes(np.zeros(logit_shape[:3] + (1,), np.float32), labels,
+                                 label_resize)[1]
+    kept, valid = mask((threshold, min_kept)).sum(), np.sum(matched != ignore_label)
+    expected = None
+    if label_resize == "upsample_logits":
+        prob = np.broadcast_to(np_upsampled_true_prob(logits, labels_per_image, crop)[:, None],
+                               labels.shape)
+        expected = np_keep_mask(prob.astype(np.float32), labels != ignore_label, threshold,
+                                min_kept).sum()
+    return int(kept), int(valid), expected
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("path", GSAG_CONFIGS, ids=os.path.basename)
+def test_shipped_gsag_config_ohem_mines(path, devices):
+    """Each gsag_* config's OHEM (on, or one switch away) at its real shapes keeps clearly
+    fewer pixels than the valid ones once the model is confident on some of them, at
+    least min_kept of them, and every pixel the model is still unsure of."""
+    cfg = config_lib.recipe(path)
+    if cfg.model.gsag_variant == "hybrid":
+        assert cfg.loss.type == "ohem", "the write-up's best model: hybrid + OHEM"
+    per_device = cfg.batch_size // devices
+    assert per_device * devices == cfg.batch_size
+    loss = cfg.loss
+    crop = cfg.data.crop_size
+    for name, shape in model_output_shapes(cfg, per_device).items():
+        assert shape[0] == per_device and shape[-1] == cfg.model.num_classes
+        kept, valid, expected = kept_and_valid(tuple(shape), crop, loss.ignore_label,
+                                               loss.label_resize, loss.ohem_threshold,
+                                               loss.ohem_min_kept)
+        assert valid > 0.9 * per_device * crop ** 2     # the label's resolution
+        assert kept == expected, name
+        assert min(loss.ohem_min_kept, valid) <= kept <= 0.5 * valid, (name, kept, valid)
+
+
+def test_ohem_at_logit_resolution_would_keep_everything():
+    """What the configs avoid: OHEM on 65x65 logits with labels shrunk to them keeps every
+    valid pixel of a batch of 8 (33,800 < min_kept 100,000), however confident."""
+    cfg = config_lib.recipe("gsag_hybrid_r101")
+    kept, valid, _ = kept_and_valid((8, 65, 65, 21), 513, 255, "nearest", 0.7, 100_000)
+    assert valid <= 8 * 65 * 65 < cfg.loss.ohem_min_kept
+    assert kept == valid
+    assert cfg.loss.label_resize == "upsample_logits"
