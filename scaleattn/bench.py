@@ -41,7 +41,7 @@ import numpy as np
 from absl import logging
 
 from scaleattn import config as config_lib
-from scaleattn import train
+from scaleattn import outputs, train
 
 # Dense bf16 peak FLOP/s by device kind (lower-case substring of `device_kind`, first
 # match wins: 'tpu v5 lite' (v5e) before 'tpu v5' (v5p)).
@@ -103,7 +103,7 @@ def convolution_windows(hlo_text: str) -> dict:
     ``{'count': n, 'rhs_dilated': k, 'windows': {window spec: count}}``: convolutions
     (``convolution`` ops and cuDNN custom calls) and how many still carry a kernel
     dilation (``rhs_dilate``). A dilated conv that XLA lowered by zero-padding its kernel
-    shows up as a large ``size=`` window without ``rhs_dilate`` (DESIGN.md §6).
+    shows up as a large ``size=`` window without ``rhs_dilate`` (docs/design.md, "Dilated convolutions on accelerators").
     """
     windows = {}
     for line in hlo_text.splitlines():
@@ -341,7 +341,6 @@ def main(config, output: str) -> dict:
     print(table(report), flush=True)
     output = os.path.abspath(os.path.expanduser(output))
     os.makedirs(os.path.dirname(output), exist_ok=True)
-    with open(output, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
+    outputs.atomic_write(output, json.dumps(report, indent=1))  # never a partial file
     logging.info("Wrote %s", output)
     return report

@@ -4,7 +4,7 @@ Works on every builder with the features `image` (RGB uint8), `segmentation`
 (single-channel uint8 class indices, 255 = ignore) and `image_id`: the demo
 `scale_shapes` (`scaleattn.data.shapes`) and `voc2012` (`scaleattn.data.voc`).
 Batches are dicts of numpy arrays, `image` float32 [b, H, W, 3] normalised with
-data.mean / data.std and `label` int32 [b, H, W] (DESIGN.md §3).
+data.mean / data.std and `label` int32 [b, H, W] (docs/design.md, "One training step").
 
 Design choices:
 
@@ -22,7 +22,7 @@ Design choices:
   batches of a fresh stream would be. (tf.data mixes TensorFlow's global seed
   into the shuffle seed; nothing in this project sets it, and TensorFlow is
   imported only here.)
-* **Augmentation (DESIGN.md §2).** Random rescale in data.scale_range
+* **Augmentation.** Random rescale in data.scale_range
   (bilinear image, nearest label), pad to the crop with the mean pixel (0 after
   normalisation) and label 255, random crop, random horizontal flip. An image
   smaller than the crop is placed at a random offset inside it.
@@ -182,7 +182,7 @@ def _randint(key: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
 def augment(image: tf.Tensor, label: tf.Tensor, key: tf.Tensor, *,
             crop_size: int, scale_range: tuple[float, float], flip: bool,
             mean, std) -> tuple[tf.Tensor, tf.Tensor]:
-    """Random scale, pad, crop and flip of one example (DESIGN.md §2).
+    """Random scale, pad, crop and flip of one example.
 
     A pure function of its inputs: `key` ([2] int64, a stateless RNG seed)
     fixes every random choice.

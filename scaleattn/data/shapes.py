@@ -1,6 +1,6 @@
 """`scale_shapes`: a generated segmentation set on which scale matters.
 
-The demo dataset of DESIGN.md §4, written as a real TFDS dataset with the same
+The demo dataset (docs/design.md, "The demo dataset"), written as a real TFDS dataset with the same
 features as the VOC builder (`image`, `segmentation`, `image_id`), so that the
 input pipeline and the training loop cannot tell the two apart.
 
@@ -10,8 +10,8 @@ Design choices:
   3 triangle; 0 is background) with a random colour per object and the same
   size distribution for every class. Shapes of one nominal size `r` have the
   area of a disk of radius `r`, so neither colour, texture, area nor extent
-  says which class an object is: only its outline does. A probe (DESIGN.md §4)
-  showed that texture-separable classes make input scale irrelevant; outlines
+  says which class an object is: only its outline does. A probe
+  (tiny nets, 96x96 images) showed that texture-separable classes make input scale irrelevant; outlines
   are read best when the object fills the receptive field, so small objects
   want the large input and large objects the small one.
 * **Sizes span ~16x.** `r` is log-uniform in [R_MIN, R_MAX] = [3, 48] px, so

@@ -1,6 +1,6 @@
 """PASCAL VOC 2012 + SBD as a TFDS dataset (``voc2012``, version 1.0.0).
 
-Splits (DESIGN.md §2):
+Splits:
 
 * ``train``     — VOC 2012 ``ImageSets/Segmentation/train.txt`` (1,464 images);
 * ``val``       — VOC 2012 ``ImageSets/Segmentation/val.txt`` (1,449 images);

@@ -149,7 +149,8 @@ class DilatedConv(nn.Module):
       it is an ordinary (undilated) convolution on each of the d² interleaved
       sub-images (`space_to_batch`), zero-padded at the end to multiples of d; the
       padding plays the role of the original zero border. XLA otherwise may lower a
-      dilated kernel as a zero-filled ``(d (k-1) + 1)²`` one (DESIGN.md §6).
+      dilated kernel as a zero-filled ``(d (k-1) + 1)²`` one (docs/design.md,
+      "Dilated convolutions on accelerators").
     * ``'taps'``: one 1x1 convolution (a matrix product) from ``Cin`` to
       ``k² * features`` channels, then the k² shifted slices are added. Taps that
       fall wholly in the padding (`live_taps`: rate >= the feature map) are
