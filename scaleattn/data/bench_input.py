@@ -85,10 +85,12 @@ def limit_workers(workers: int) -> list[int]:
 
 
 def voc_data_config(data_dir: str):
-    """The data section of the `voc_r101_s3` recipe (crop 321, random rescale 0.5-1.5,
-    mirror), reading from ``data_dir``."""
+    """The VOC data section of the recipes with the widest random rescale (0.5-2.0, the
+    GSAG recipe's; the heaviest host work of the shipped configs), mirror, reading from
+    ``data_dir``."""
     from scaleattn import config  # pylint: disable=import-outside-toplevel
     data = copy.deepcopy(config.recipe("voc_r101_s3").data)
+    data.scale_range = (0.5, 2.0)
     data.data_dir = os.fspath(data_dir)
     return data
 
