@@ -126,6 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = e = ml_collections.ConfigDict()
     e.batch_size = 8             # global
     e.max_batches = 0            # 0 = the whole split
+    e.crf = False                # post-process with the dense CRF (`crf` below): eval after
+                                 # training and --mode=eval (single scale and ms+flip), and
+                                 # --mode=predict (writes <name>_mask_crf.png too)
 
     # ---- parallelism ------------------------------------------------------------
     c.parallel = p = ml_collections.ConfigDict()
@@ -154,6 +157,27 @@ def base_config() -> ml_collections.ConfigDict:
     q.ms_eval_at_end = False     # after training and in --mode=eval, also evaluate with ms+flip
     q.summary_images = 3         # eval images shown in TensorBoard (0 = none)
     q.overlay_alpha = 0.5
+
+    # ---- fully connected CRF (scaleattn/crf.py): mean field on the merged scores -------
+    # Defaults: DeepLab-LargeFOV's (Chen et al., "Semantic Image Segmentation with Deep
+    # Convolutional Nets and Fully Connected CRFs", ICLR 2015; the values of its released
+    # LargeFOV CRF run: bi_w=4, bi_xy_std=121, bi_rgb_std=5, pos_w=3, pos_xy_std=3, 10
+    # mean-field iterations). They were tuned on 500-px VOC photos: search again
+    # (--mode=crf_search) for other data.
+    c.crf = r = ml_collections.ConfigDict()
+    r.iterations = 10            # mean-field iterations
+    r.bilateral_weight = 4.0     # w1: appearance (position + RGB) kernel weight
+    r.bilateral_xy_std = 121.0   # theta_alpha: its position standard deviation, pixels
+    r.bilateral_rgb_std = 5.0    # theta_beta: its colour standard deviation, 0..255 RGB
+    r.gaussian_weight = 3.0      # w2: smoothness (position) kernel weight
+    r.gaussian_xy_std = 3.0      # theta_gamma: its standard deviation, pixels
+    # --mode=crf_search: every combination of these on the first `search_images` images of
+    # data.eval_split, as DeepLab searched (w2, theta_gamma fixed; 100 val images; its
+    # first, coarse grid: w1 5..10, theta_alpha 50..100 step 10, theta_beta 3..6).
+    r.search_images = 100
+    r.search_bilateral_weights = (5.0, 6.0, 7.0, 8.0, 9.0, 10.0)
+    r.search_bilateral_xy_stds = (50.0, 60.0, 70.0, 80.0, 90.0, 100.0)
+    r.search_bilateral_rgb_stds = (3.0, 4.0, 5.0, 6.0)
     c.lock()  # config files may change values but not add keys
     return c
 
@@ -279,8 +303,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           "or 'scratch' (random initialisation)")
     if config.optim.bias_lr_mult < 0:
         raise ConfigError(f"config.optim.bias_lr_mult={config.optim.bias_lr_mult} must be >= 0")
+    validate_crf(config.crf)
     if config.batch_size % config.train.grad_accum_steps:
         raise ConfigError(f"config.batch_size={config.batch_size} must divide into "
                           f"config.train.grad_accum_steps={config.train.grad_accum_steps} "
                           f"micro-batches")
 
+
+def validate_crf(crf: ml_collections.ConfigDict) -> None:
+    """Raises `ConfigError` naming the first ``crf.*`` key whose value cannot work."""
+    for key in ("iterations", "bilateral_xy_std", "bilateral_rgb_std", "gaussian_xy_std",
+                "search_images"):
+        if not crf[key] > 0:
+            raise ConfigError(f"config.crf.{key}={crf[key]} must be positive")
+    for key in ("bilateral_weight", "gaussian_weight"):
+        if not crf[key] >= 0:
+            raise ConfigError(f"config.crf.{key}={crf[key]} must be >= 0")
+    for key, positive in (("search_bilateral_weights", False),
+                          ("search_bilateral_xy_stds", True), ("search_bilateral_rgb_stds", True)):
+        values = tuple(crf[key])
+        if not values or not all(v > 0 if positive else v >= 0 for v in values):
+            raise ConfigError(f"config.crf.{key}={values} must be a non-empty tuple of "
+                              f"{'positive values' if positive else 'values >= 0'}")
