@@ -70,9 +70,12 @@ finally:
 
 
 def test_bench_mode_runs_without_tensorflow(tmp_path):
+    """Also without ImageNet weights: a paper config's bench needs none."""
     output = tmp_path / "bench.json"
-    args = ["--config=configs/demo.py", "--mode=bench", f"--output={output}",
+    args = ["--config=configs/voc_s3.py", "--mode=bench", f"--output={output}",
+            f"--config.model.pretrained_dir={tmp_path / 'no_weights'}",
             "--config.model.width=0.0625", "--config.model.fc_width=32",
+            "--config.model.depth=(1,1,1,1,1)",
             "--config.model.scales=(1.0,)", "--config.data.crop_size=17",
             "--config.batch_size=1", "--config.bench.steps=2", "--config.bench.warmup=0",
             "--config.bench.dtypes=float32", "--config.bench.dilated_convs=native,taps",
@@ -89,7 +92,7 @@ def test_bench_mode_runs_without_tensorflow(tmp_path):
     assert row["train_images_per_s"] == pytest.approx(1 / row["train_step_s"])
     assert row["train_mfu"] is None  # CPU: no peak
     assert row["num_params"] == taps_row["num_params"]
-    # the demo's VGG conv5 and fc6 are dilated: 'taps' leaves no dilated kernel behind
+    # VGG's conv5 and fc6 are dilated: 'taps' leaves no dilated kernel behind
     assert row["train_convolutions"]["rhs_dilated"] > 0
     assert taps_row["train_convolutions"]["rhs_dilated"] == 0
     profile = row["train_profile"]
