@@ -357,6 +357,12 @@ class VectorMapping(nn.Module):
     ``key_query [B, h, w, Ck], context [B, h, w, Cv] -> [B, h, w, features]``: the
     fully connected layer and the 1x1 convolution act on each position's vector; the
     ReLU between them keeps the two from collapsing into one linear map.
+
+    Where: once, in the hybrid head's attention-mean-pool layer, on that layer's
+    key-query vectors and the image's pooled context. Why there: it is the one layer
+    that has a global vector to map back onto the positions; the key and query layers
+    are local by design, and adding the mapped vector to their output hands the global
+    information to every layer after it (gated pooling, classifier).
     """
     hidden: int
     features: int
