@@ -47,7 +47,7 @@ def get_config():
     c.optim.momentum = 0.9
     c.optim.weight_decay = 5e-4
     c.optim.new_layer_lr_mult = 10.0
-    c.optim.new_layer_patterns = ("fc8", "attention")
+    c.optim.new_layer_patterns = ("fc8", "attention", "alpha")
     c.optim.bias_lr_mult = 2.0
 
     c.train.steps = 1000

@@ -43,7 +43,7 @@ def get_config():
     c.optim.weight_decay = 5e-4
     c.optim.schedule, c.optim.poly_power = "poly", 0.9
     c.optim.new_layer_lr_mult = 10.0    # ASPP and the attention head
-    c.optim.new_layer_patterns = ("aspp", "attention")
+    c.optim.new_layer_patterns = ("aspp", "attention", "alpha")
     c.optim.bias_lr_mult = 2.0
 
     c.train.steps = 20000

@@ -57,7 +57,7 @@ def get_config():
     c.optim.schedule = "step"
     c.optim.step_size, c.optim.step_factor = 2000, 0.1
     c.optim.new_layer_lr_mult = 10.0    # fc8 and the attention head
-    c.optim.new_layer_patterns = ("fc8", "attention")
+    c.optim.new_layer_patterns = ("fc8", "attention", "alpha")
     c.optim.bias_lr_mult = 2.0          # Caffe lr_mult 2 / decay_mult 0 on biases
 
     c.train.steps = 6000

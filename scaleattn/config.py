@@ -71,9 +71,14 @@ def base_config() -> ml_collections.ConfigDict:
                                  # per image, the write-up) | 'non_local' (one per position)
     m.gsag_dropout = 0.0
     m.scales = (1.0, 0.75, 0.5)  # share-net input scales; must contain 1.0
-    m.merge = "attention"        # 'attention' | 'avg' | 'max'
+    m.merge = "attention"        # 'attention' (softmax over scales) | 'avg' | 'max' |
+                                 # 'hierarchical' (relative weights of adjacent scales)
     m.attention_width = 512      # attention head conv3x3 width (before `width`)
     m.attention_dropout = 0.5
+    m.alpha_width = 256          # hierarchical: hidden width of the per-branch alpha head
+                                 # (before `width`)
+    m.inference_scales = ()      # hierarchical: the scales chained at inference (eval,
+                                 # ms+flip, predict, analyze); () = model.scales
     m.dtype = "float32"          # compute dtype: 'float32' | 'bfloat16'
     m.dilated_conv = "native"    # how dilated convs run: 'native' | 'space_to_batch' |
                                  # 'taps' (exact rewrites, same params; `layers.DilatedConv`)
@@ -106,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
     o.step_factor = 0.1          # step_size steps
     o.poly_power = 0.9
     o.new_layer_lr_mult = 10.0   # for newly initialised layers, found by name:
-    o.new_layer_patterns = ("fc8", "aspp", "attention", "gsag")
+    o.new_layer_patterns = ("fc8", "aspp", "attention", "alpha", "gsag")
     o.bias_lr_mult = 1.0         # learning-rate multiplier of conv/dense biases (Caffe's
                                  # DeepLab prototxts: 2, so a new layer's bias gets 20x)
 
@@ -229,6 +234,12 @@ def convert_command(backbone: str, destination: str) -> str:
             f"/path/to/{sources.get(backbone, backbone + '.pth')} {destination}")
 
 
+def inference_scales(model_config: ml_collections.ConfigDict) -> tuple[float, ...]:
+    """The scales a model runs on at inference: ``model.inference_scales`` or, if empty,
+    the training scales ``model.scales``."""
+    return tuple(model_config.inference_scales) or tuple(model_config.scales)
+
+
 def comma_list(text: str) -> list[str]:
     """The non-empty, stripped items of a comma-separated config string ('a, b,' -> [a, b])."""
     return [item.strip() for item in text.split(",") if item.strip()]
@@ -243,7 +254,7 @@ CHOICES = {
     "model.backbone": ("vgg16", "resnet50", "resnet101", "resnext101_32x4d",
                        "resnext101_32x8d"),
     "model.head": ("largefov", "aspp_v2", "gsag"),
-    "model.merge": ("attention", "avg", "max"),
+    "model.merge": ("attention", "avg", "max", "hierarchical"),
     "model.bn_mode": ("frozen", "train"),
     "model.dtype": ("float32", "bfloat16"),
     "model.dilated_conv": ("native", "space_to_batch", "taps"),
@@ -273,6 +284,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if value not in choices:
             raise ConfigError(f"config.{key}={value!r} is not one of {choices}")
     scales = tuple(config.model.scales)
+    inference = tuple(config.model.inference_scales)
+    if inference and config.model.merge != "hierarchical" and inference != scales:
+        raise ConfigError(f"config.model.inference_scales={inference} differs from "
+                          f"model.scales={scales}: only model.merge='hierarchical' can run on "
+                          f"scales it was not trained on (set inference_scales=())")
+    if inference and (1.0 not in inference or any(s <= 0 for s in inference)):
+        raise ConfigError(f"config.model.inference_scales={inference} must be positive and "
+                          f"contain 1.0 (the reference size)")
     if not scales or 1.0 not in scales or any(s <= 0 for s in scales):
         raise ConfigError(f"config.model.scales={scales} must be positive and contain 1.0 "
                           f"(the reference size)")

@@ -73,7 +73,7 @@ def build_model(cfg: ml_collections.ConfigDict, *, bn_axis_name: str | None = No
 
     Returns:
       A `MultiScaleSegmenter`; ``model.apply(variables, images, train=...)`` gives
-      ``{'logits', 'scale_logits', 'attention'?}``.
+      ``{'logits', 'scale_logits', 'branch_logits', 'attention'?}``.
     """
     dtype = compute_dtype(cfg.dtype)
     axis = bn_axis_name if cfg.sync_bn else None
@@ -83,4 +83,7 @@ def build_model(cfg: ml_collections.ConfigDict, *, bn_axis_name: str | None = No
     return scale_attention.MultiScaleSegmenter(
         net=net, scales=tuple(cfg.scales), merge=cfg.merge,
         attention_hidden=max(1, int(cfg.attention_width * cfg.width)),
-        attention_dropout=cfg.attention_dropout, dtype=dtype)
+        attention_dropout=cfg.attention_dropout,
+        alpha_hidden=max(1, int(cfg.alpha_width * cfg.width)),
+        inference_scales=tuple(cfg.inference_scales), bn_mode=cfg.bn_mode,
+        bn_axis_name=axis, dtype=dtype)
