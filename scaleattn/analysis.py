@@ -201,17 +201,19 @@ def plot_weight_vs_size(rows: list[dict], scales, path: str, *, title: str = "",
 # ---------------------------------------------------------------------- run ---
 
 
-def analyze(config, workdir: str, output_dir: str) -> dict:
+def analyze(config, workdir: str, output_dir: str, *, fallback: bool = False) -> dict:
     """``--mode=analyze``: objects.csv, attention_vs_size.png, summary.json in
-    ``output_dir`` for the latest checkpoint in ``workdir``; returns the summary."""
-    from scaleattn import predict  # pylint: disable=import-outside-toplevel
+    ``output_dir`` for the latest checkpoint in ``workdir`` (read-only; ``fallback``:
+    see `predict.restore_trained`); returns the summary."""
+    from scaleattn import outputs, predict  # pylint: disable=import-outside-toplevel
     from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
-    scales = tuple(config.model.scales)
-    if len(scales) < 2 or config.model.merge != "attention":
+    scales = config_lib.inference_scales(config.model)
+    if len(scales) < 2 or config.model.merge not in ("attention", "hierarchical"):
         raise config_lib.ConfigError(f"--mode=analyze needs an attention model over 2+ scales, got "
                          f"model.merge={config.model.merge!r}, model.scales={scales}")
+    output_dir = outputs.check_dir(output_dir, "--output")
     pipeline.ensure_prepared(config.data)
-    run, state, step = predict.restore_trained(config, workdir)
+    run, state, step = predict.restore_trained(config, workdir, fallback=fallback)
     predictor = predict.Predictor(run.model)
     rows, image = [], 0
     for i, batch in enumerate(pipeline.eval_batches(config.data,

@@ -1,10 +1,10 @@
-"""Orbax checkpoints of a training run: what is saved, what is kept, how a run resumes.
+"""Orbax checkpoints of a training run: what is saved, how it is verified, how a run resumes.
 
 A checkpoint at step ``n`` holds everything the run needs to continue as if it had
 never stopped: parameters, optimiser state, batch-norm statistics, the step, the
 base RNG key, and (in ``meta``) the input position (the number of batches consumed,
-which `data.pipeline.train_batches(start_step=...)` resumes from) and the config the
-run was started with.
+which `data.pipeline.train_batches(start_step=...)` resumes from), the config the
+run was started with and the checksums of every saved array.
 
 Saving is asynchronous where Orbax supports it (``train.async_checkpoints``): the
 arrays are copied to host memory, then written in the background while training
@@ -15,21 +15,35 @@ processes that hold its shards, a host (numpy) state by process 0.
 Kept: the last ``train.keep_checkpoints`` steps, plus (``train.keep_best``) the one
 with the best eval mIoU (saved with ``metrics={'miou': ...}``).
 
-Damage: Orbax writes a step to a temporary directory and renames it when complete,
-so a run killed mid-save leaves a ``<step>.orbax-checkpoint-tmp-*`` directory; it is
-reported and removed. A finished step whose files were damaged afterwards (deleted,
-truncated) fails to read: `restore_latest` warns, naming it, moves it aside to
-``workdir/checkpoints_unreadable/`` and resumes from the newest readable step. A
-checkpoint of another model config is a `CheckpointError` that names the first
-array that differs (and the config keys that differ), not a shape traceback.
+Integrity. `save` computes a checksum of every array (`tree_checksums`: two 32-bit
+position-weighted sums of its bytes, the same value from a numpy copy, a device array
+or the shards of a global array) from the very copy handed to Orbax, and writes them,
+with a SHA-256 of the config, into ``meta``, which Orbax commits together with the
+arrays. `restore_latest` recomputes them from what it read: a step whose bytes changed
+after it was written (same size or not), whose files are missing or truncated, or that
+was left half-written is *damaged*. The training run (``writable``) names it, moves it
+aside to ``workdir/checkpoints_unreadable/`` and resumes from the newest good step;
+a reader (eval, predict, analyze) stops with one line naming it, or with ``fallback``
+uses the newest good step, and never changes the workdir. A killed save leaves a
+``<step>.orbax-checkpoint-tmp-*`` directory: never listed as a step, removed by the
+next training run.
+
+The saved config is the truth of a trained run: its model-defining keys
+(`MODEL_DEFINING` : every ``model.*`` key except those that only change how training
+runs or how the same function is computed, plus ``data.mean``/``data.std``) must equal
+the current config's, or `restore_latest` stops with a `CheckpointError` naming each
+key, its saved and its current value.
 """
 
+import hashlib
 import json
 import os
+import sys
 import time
 
 import flax
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -38,10 +52,26 @@ from etils import epath
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 UNREADABLE_DIR = "checkpoints_unreadable"
+CHECKSUM_FORMAT = "sum32x2-v1"
+
+# ``model.*`` keys that do not change the function a checkpoint computes: regularisers
+# and training-only settings, the compute dtype, exact rewrites of the same maths, and
+# where a fresh run took its first weights from. Every other ``model.*`` key defines it.
+NOT_MODEL_DEFINING = ("model.dropout", "model.attention_dropout", "model.gsag_dropout",
+                      "model.bn_mode", "model.sync_bn", "model.dtype", "model.dilated_conv",
+                      "model.remat", "model.init_from", "model.pretrained_dir",
+                      # hierarchical attention runs the same parameters on any scale list
+                      "model.inference_scales")
+# Outside ``model``: the input normalisation the weights were trained with.
+ALSO_MODEL_DEFINING = ("data.mean", "data.std")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (another model, corrupt files)."""
+    """A checkpoint that cannot be used (another model, damaged or missing files)."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A step whose files cannot be read or whose arrays fail their checksums."""
 
 
 def resolve_workdir(workdir: str) -> str:
@@ -68,8 +98,9 @@ def make_manager(workdir: str, keep: int, *, keep_best: bool = False,
     """A manager for ``workdir/checkpoints``: the last ``keep`` steps (+ the best mIoU).
 
     ``training``: the manager of the run that writes here; half-written steps (left
-    by a kill during a save) are reported and removed. Readers (eval, predict) leave
-    them alone: they may belong to a run that is saving right now.
+    by a kill during a save) are reported and removed. Otherwise a read-only manager
+    (eval, predict, analyze, tests): it creates, moves and deletes nothing, and leaves
+    half-written steps alone (they may belong to a run that is saving right now).
     """
     directory = checkpoint_dir(workdir)
     leftovers = half_written(directory) if training else []
@@ -82,7 +113,9 @@ def make_manager(workdir: str, keep: int, *, keep_best: bool = False,
             get_metric_fn=lambda metrics: metrics["miou"], n=1,
             keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
-        create=True, cleanup_tmp_directories=training, enable_async_checkpointing=async_save,
+        create=training, read_only=not training, cleanup_tmp_directories=training,
+        save_interval_steps=1 if training else 0,
+        enable_async_checkpointing=async_save,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
     return ocp.CheckpointManager(
         directory, options=options,
@@ -90,8 +123,127 @@ def make_manager(workdir: str, keep: int, *, keep_best: bool = False,
                        "meta": ocp.JsonCheckpointHandler()})
 
 
+def open_for_reading(workdir: str) -> ocp.CheckpointManager:
+    """A read-only manager of ``workdir``'s checkpoints; `CheckpointError` if it has none."""
+    manager = make_manager(workdir, 1)
+    if not manager.all_steps():
+        raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}: train first "
+                              f"(--mode=train) or point --workdir at a trained run.")
+    return manager
+
+
 def step_path(manager: ocp.CheckpointManager, step: int) -> str:
     return str(epath.Path(manager.directory) / str(step))
+
+
+# --------------------------------------------------------------------- checksums ---
+
+_MIX = (0x9E3779B1, 0x7F4A7C15, 0x85EBCA6B, 0xC2B2AE35)
+_CHUNK = 1 << 22  # elements per numpy pass (bounded temporary memory)
+_WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}
+
+
+def _position_hash(index, xp):
+    """A mixed odd-ish 32-bit value per element position (``index`` uint32)."""
+    h = index * xp.uint32(_MIX[0]) + xp.uint32(_MIX[1])
+    h = h ^ (h >> 16)
+    h = h * xp.uint32(_MIX[2])
+    return h ^ (h >> 13)
+
+
+def _sums(words, index, xp):
+    """``(sum w*(h|1), sum (w^h)*c)`` mod 2**32 of uint32 ``words`` at positions ``index``.
+
+    Any change of one word changes the first sum (an odd factor); the second, with
+    other factors, makes a coincidence of several changes a 2**-64 event.
+    """
+    h = _position_hash(index, xp)
+    return (xp.sum(words * (h | xp.uint32(1)), dtype=xp.uint64 if xp is np else xp.uint32),
+            xp.sum((words ^ h) * xp.uint32(_MIX[3]),
+                   dtype=xp.uint64 if xp is np else xp.uint32))
+
+
+def _numpy_checksum(array: np.ndarray) -> tuple[int, int]:
+    """`_sums` of an array's bytes read as words of its item size (8 bytes: 2 words)."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    words = flat.view(_WORD[flat.dtype.itemsize])
+    first = second = 0
+    for start in range(0, words.size, _CHUNK):
+        chunk = words[start:start + _CHUNK].astype(np.uint32)
+        a, b = _sums(chunk, np.arange(start, start + chunk.size, dtype=np.uint32), np)
+        first, second = first + int(a), second + int(b)
+    return first & 0xFFFFFFFF, second & 0xFFFFFFFF
+
+
+def _device_words(x: jax.Array) -> jax.Array:
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    word = _WORD[jnp.dtype(x.dtype).itemsize]
+    if x.dtype != word:
+        x = jax.lax.bitcast_convert_type(x, word)
+    return x.reshape(-1).astype(jnp.uint32)
+
+
+@jax.jit
+def _device_checksums(arrays: list) -> list:
+    """`_numpy_checksum` of global arrays, on their devices (``[2] uint32`` each)."""
+    out = []
+    for x in arrays:
+        words = _device_words(x)
+        out.append(jnp.stack(_sums(words, jnp.arange(words.size, dtype=jnp.uint32), jnp)))
+    return out
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def flat_leaves(tree) -> dict[str, object]:
+    """``{'state/params/...': leaf}`` of a pytree (empty nodes and ``None`` skipped)."""
+    return {"/".join(_key_name(k) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def tree_checksums(tree, dtypes: dict[str, str] | None = None) -> dict[str, str]:
+    """``{'state/params/net/...': 'float32[3, 3, 8, 4]:<16 hex digits>'}`` of every array.
+
+    The digits depend only on the array's values (its bytes in C order): a numpy
+    array, a device array and a global array sharded over the devices of several
+    processes give the same string. The last case is computed on the devices (every
+    process must call this with the same tree), all others on the host. ``dtypes``
+    (``{name: 'int64'}``) are the types the values are checked in: Orbax casts a value
+    to the restore template's type (a step saved from a Python int comes back as int32
+    or a Python int), and the cast back is exact.
+    """
+    leaves = flat_leaves(tree)
+    sums, distributed = {}, []
+    for name, leaf in leaves.items():
+        dtype = (dtypes or {}).get(name)
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            leaves[name] = leaf.astype(dtype) if dtype and leaf.dtype != dtype else leaf
+            distributed.append(name)
+        else:
+            leaves[name] = leaf = np.asarray(leaf)
+            if dtype and leaf.dtype != dtype:
+                leaves[name] = leaf = leaf.astype(dtype)
+            sums[name] = _numpy_checksum(leaf)
+    if distributed:
+        results = _device_checksums([leaves[n] for n in distributed])
+        for name, value in zip(distributed, results):
+            a, b = np.asarray(value)
+            sums[name] = (int(a), int(b))
+    return {name: f"{np.dtype(leaves[name].dtype).name}{list(leaves[name].shape)}:"
+                  f"{sums[name][0]:08x}{sums[name][1]:08x}" for name in leaves}
+
+
+def config_digest(config_json: str) -> str:
+    return hashlib.sha256(config_json.encode()).hexdigest()
+
+
+# -------------------------------------------------------------------------- save ---
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, rng: jax.Array,
@@ -101,19 +253,49 @@ def save(manager: ocp.CheckpointManager, step: int, state, rng: jax.Array,
 
     ``state`` is either host-addressable (numpy or single-device arrays, written by
     process 0) or made of global sharded arrays (each process writes its shards).
+    The checksums are computed from this same ``state`` (the copy Orbax writes, so a
+    later training step cannot change it in between) and saved in ``meta``.
     ``metrics`` (``{'miou': ...}``) rank the checkpoint for ``keep_best``.
     """
     tree = {"state": flax.serialization.to_state_dict(state), "rng": rng}
-    meta = {"step": int(step), "data_position": int(step), "config": config.to_json()}
+    config_json = config.to_json()
+    meta = {"step": int(step), "data_position": int(step), "config": config_json,
+            "config_sha256": config_digest(config_json),
+            "checksum_format": CHECKSUM_FORMAT, "checksums": tree_checksums(tree)}
     manager.save(step, args=ocp.args.Composite(tree=ocp.args.StandardSave(tree),
                                                meta=ocp.args.JsonSave(meta)),
                  metrics=metrics, force=force)
+
+
+# ------------------------------------------------------------------------ checks ---
 
 
 def shapes(tree) -> dict[str, tuple]:
     """``{'a/b/c': shape}`` of a nested dict of arrays or array metadata."""
     flat = flax.traverse_util.flatten_dict(tree, sep="/")
     return {k: tuple(v.shape) if hasattr(v, "shape") else np.shape(v) for k, v in flat.items()}
+
+
+def flat_config(config: dict | ml_collections.ConfigDict) -> dict:
+    """``{'model.merge': 'attention', ...}`` of a config (or its JSON dict), values as in
+    JSON (tuples are lists)."""
+    if isinstance(config, ml_collections.ConfigDict):
+        config = json.loads(config.to_json())
+    return flax.traverse_util.flatten_dict(config, sep=".")
+
+
+def is_model_defining(key: str) -> bool:
+    """Whether config key ``key`` changes the function a trained model computes."""
+    return ((key.startswith("model.") and key not in NOT_MODEL_DEFINING)
+            or key in ALSO_MODEL_DEFINING)
+
+
+def model_differences(saved: dict, current: ml_collections.ConfigDict) -> list[tuple]:
+    """``[(key, saved value, current value), ...]`` of the model-defining keys that differ
+    (keys only one side has are not compared: a checkpoint of an older version)."""
+    before, after = flat_config(saved), flat_config(current)
+    return [(k, before[k], after[k]) for k in sorted(set(before) & set(after))
+            if is_model_defining(k) and before[k] != after[k]]
 
 
 def config_differences(saved: dict, current: ml_collections.ConfigDict,
@@ -124,6 +306,24 @@ def config_differences(saved: dict, current: ml_collections.ConfigDict,
                                             sep=".")
     return [f"{section}.{k}: {before.get(k)!r} -> {after.get(k)!r}"
             for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+
+
+def flag_value(value) -> str:
+    """A config value as a ``--config.key=...`` flag writes it (tuples in parentheses)."""
+    if isinstance(value, list):
+        return "(" + ",".join(flag_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return str(value)
+
+
+def check_same_model(saved: dict, config: ml_collections.ConfigDict, path: str) -> None:
+    """Raises `CheckpointError` naming every model-defining key whose saved value differs."""
+    changed = model_differences(saved, config)
+    if changed:
+        keys = "; ".join(f"{k}: saved {old!r}, now {new!r}" for k, old, new in changed)
+        flags = " ".join(f"--config.{k}={flag_value(old)}" for k, old, _ in changed)
+        raise CheckpointError(
+            f"checkpoint {path} was trained with another model ({keys}). The saved config is "
+            f"what the checkpoint computes: run with {flags}, or use another --workdir.")
 
 
 def check_fits(expected: dict, saved: dict, path: str, hint: str = "") -> None:
@@ -142,21 +342,93 @@ def check_shapes(expected, restored, path: str) -> None:
     check_fits(shapes(expected), shapes(restored), path)
 
 
-def _mismatch_hint(manager, step, config) -> str:
-    if config is None:
-        return ""
+def verify(tree, meta: dict, path: str) -> None:
+    """Raises `DamagedCheckpoint` unless ``tree`` (as read) has the checksums in ``meta``."""
+    saved = meta.get("checksums")
+    if saved is None:
+        logging.warning("Checkpoint %s has no checksums (written by an older version): "
+                        "its contents cannot be verified.", path)
+        return
+    if meta.get("checksum_format") != CHECKSUM_FORMAT:
+        raise DamagedCheckpoint(f"unknown checksum format {meta.get('checksum_format')!r}")
+    read_now = tree_checksums(tree, {k: v.split("[", 1)[0] for k, v in saved.items()})
+    differ = sorted(k for k in set(saved) | set(read_now) if saved.get(k) != read_now.get(k))
+    if differ:
+        more = f" and {len(differ) - 1} more array(s)" if len(differ) > 1 else ""
+        raise DamagedCheckpoint(f"array {differ[0]} does not match the checksum saved with "
+                                f"it{more} (the files changed after they were written)")
+
+
+# ------------------------------------------------------------------------- reads ---
+
+
+class _QuietFailedReads:
+    """Drops the per-array errors an Orbax/TensorStore read of a damaged step reports
+    from its threads after the restore has already failed ('Event loop is closed',
+    'Encountered error while reading array ...'): the step is reported once, by name."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable):
+        text = str(unraisable.exc_value)
+        if ("Event loop is closed" in text or "Encountered error while reading array" in text
+                or "Error reading" in text):
+            return
+        self.previous(unraisable)
+
+
+def quiet_failed_reads() -> None:
+    """Installs `_QuietFailedReads` as ``sys.unraisablehook`` (once)."""
+    if not isinstance(sys.unraisablehook, _QuietFailedReads):
+        sys.unraisablehook = _QuietFailedReads(sys.unraisablehook)
+
+
+def first_line(error: BaseException) -> str:
+    """One line about a read error: its message up to where libraries dump internals."""
+    text = str(error).split("See full TensorStore details")[0].strip()
+    text = " ".join(text.split())
+    if not text:
+        text = type(error).__name__
+    elif not isinstance(error, CheckpointError):
+        text = f"{type(error).__name__}: {text}"
+    return text[:300]
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    """A step's ``meta``, checked: `DamagedCheckpoint` if missing, unreadable or its
+    config does not match the digest saved with it."""
     try:
-        _, meta = read(manager, step, tree=False)
-        changed = config_differences(saved_config(meta), config)
-    except Exception:  # pylint: disable=broad-except
-        return ""
-    return f" (it was written with {'; '.join(changed[:5])})" if changed else ""
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # pylint: disable=broad-except
+        raise DamagedCheckpoint(f"its meta cannot be read ({first_line(e)})") from e
+    if not isinstance(meta, dict) or "config" not in meta or "step" not in meta:
+        raise DamagedCheckpoint("its meta is missing or incomplete")
+    digest = meta.get("config_sha256")
+    if digest is not None and digest != config_digest(meta["config"]):
+        raise DamagedCheckpoint("its saved config does not match the checksum saved with it")
+    return meta
+
+
+def saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple]:
+    """``{'state/params/...': shape}`` from a step's array metadata (`DamagedCheckpoint`
+    if there is none)."""
+    try:
+        item = manager.item_metadata(step)["tree"]
+        if item is None:
+            raise DamagedCheckpoint("its array data (tree/) is missing")
+        return shapes(item.tree)
+    except DamagedCheckpoint:
+        raise
+    except Exception as e:  # pylint: disable=broad-except
+        raise DamagedCheckpoint(f"its array metadata cannot be read ({first_line(e)})") from e
 
 
 def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
-    """Moves unreadable steps to ``<workdir>/checkpoints_unreadable/`` (process 0).
+    """Moves damaged steps to ``<workdir>/checkpoints_unreadable/`` (process 0).
 
     So that the run can save those step numbers again; the files stay for inspection.
+    Only the training run (the one writer of the workdir) calls this.
     """
     if not steps:
         return
@@ -182,71 +454,111 @@ def sync_processes(name: str) -> None:
 
 
 def restore_latest(manager: ocp.CheckpointManager, state, rng: jax.Array, *,
-                   config: ml_collections.ConfigDict | None = None):
-    """``(state, rng, meta)`` from the newest readable checkpoint, or ``None`` if there is none.
+                   config: ml_collections.ConfigDict | None = None,
+                   writable: bool = False, fallback: bool | None = None):
+    """``(state, rng, meta)`` from the newest good checkpoint, or ``None`` if there is none.
 
     ``state`` and ``rng`` are templates (the freshly initialised values, laid out as
-    the restored arrays should be: single-device, or global sharded arrays). A
-    checkpoint whose arrays do not match them was written by another model config:
-    `CheckpointError`, naming the array (and, given ``config``, the model keys that
-    changed). A checkpoint that cannot be read is skipped with a warning naming it and
-    set aside; the next older one is used. If none can be read: `CheckpointError`.
+    the restored arrays should be: single-device, or global sharded arrays). Given
+    ``config``, a checkpoint trained with other model-defining values is a
+    `CheckpointError` naming them (`check_same_model`); one whose arrays do not match
+    the templates is one naming the array.
+
+    A damaged step (unreadable, or failing its checksums): with ``fallback`` (the
+    default for the ``writable`` training run) it is named in a warning and the next
+    older step is tried; without, `DamagedCheckpoint` names it. ``writable``: the
+    damaged steps are moved aside (`set_aside`) once a good one is found; readers
+    change nothing. No good step at all: `CheckpointError`.
     """
+    quiet_failed_reads()
+    fallback = writable if fallback is None else fallback
     target = {"state": flax.serialization.to_state_dict(state), "rng": rng}
     expected = shapes(target)
     abstract = jax.tree_util.tree_map(  # numpy leaves come back as numpy
         lambda x: x if isinstance(x, np.ndarray) else ocp.utils.to_shape_dtype_struct(x), target)
-    unreadable = []
+    damaged = []
     for step in sorted(manager.all_steps(), reverse=True):
         path = step_path(manager, step)
         try:
-            saved = shapes(manager.item_metadata(step)["tree"].tree)
-        except Exception as e:  # pylint: disable=broad-except
-            unreadable.append((step, path, e))
+            meta = read_meta(manager, step)
+            saved = saved_shapes(manager, step)
+            if config is not None:
+                check_same_model(saved_config(meta), config, path)
+            check_fits(expected, saved, path, _mismatch_hint(meta, config))
+            try:
+                restored = manager.restore(step, args=ocp.args.Composite(
+                    tree=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            except Exception as e:  # pylint: disable=broad-except
+                raise DamagedCheckpoint(f"its arrays cannot be read ({first_line(e)})") from e
+            check_shapes(target, restored.tree, path)
+            verify(restored.tree, meta, path)
+        except DamagedCheckpoint as e:
+            if not epath.Path(path).exists():  # a training run's keep policy removed it
+                logging.info("Checkpoint %s was removed while it was read; trying the next.",
+                             path)
+                continue
+            damaged.append((step, path, e))
+            if not fallback:
+                raise DamagedCheckpoint(
+                    f"checkpoint {path} is damaged: {e}. Restore its files, delete the step, "
+                    f"or pass --checkpoint_fallback to use the newest good step.") from None
             continue
-        check_fits(expected, saved, path, _mismatch_hint(manager, step, config))
-        try:
-            restored = manager.restore(step, args=ocp.args.Composite(
-                tree=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        except Exception as e:  # pylint: disable=broad-except
-            unreadable.append((step, path, e))
-            continue
-        check_shapes(target, restored.tree, path)
-        if unreadable:
+        if damaged:
             logging.warning(
-                "Checkpoint(s) %s could not be read (%s); they are moved to %s. Resuming from "
-                "the previous good checkpoint %s (step %d).",
-                ", ".join(p for _, p, _ in unreadable), first_line(unreadable[0][2]),
-                UNREADABLE_DIR, path, step)
-            set_aside(manager, [s for s, _, _ in unreadable])
+                "Checkpoint(s) %s damaged (%s)%s. Using the previous good checkpoint %s "
+                "(step %d).", ", ".join(p for _, p, _ in damaged), first_line(damaged[0][2]),
+                f"; they are moved to {UNREADABLE_DIR}" if writable else "", path, step)
+            if writable:
+                set_aside(manager, [s for s, _, _ in damaged])
         state = flax.serialization.from_state_dict(state, restored.tree["state"])
-        logging.info("Restored checkpoint %s (step %d).", path, step)
+        logging.info("Restored checkpoint %s (step %d, checksums verified).", path, step)
         return state, restored.tree["rng"], restored.meta
-    if unreadable:
+    if damaged:
         raise CheckpointError(
-            f"no checkpoint in {manager.directory} can be read: "
-            + "; ".join(f"{p}: {first_line(e)}" for _, p, e in unreadable)
+            f"no checkpoint in {manager.directory} is good: "
+            + "; ".join(f"{p}: {first_line(e)}" for _, p, e in damaged)
             + ". Delete them to start afresh, or restore the files.")
     return None
 
 
-def first_line(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}"
-    return text.splitlines()[0][:300]
+def restore_for_reading(manager: ocp.CheckpointManager, state, rng, *,
+                        config: ml_collections.ConfigDict, fallback: bool = False):
+    """`restore_latest` for eval / predict / analyze: read-only, never ``None``."""
+    restored = restore_latest(manager, state, rng, config=config, fallback=fallback)
+    if restored is None:
+        raise CheckpointError(f"no checkpoint in {manager.directory}: train first "
+                              f"(--mode=train) or point --workdir at a trained run.")
+    return restored
 
 
-def read(manager: ocp.CheckpointManager, step: int, *, tree: bool = True) -> tuple[dict, dict]:
+def _mismatch_hint(meta: dict, config) -> str:
+    if config is None:
+        return ""
+    changed = config_differences(saved_config(meta), config)
+    return f" (it was written with {'; '.join(changed[:5])})" if changed else ""
+
+
+def read(manager: ocp.CheckpointManager, step: int, *, tree: bool = True,
+         verify_checksums: bool = True) -> tuple[dict, dict]:
     """``(tree, meta)`` of a checkpoint as saved (nested dicts of numpy arrays), no template.
 
-    ``tree=False`` reads only ``meta`` (``tree`` is then ``None``).
+    ``tree=False`` reads only ``meta`` (``tree`` is then ``None``). The arrays are
+    checked against their saved checksums (`DamagedCheckpoint`) unless told not to.
     """
-    args = {"meta": ocp.args.JsonRestore()}
-    if tree:  # numpy templates: readable whatever devices or processes wrote it
-        template = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype),
-                                          manager.item_metadata(step)["tree"].tree)
-        args["tree"] = ocp.args.StandardRestore(template)
-    restored = manager.restore(step, args=ocp.args.Composite(**args))
-    return (restored.tree if tree else None), restored.meta
+    quiet_failed_reads()
+    meta = read_meta(manager, step)
+    if not tree:
+        return None, meta
+    metadata = manager.item_metadata(step)["tree"]
+    if metadata is None:
+        raise DamagedCheckpoint(f"checkpoint {step_path(manager, step)}: its array data "
+                                f"(tree/) is missing")
+    template = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), metadata.tree)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        tree=ocp.args.StandardRestore(template)))
+    if verify_checksums:
+        verify(restored.tree, meta, step_path(manager, step))
+    return restored.tree, meta
 
 
 def saved_config(meta: dict) -> dict:

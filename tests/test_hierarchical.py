@@ -136,3 +136,31 @@ def test_only_hierarchical_runs_on_untrained_scales():
     config.model.inference_scales = (0.5, 2.0)
     with pytest.raises(config_lib.ConfigError, match="contain 1.0"):
         config_lib.validate(config)
+
+
+def test_predict_and_analyze_a_hierarchical_run_on_a_wider_scale_list(tmp_path):
+    """A trained hierarchical checkpoint, read with another inference scale list: predict
+    writes one alpha map per inference scale and analyze relates them to object size."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    from scaleattn import analysis, checkpoint, predict, train  # pylint: disable=import-outside-toplevel
+    config = tiny_config()
+    config.data.data_dir = str(tmp_path / "data")
+    config.data.demo_train_size, config.data.demo_val_size = 4, 4
+    config.data.crop_size, config.data.eval_size = 32, 128
+    config.eval.batch_size, config.parallel.mode = 4, "jit"
+    workdir = str(tmp_path / "run")
+    run = train.setup_run(config)
+    state = train.initial_state(run, jax.random.PRNGKey(0))
+    manager = checkpoint.make_manager(workdir, 1, training=True)
+    checkpoint.save(manager, 0, state, jax.random.PRNGKey(0), config)
+    manager.wait_until_finished()
+
+    config.model.inference_scales = (0.5, 1.0, 2.0)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 37, 3), np.uint8)).save(image)
+    written = predict.predict_files(config, workdir, [str(image)], str(tmp_path / "out"))
+    names = {p.rsplit("/", 1)[-1] for p in written}
+    assert {"a_attention_0_x0.5.png", "a_attention_1_x1.png", "a_attention_2_x2.png"} <= names
+    summary = analysis.analyze(config, workdir, str(tmp_path / "analysis"))
+    assert summary["scales"] == [0.5, 1.0, 2.0] and summary["objects"] > 0
+    assert len(summary["spearman_weight_vs_area"]) == 3
