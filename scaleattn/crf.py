@@ -154,6 +154,7 @@ def find_rows(table: jnp.ndarray, queries: jnp.ndarray) -> jnp.ndarray:
     Returns:
       ``int32 [Q]``.
     """
+    table, queries = jnp.asarray(table), jnp.asarray(queries)
     size = table.shape[0]
 
     def halve(_, bounds):
@@ -274,17 +275,22 @@ def gaussian_filter(values: jnp.ndarray, std, radius_hw: tuple[int, int]) -> jnp
     """``sum_j exp(-|p_i - p_j|^2 / 2 std^2) values_j`` over the grid: ``[H, W, C]``.
 
     Exact for pixels up to ``radius_hw`` apart in each direction; zero outside the
-    array (so only pixels of the array contribute).
+    array (so only pixels of the array contribute). Shifted adds, one axis after the
+    other (XLA fuses them into one pass per axis; a convolution with one input and
+    one output channel is ten times slower on a CPU).
     """
-    x = jnp.transpose(values, (2, 0, 1))[..., None]                                # [C, H, W, 1]
     for axis, radius in enumerate(radius_hw):
-        taps = jnp.exp(-0.5 * (jnp.arange(-radius, radius + 1, dtype=jnp.float32) / std) ** 2)
-        kernel = taps.reshape((-1, 1, 1, 1) if axis == 0 else (1, -1, 1, 1))
-        padding = ((radius, radius), (0, 0)) if axis == 0 else ((0, 0), (radius, radius))
-        x = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                         precision=jax.lax.Precision.HIGHEST)
-    return jnp.transpose(x[..., 0], (1, 2, 0))
+        size = values.shape[axis]
+        padding = [(0, 0)] * values.ndim
+        padding[axis] = (radius, radius)
+        padded = jnp.pad(values, padding)
+        out = jnp.zeros_like(values)
+        for offset in range(-radius, radius + 1):
+            tap = jnp.exp(-0.5 * (offset / std) ** 2)
+            out = out + tap * jax.lax.slice_in_dim(padded, radius + offset,
+                                                   radius + offset + size, axis=axis)
+        values = out
+    return values
 
 
 def _mean_field(log_probs, image, valid, bilateral, gaussian, *, iterations: int,
