@@ -164,3 +164,42 @@ def test_predict_and_analyze_a_hierarchical_run_on_a_wider_scale_list(tmp_path):
     summary = analysis.analyze(config, workdir, str(tmp_path / "analysis"))
     assert summary["scales"] == [0.5, 1.0, 2.0] and summary["objects"] > 0
     assert len(summary["spearman_weight_vs_area"]) == 3
+
+
+def test_pmap_and_sharded_training_equal_jit_and_bf16_runs():
+    """The same two steps of a hierarchical model (trained, synchronised batch norm in the
+    alpha head) on one device, pmap over 8 and a 4x2 FSDP mesh; bf16 keeps close."""
+    from scaleattn import train  # pylint: disable=import-outside-toplevel
+    from scaleout_common import fixed_batch, run_steps  # pylint: disable=import-outside-toplevel
+    from scaleout_common import tiny_config as scaleout_config  # pylint: disable=import-outside-toplevel
+
+    def config(mode, **kwargs):
+        c = scaleout_config(mode, **kwargs)
+        c.model.scales, c.model.merge, c.model.alpha_width = (1.0, 0.5), "hierarchical", 64
+        c.model.head, c.model.fc_width = "largefov", 32
+        c.loss.extra_supervision = True
+        return c
+
+    batches = [fixed_batch()] * 2
+    reference_run = train.setup_run(config("jit"))
+    init_rng, rng = jax.random.split(jax.random.PRNGKey(0))
+    state = jax.device_get(train.initial_state(reference_run, init_rng))
+    assert "bn1" in state.params["alpha"] and "alpha" in state.batch_stats
+    ref_state, ref_losses = run_steps(reference_run, state, batches, np.asarray(rng))
+    for mode, mesh, sharding in [("pmap", (-1, 1), "replicated"), ("sharded", (4, 2), "fsdp")]:
+        other = train.setup_run(config(mode, mesh=mesh, param_sharding=sharding))
+        other_state, losses = run_steps(other, state, batches, np.asarray(rng))
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+        for tree in ("params", "batch_stats"):
+            for x, y in zip(jax.tree_util.tree_leaves(getattr(ref_state, tree)),
+                            jax.tree_util.tree_leaves(getattr(other_state, tree))):
+                np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6, err_msg=f"{mode} {tree}")
+    bf16 = train.setup_run(config("jit", dtype="bfloat16"))
+    outputs = bf16.model.apply({"params": ref_state.params, "batch_stats": ref_state.batch_stats},
+                               batches[0]["image"], train=False)
+    reference = reference_run.model.apply({"params": ref_state.params,
+                                           "batch_stats": ref_state.batch_stats},
+                                          batches[0]["image"], train=False)
+    assert outputs["logits"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(outputs["logits"], np.float32), reference["logits"],
+                               rtol=5e-2, atol=5e-2)
