@@ -24,7 +24,7 @@ import sys
 import numpy as np
 from etils import epath
 
-from scaleattn import checkpoint
+from scaleattn import checkpoint, outputs
 
 RUN_FILE = "run.json"
 
@@ -131,6 +131,8 @@ def run_record(config, *, steps: int, scores: dict, ms_flip_scores: dict | None,
     ``start`` is where the run's first step started from: 'scratch' or the path of
     the converted ImageNet file (``None``: not known).
     """
+    from scaleattn import crf  # pylint: disable=import-outside-toplevel
+
     def score(values, key):
         value = (values or {}).get(key)
         return None if value is None else float(value)
@@ -146,6 +148,11 @@ def run_record(config, *, steps: int, scores: dict, ms_flip_scores: dict | None,
         "per_class_iou": None if not scores or scores.get("per_class_iou") is None else
         [None if np.isnan(v) else float(v) for v in np.asarray(scores["per_class_iou"])],
         "miou_ms_flip": score(ms_flip_scores, "miou"),
+        # With eval.crf the scores above are after the dense CRF; these are without it.
+        "crf": {"applied": bool(config.eval.crf), **(
+            crf.CRFParams.from_config(config.crf).as_dict() if config.eval.crf else {})},
+        "miou_no_crf": score((scores or {}).get("no_crf"), "miou"),
+        "miou_ms_flip_no_crf": score((ms_flip_scores or {}).get("no_crf"), "miou"),
         "wall_time_s": round(float(wall_time_s), 1),
         "device": device_description(),
         "params_sha256": tree_digest(params),
@@ -205,9 +212,45 @@ def load_run(workdir: str) -> dict:
                          f"training run?")
     try:
         record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} cannot be read: {e}") from e
+    check_record(record, str(path))
     return dict(record, workdir=workdir)
+
+
+# The fields of a run record the tables read: name -> (accepted JSON types, required).
+# Numbers are never booleans; scores are fractions in 0..1.
+RECORD_FIELDS = {
+    "name": ((str,), True), "steps": ((int,), True), "config": ((dict,), True),
+    "miou": ((float, int, type(None)), True), "commit": ((str,), False),
+    "seed": ((int,), False), "pixel_accuracy": ((float, int, type(None)), False),
+    "miou_ms_flip": ((float, int, type(None)), False),
+    "wall_time_s": ((float, int, type(None)), False), "device": ((str,), False),
+    "params_sha256": ((str,), False), "start": ((str, type(None)), False),
+}
+SCORE_FIELDS = ("miou", "pixel_accuracy", "miou_ms_flip")
+TYPE_NAMES = {str: "text", int: "an integer", float: "a number", dict: "an object",
+              type(None): "null"}
+
+
+def check_record(record, path: str) -> None:
+    """Raises ValueError naming ``path`` and the field unless ``record`` is a run record."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} holds a JSON {type(record).__name__}, not a run record (the "
+                         f"object a finished training writes); rerun the training or delete it")
+    missing = [k for k, (_, required) in RECORD_FIELDS.items() if required and k not in record]
+    if missing:
+        raise ValueError(f"{path} is not a complete run record: it lacks "
+                         f"{', '.join(map(repr, missing))}; rerun the training or delete it")
+    for key, (types, _) in RECORD_FIELDS.items():
+        value = record.get(key)
+        if key in record and (not isinstance(value, types) or isinstance(value, bool)):
+            names = " or ".join(TYPE_NAMES[t] for t in types  # int counts as a number
+                                if not (t is int and float in types))
+            raise ValueError(f"{path}: field {key!r} is {json.dumps(value)[:60]}, expected "
+                             f"{names}; rerun the training or fix the file")
+        if key in SCORE_FIELDS and value is not None and not 0 <= value <= 1:
+            raise ValueError(f"{path}: field {key!r} is {value}, expected a fraction in 0..1")
 
 
 def setting(record: dict) -> dict:
@@ -293,17 +336,36 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def seed_groups(records: list[dict]) -> list[list[dict]]:
-    """Runs grouped by everything but the seed: same config (seed aside) and steps.
+def flat_config(record: dict) -> dict:
+    """A record's config as ``{'section.key': value}``."""
+    def walk(tree, prefix):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    return dict(walk(record.get("config", {}), ""))
 
-    Groups keep the order in which their first run appears.
-    """
-    groups: dict[str, list[dict]] = {}
+
+def same_but_seed(a: dict, b: dict) -> bool:
+    """Whether two records are runs of one setting: same steps and the same value for
+    every config key both have, the seed aside. A key only one record has was added to
+    the schema after the other run; its default keeps the earlier behaviour."""
+    ca, cb = flat_config(a), flat_config(b)
+    return a.get("steps") == b.get("steps") and all(
+        ca[k] == cb[k] for k in ca.keys() & cb.keys() if k != "seed")
+
+
+def seed_groups(records: list[dict]) -> list[list[dict]]:
+    """Runs grouped by `same_but_seed` with the group's first run, in order of appearance."""
+    groups: list[list[dict]] = []
     for r in records:
-        config = {k: v for k, v in r.get("config", {}).items() if k != "seed"}
-        key = json.dumps([config, r.get("steps")], sort_keys=True)
-        groups.setdefault(key, []).append(r)
-    return list(groups.values())
+        group = next((g for g in groups if same_but_seed(g[0], r)), None)
+        if group is None:
+            groups.append([r])
+        else:
+            group.append(r)
+    return groups
 
 
 def mean_std(values: list) -> str:
@@ -347,8 +409,9 @@ def main(argv=None) -> int:
     if not args.workdirs and not args.paper:
         parser.error("give at least one WORKDIR (or --paper)")
     try:
+        output = outputs.check_file(args.output, "--output") if args.output else None
         records = [load_run(w) for w in args.workdirs]
-    except ValueError as e:
+    except (ValueError, outputs.OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     parts = []
@@ -359,9 +422,12 @@ def main(argv=None) -> int:
         parts.append("### Published numbers\n\n" + paper_table())
     table = "\n".join(parts)
     print(table, end="")
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(table)
+    if output:
+        try:
+            outputs.atomic_write(output, table)
+        except OSError as e:
+            print(f"error: --output={output}: {e.strerror or e}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -64,12 +64,15 @@ def test_runs_that_differ_only_in_seed_become_one_row_with_mean_and_std():
     runs = [record("demo", m, seed=s, per_class=[0.9, p, None])
             for s, (m, p) in enumerate([(0.5, 0.2), (0.6, 0.4), (0.7, 0.6)])]
     runs.append(record("demo_avg", 0.4, seed=0))
+    del runs[2]["config"]["crf"]        # a run from before the schema had crf.*: same group
+    runs.append(record("demo", 0.9, seed=3, optim__base_lr=0.5))  # another setting
     lines = report.seed_table(runs).splitlines()
-    assert len(lines) == 2 + 2
+    assert len(lines) == 2 + 3
     # mean 0.6, sample std 0.1 (in %): 60.00 ± 10.00
     assert lines[2].startswith("| demo_attention | 0, 1, 2 | 6000 | 60.00 ± 10.00 | "
                                "90.00 ± 0.00 / 40.00 ± 20.00 / — | 61.00 ± 10.00 |")
     assert lines[3].startswith("| demo_avg | 0 | 6000 | 40.00 | — | 41.00 |")
+    assert lines[4].startswith("| demo_attention | 3 | 6000 | 90.00 |")
 
 
 def test_report_command_reads_workdirs(tmp_path, capsys):
