@@ -51,6 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scaleattn import metrics
+
 # A key coordinate that no lattice vertex has: marks pixels outside the image and the
 # unused rows of the vertex table (they sort after every real key).
 _ABSENT = 2 ** 30
@@ -293,15 +295,16 @@ def gaussian_filter(values: jnp.ndarray, std, radius_hw: tuple[int, int]) -> jnp
     return values
 
 
-def _mean_field(log_probs, image, valid, bilateral, gaussian, *, iterations: int,
-                radius_hw: tuple[int, int], capacity: int) -> jnp.ndarray:
-    """One image: ``[H, W, C]`` marginals (see the module docstring).
+def _mean_field(log_probs, image, valid, bilateral_weights, bilateral, gaussian, *,
+                iterations: int, radius_hw: tuple[int, int], capacity: int) -> jnp.ndarray:
+    """One image: ``[K, H, W, C]`` marginals (see the module docstring), one for each of
+    the ``K`` appearance weights ``bilateral_weights [K]`` (one lattice serves them all).
 
-    ``bilateral = (w_a, theta_alpha, theta_beta)``, ``gaussian = (w_s, theta_gamma)``
+    ``bilateral = (theta_alpha, theta_beta)``, ``gaussian = (w_s, theta_gamma)``
     (traced, so a parameter search does not recompile).
     """
     h, w, c = log_probs.shape
-    features = bilateral_features(image, bilateral[1], bilateral[2])
+    features = bilateral_features(image, bilateral[0], bilateral[1])
     inside = valid.reshape(h * w)
     lattice = build_lattice(features, inside, capacity)
     mask = inside.astype(jnp.float32)[:, None]
@@ -311,15 +314,20 @@ def _mean_field(log_probs, image, valid, bilateral, gaussian, *, iterations: int
         gaussian_filter(grid_mask, gaussian[1], radius_hw) + 1e-20)                # [H, W, 1]
     log_probs = log_probs.astype(jnp.float32)
 
-    def update(q, _):
-        appearance = lattice_norm * lattice_filter(lattice_norm * q.reshape(h * w, c), lattice)
-        smoothness = grid_norm * gaussian_filter(grid_norm * q, gaussian[1], radius_hw)
-        return jax.nn.softmax(log_probs + bilateral[0] * appearance.reshape(h, w, c)
-                              + gaussian[0] * smoothness), None
-
     start = jax.nn.softmax(log_probs)
-    q, _ = jax.lax.scan(update, start, None, length=iterations)
-    return jnp.where(valid[..., None], q, start)
+
+    def marginals(weight):
+        def update(q, _):
+            appearance = lattice_norm * lattice_filter(lattice_norm * q.reshape(h * w, c),
+                                                       lattice)
+            smoothness = grid_norm * gaussian_filter(grid_norm * q, gaussian[1], radius_hw)
+            return jax.nn.softmax(log_probs + weight * appearance.reshape(h, w, c)
+                                  + gaussian[0] * smoothness), None
+
+        q, _ = jax.lax.scan(update, start, None, length=iterations)
+        return jnp.where(valid[..., None], q, start)
+
+    return jax.lax.map(marginals, bilateral_weights)
 
 
 def check_shapes(log_probs, image, valid) -> None:
@@ -353,24 +361,38 @@ def dense_crf(log_probs: jnp.ndarray, image: jnp.ndarray, valid: jnp.ndarray,
     Raises:
       ValueError: the shapes disagree (`check_shapes`).
     """
+    return dense_crf_weights(log_probs, image, valid, params, (params.bilateral_weight,),
+                             capacity)[0]
+
+
+def dense_crf_weights(log_probs, image, valid, params: CRFParams, bilateral_weights,
+                      capacity: int | None = None) -> jnp.ndarray:
+    """`dense_crf` for several appearance weights at once: ``[K, B, H, W, C]``.
+
+    ``bilateral_weights``: ``K`` values replacing ``params.bilateral_weight``; each
+    image's lattice is built once for all of them (what a parameter search needs).
+    """
     check_shapes(log_probs, image, valid)
     _, h, w, _ = log_probs.shape
-    return _dense_crf(log_probs, jnp.asarray(image, jnp.float32), jnp.asarray(valid, bool),
-                      jnp.asarray([params.bilateral_weight, params.bilateral_xy_std,
-                                   params.bilateral_rgb_std], jnp.float32),
-                      jnp.asarray([params.gaussian_weight, params.gaussian_xy_std],
-                                  jnp.float32),
-                      iterations=int(params.iterations),
-                      radius_hw=(gaussian_radius(params.gaussian_xy_std, h),
-                                 gaussian_radius(params.gaussian_xy_std, w)),
-                      capacity=int(capacity or h * w * (FEATURE_DIMS + 1)))
+    marginals = _dense_crf(
+        log_probs, jnp.asarray(image, jnp.float32), jnp.asarray(valid, bool),
+        jnp.asarray(bilateral_weights, jnp.float32).reshape(-1),
+        jnp.asarray([params.bilateral_xy_std, params.bilateral_rgb_std], jnp.float32),
+        jnp.asarray([params.gaussian_weight, params.gaussian_xy_std], jnp.float32),
+        iterations=int(params.iterations),
+        radius_hw=(gaussian_radius(params.gaussian_xy_std, h),
+                   gaussian_radius(params.gaussian_xy_std, w)),
+        capacity=int(capacity or h * w * (FEATURE_DIMS + 1)))
+    return jnp.swapaxes(marginals, 0, 1)
 
 
 @functools.partial(jax.jit, static_argnames=("iterations", "radius_hw", "capacity"))
-def _dense_crf(log_probs, image, valid, bilateral, gaussian, *, iterations, radius_hw,
-               capacity):
-    one = functools.partial(_mean_field, bilateral=bilateral, gaussian=gaussian,
-                            iterations=iterations, radius_hw=radius_hw, capacity=capacity)
+def _dense_crf(log_probs, image, valid, bilateral_weights, bilateral, gaussian, *, iterations,
+               radius_hw, capacity):
+    """``[B, K, H, W, C]``: `_mean_field` image by image."""
+    one = functools.partial(_mean_field, bilateral_weights=bilateral_weights,
+                            bilateral=bilateral, gaussian=gaussian, iterations=iterations,
+                            radius_hw=radius_hw, capacity=capacity)
     return jax.lax.map(lambda args: one(*args), (log_probs, image, valid))
 
 
@@ -442,3 +464,30 @@ def padded_image_mask(normalized: jnp.ndarray, label: jnp.ndarray,
 def log_probs_of(probs: jnp.ndarray) -> jnp.ndarray:
     """The unary's ``log P`` from probabilities (e.g. averaged over scales and flips)."""
     return jnp.log(jnp.maximum(probs, 1e-30))
+
+
+def eval_batch_marginals(log_probs: jnp.ndarray, normalized: jnp.ndarray, label: jnp.ndarray,
+                         params: CRFParams, *, mean, std, ignore_label: int,
+                         fitted: bool = False) -> jnp.ndarray:
+    """`dense_crf` marginals ``[B, H, W, C]`` of an eval batch.
+
+    ``normalized [B, H, W, 3]`` and ``label [B, H, W]`` are the pipeline's padded batch:
+    the RGB comes from undoing the normalisation (``data.mean``, ``data.std``), the
+    image's extent from `padded_image_mask`. ``fitted`` (outside ``jit`` only) sizes
+    the lattice to the batch (`dense_crf_fitted`).
+    """
+    image = image_rgb(normalized, mean, std)
+    valid = padded_image_mask(normalized, label, ignore_label)
+    return (dense_crf_fitted if fitted else dense_crf)(log_probs, image, valid, params)
+
+
+def scores_with_crf(total: np.ndarray) -> dict:
+    """`metrics.scores` of an eval's confusion total.
+
+    ``total`` is ``[C, C]``, or ``[2, C, C]`` = (without the CRF, with it): then the
+    result is the CRF's scores with the plain ones under ``'no_crf'``.
+    """
+    total = np.asarray(total)
+    if total.ndim == 2:
+        return metrics.scores(total)
+    return dict(metrics.scores(total[1]), no_crf=metrics.scores(total[0]))

@@ -3,8 +3,9 @@
 * `Predictor`: a trained state and normalised images ``[B, H, W, 3]`` -> class
   probabilities, the predicted mask and the attention weights, all at ``H x W``.
 * `predict_files` (``--mode=predict``): image files or folders in (read with PIL, no
-  TensorFlow) -> per image a palette PNG mask, an overlay, one attention heat map per
-  scale and the RGB composite of the merged weights (`scaleattn.viz`).
+  TensorFlow) -> per image a palette PNG mask (and, with ``eval.crf``, the mask after
+  the dense CRF, `scaleattn.crf`), an overlay, one attention heat map per scale and
+  the RGB composite of the merged weights (`scaleattn.viz`).
 * `ms_flip_probs` / `evaluate_ms_flip`: the usual multi-scale + flip inference. The
   whole model (itself multi-scale: its attention merges ``model.scales``) is run on
   the input rescaled by each of ``predict.ms_scales`` (default 0.5 ... 1.75) and on
@@ -24,7 +25,7 @@ from absl import logging
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from scaleattn import config as config_lib
-from scaleattn import metrics, outputs, viz
+from scaleattn import crf, metrics, outputs, viz
 from scaleattn.data import errors
 from scaleattn.models import layers
 
@@ -106,24 +107,33 @@ def evaluate_ms_flip(config, model, state) -> dict:
     """mIoU etc. (`metrics.scores`) of multi-scale + flip inference over the eval split.
 
     ``state`` is a host (unreplicated) `TrainState`; each process evaluates its part
-    of the split on its first device and the confusion matrices are summed.
+    of the split on its first device and the confusion matrices are summed. With
+    ``eval.crf`` the averaged probabilities go through the dense CRF (`scaleattn.crf`)
+    and ``'no_crf'`` holds the scores without it.
     """
     from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
     batch_size = max(1, config.eval.batch_size // jax.process_count())
-    total = np.zeros((config.model.num_classes,) * 2, np.int64)
+    crf_params = crf.CRFParams.from_config(config.crf) if config.eval.crf else None
+    total = np.zeros((2,) * bool(crf_params) + (config.model.num_classes,) * 2, np.int64)
     for i, batch in enumerate(pipeline.eval_batches(config.data, batch_size=batch_size)):
         if config.eval.max_batches and i >= config.eval.max_batches:
             break
         probs = ms_flip_probs(state, batch["image"], model=model,
                               scales=tuple(config.predict.ms_scales),
                               flip=config.predict.flip)
-        total += np.asarray(metrics.confusion_matrix(
-            jnp.argmax(probs, -1), jnp.asarray(batch["label"]), config.model.num_classes,
-            config.loss.ignore_label))
+        predictions = [jnp.argmax(probs, -1)]
+        if crf_params:
+            predictions.append(jnp.argmax(crf.eval_batch_marginals(
+                crf.log_probs_of(probs), batch["image"], batch["label"], crf_params,
+                mean=tuple(config.data.mean), std=tuple(config.data.std),
+                ignore_label=config.loss.ignore_label, fitted=True), -1))
+        total += np.stack([np.asarray(metrics.confusion_matrix(
+            p, jnp.asarray(batch["label"]), config.model.num_classes,
+            config.loss.ignore_label)) for p in predictions]).reshape(total.shape)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
         total = np.asarray(multihost_utils.process_allgather(total)).sum(0)
-    scores = metrics.scores(total)
+    scores = crf.scores_with_crf(total)
     logging.info("ms+flip eval (scales %s, flip %s): mIoU %.4f", tuple(config.predict.ms_scales),
                  config.predict.flip, scores["miou"])
     return scores
@@ -253,18 +263,36 @@ def normalize_and_pad(image: np.ndarray, data_config) -> np.ndarray:
     return out
 
 
-def predict_image(predictor: Predictor, state, image: np.ndarray, data_config) -> dict:
-    """`forward`'s outputs for one ``uint8 [h, w, 3]`` image, cropped to ``[h, w, ...]``."""
+def predict_image(predictor: Predictor, state, image: np.ndarray, data_config,
+                  crf_params: crf.CRFParams | None = None) -> dict:
+    """`forward`'s outputs for one ``uint8 [h, w, 3]`` image, cropped to ``[h, w, ...]``.
+
+    With ``crf_params`` also ``prediction_crf``: the labels after the dense CRF on the
+    probabilities (run on the padded array with the padding masked out, so that images
+    of one padded size share one compilation).
+    """
     h, w = image.shape[:2]
-    outputs = predictor(state, normalize_and_pad(image, data_config))
+    padded = normalize_and_pad(image, data_config)
+    outputs = predictor(state, padded)
+    if crf_params is not None:
+        rgb = np.zeros(padded.shape, np.float32)
+        rgb[0, :h, :w] = image
+        valid = np.zeros(padded.shape[:3], bool)
+        valid[0, :h, :w] = True
+        marginals = crf.dense_crf_fitted(crf.log_probs_of(outputs["probs"]), rgb, valid,
+                                         crf_params)
+        outputs["prediction_crf"] = np.asarray(jnp.argmax(marginals, -1), np.int32)
     return {key: value[0, :h, :w] for key, value in outputs.items()}
 
 
 def output_pictures(image: np.ndarray, outputs: dict, scales, alpha: float) -> dict:
-    """File suffix -> picture: ``mask`` (palette `PIL.Image`), ``overlay``, one
-    ``attention_<i>_x<scale>`` heat map per scale and ``attention_rgb`` (<= 3 scales)."""
+    """File suffix -> picture: ``mask`` (palette `PIL.Image`), ``mask_crf`` (when
+    ``outputs`` has ``prediction_crf``), ``overlay``, one ``attention_<i>_x<scale>``
+    heat map per scale and ``attention_rgb`` (<= 3 scales)."""
     pictures = {"mask": viz.mask_image(outputs["prediction"]),
                 "overlay": viz.overlay(image, outputs["prediction"], alpha)}
+    if "prediction_crf" in outputs:
+        pictures["mask_crf"] = viz.mask_image(outputs["prediction_crf"])
     attention = outputs.get("attention")
     if attention is not None:
         for i, scale in enumerate(scales):
@@ -337,6 +365,7 @@ def predict_files(config, workdir: str, inputs, output_dir: str, *,
                          f"{bad[0][1]}")
     run, state, step = restore_trained(config, workdir, fallback=fallback)
     predictor = Predictor(run.model)
+    crf_params = crf.CRFParams.from_config(config.crf) if config.eval.crf else None
     outputs.make_dir(output_dir, "--output")
     written, stems = [], set()
     for path in paths:
@@ -345,7 +374,7 @@ def predict_files(config, workdir: str, inputs, output_dir: str, *,
             stem += "_"
         stems.add(stem)
         image = load_image(path)
-        outputs_of = predict_image(predictor, state, image, config.data)
+        outputs_of = predict_image(predictor, state, image, config.data, crf_params)
         written += save_pictures(
             output_pictures(image, outputs_of, config_lib.inference_scales(config.model),
                             config.predict.overlay_alpha), output_dir, stem)

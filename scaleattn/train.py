@@ -29,7 +29,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from scaleattn import checkpoint, losses, metrics, optim, parallel, report, viz
+from scaleattn import checkpoint, crf, losses, metrics, optim, parallel, report, viz
 from scaleattn import config as config_lib
 from scaleattn.models import build_model, layers
 
@@ -203,16 +203,26 @@ def predict(state: TrainState, images: jnp.ndarray, model) -> dict:
 
 
 def eval_step(state: TrainState, batch: dict, *, model, num_classes: int,
-              ignore_label: int = 255, axis_name: str | None = None) -> jnp.ndarray:
+              ignore_label: int = 255, axis_name: str | None = None,
+              crf_params: crf.CRFParams | None = None, data_config=None) -> jnp.ndarray:
     """``[C, C]`` confusion matrix of one batch, summed over devices under pmap.
 
     The merged logits are upsampled (bilinear) to the label size before the argmax,
-    so the metric is computed at full resolution.
+    so the metric is computed at full resolution. With ``crf_params``, ``[2, C, C]``:
+    without and with the dense CRF on those scores (`crf.eval_batch_marginals`; the
+    RGB comes from ``data_config.mean`` / ``std``).
     """
     logits = predict(state, batch["image"], model)["logits"]
     logits = layers.resize_bilinear(logits.astype(jnp.float32), batch["label"].shape[1:3])
-    confusion = metrics.confusion_matrix(jnp.argmax(logits, -1), batch["label"], num_classes,
-                                         ignore_label)
+    predictions = [jnp.argmax(logits, -1)]
+    if crf_params is not None:
+        marginals = crf.eval_batch_marginals(
+            jax.nn.log_softmax(logits), batch["image"], batch["label"], crf_params,
+            mean=tuple(data_config.mean), std=tuple(data_config.std), ignore_label=ignore_label)
+        predictions.append(jnp.argmax(marginals, -1))
+    confusion = jnp.stack([metrics.confusion_matrix(p, batch["label"], num_classes, ignore_label)
+                           for p in predictions])
+    confusion = confusion[0] if crf_params is None else confusion
     if axis_name is not None:
         confusion = jax.lax.psum(confusion, axis_name)
     return confusion
@@ -250,7 +260,10 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
                           learning_rate=schedule, grad_accum_steps=accum))
     evaluate_step = layout.compile_step(
         functools.partial(eval_step, model=model, num_classes=config.model.num_classes,
-                          ignore_label=config.loss.ignore_label), donate_state=False)
+                          ignore_label=config.loss.ignore_label,
+                          crf_params=(crf.CRFParams.from_config(config.crf)
+                                      if config.eval.crf else None),
+                          data_config=config.data), donate_state=False)
     return Run(config, layout.mode, model, local_batch, step, evaluate_step, schedule, layout)
 
 
@@ -335,20 +348,25 @@ def evaluate(run: Run, state, split: str | None = None) -> dict:
 
     Each process reads its part of the split; the confusion matrix the step returns
     already sums over all devices of all processes (pmap ``psum``, or the global
-    arrays of the sharded mode).
+    arrays of the sharded mode). With ``eval.crf`` the scores are those after the
+    dense CRF, and ``'no_crf'`` holds the scores of the same pass without it.
     """
     from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
     cfg = run.config
     layout = run_layout(run)
     eval_batch = per_process_batch(cfg.eval.batch_size)
-    total = np.zeros((cfg.model.num_classes,) * 2, np.int64)
+    total = np.zeros((2,) * bool(cfg.eval.crf) + (cfg.model.num_classes,) * 2, np.int64)
     for i, batch in enumerate(pipeline.eval_batches(cfg.data, batch_size=eval_batch,
                                                     split=split)):
         if cfg.eval.max_batches and i >= cfg.eval.max_batches:
             break
         confusion = run.eval_step(state, layout.put_batch(batch))
         total += np.asarray(layout.host(confusion))
-    return metrics.scores(total)
+    scores = crf.scores_with_crf(total)
+    if cfg.eval.crf:
+        logging.info("dense CRF: mIoU %.4f (%.4f without it)", scores["miou"],
+                     scores["no_crf"]["miou"])
+    return scores
 
 
 class PreemptionFlag:

@@ -1,11 +1,18 @@
 """The dense CRF: against an exact O(N^2) numpy CRF on tiny images, against pydensecrf2
-(Krähenbühl's C++ code, when installed), its lattice geometry, padding, bad input."""
+(Krähenbühl's C++ code, when installed), its lattice geometry, padding, bad input; and
+its wiring into eval (single scale and ms+flip), predict, crf_search and run.json."""
+import dataclasses
+import json
+import os
+
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
+import demo_runs
+from scaleattn import checkpoint, crf, crf_search, predict, report, train
 from scaleattn import config as config_lib
-from scaleattn import crf
 
 DEEPLAB = crf.CRFParams.from_config(config_lib.base_config().crf)
 
@@ -133,6 +140,13 @@ def test_fitted_lattice_gives_the_same_marginals():
     full = crf.dense_crf(log_probs[None], image[None], valid, DEEPLAB)
     fitted = crf.dense_crf_fitted(log_probs[None], image[None], valid, DEEPLAB)
     np.testing.assert_allclose(np.asarray(fitted), np.asarray(full), atol=1e-6)
+    # Several appearance weights on one lattice: each as if run alone.
+    both = crf.dense_crf_weights(log_probs[None], image[None], valid, DEEPLAB, (4.0, 0.0),
+                                 capacity=1024)
+    np.testing.assert_allclose(np.asarray(both[0]), np.asarray(full), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(both[1]), np.asarray(crf.dense_crf(
+        log_probs[None], image[None], valid, dataclasses.replace(DEEPLAB, bilateral_weight=0.0),
+        capacity=1024)), atol=1e-6)
 
 
 def test_the_crf_follows_colour_edges():
@@ -256,3 +270,113 @@ def test_matches_pydensecrf(params):
     assert np.mean(reference.argmax(-1) != log_probs.argmax(-1)) > 0.05
     assert np.mean(marginals.argmax(-1) == reference.argmax(-1)) >= 0.99
     assert np.mean(np.abs(marginals - reference)) < 0.02
+
+
+# ------------------------------------------------------------ wiring (tiny demo run) ---
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A workdir holding the step-0 checkpoint of a tiny demo attention model, and
+    its config (4 val images of 128 x 128, one eval batch)."""
+    config = demo_runs.tiny_demo_config(tmp_path_factory.mktemp("data"), images=(8, 4),
+                                        crop=48, fc_width=32, batch=4, steps=1, log_every=1,
+                                        checkpoint_every=1)
+    config.crf.iterations = 3  # the wiring, not the CRF, is tested here
+    train.prepare_data(config.data)
+    run = train.setup_run(config)
+    rng = jax.random.PRNGKey(config.seed)
+    workdir = str(tmp_path_factory.mktemp("run"))
+    manager = checkpoint.make_manager(workdir, 1, training=True)
+    checkpoint.save(manager, 0, train.initial_state(run, rng), rng, config)
+    manager.wait_until_finished()
+    return config, workdir
+
+
+def with_values(config, **values):
+    """A copy of ``config`` with ``section__key=value`` changes."""
+    config = config.copy_and_resolve_references()
+    for name, value in values.items():
+        section, key = name.split("__")
+        config[section][key] = value
+    return config
+
+
+def folder_state(path) -> dict:
+    """``{relative path: (size, mtime)}`` of every file under ``path``."""
+    return {os.path.relpath(os.path.join(root, name), path):
+            (os.path.getsize(os.path.join(root, name)),
+             os.path.getmtime(os.path.join(root, name)))
+            for root, _, names in os.walk(path) for name in names}
+
+
+def test_eval_scores_with_and_without_the_crf_in_one_pass(tiny_run):
+    """``--mode=eval`` with the CRF, single scale (in the eval step, a lattice for any
+    image, from logits) and ms+flip at one scale without flip (from averaged
+    probabilities, a fitted lattice): the same inference, so the same labels with and
+    without the CRF."""
+    config, workdir = tiny_run
+    config = with_values(config, eval__crf=True, predict__ms_eval_at_end=True,
+                         predict__ms_scales=(1.0,), predict__flip=False)
+    scores = train.evaluate_checkpoint(config, workdir)
+    ms_flip = scores["ms_flip"]
+    assert set(scores["no_crf"]) == set(ms_flip["no_crf"]) == {"miou", "pixel_accuracy",
+                                                               "per_class_iou"}
+    assert ms_flip["no_crf"]["miou"] == pytest.approx(scores["no_crf"]["miou"], abs=1e-9)
+    assert ms_flip["miou"] == pytest.approx(scores["miou"], abs=1e-9)
+    np.testing.assert_allclose(ms_flip["per_class_iou"], scores["per_class_iou"], atol=1e-9)
+
+
+def test_predict_writes_the_crf_mask_beside_the_plain_one(tiny_run, tmp_path):
+    config, workdir = tiny_run
+    rgb = np.random.default_rng(7).integers(0, 255, (30, 37, 3), np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a.png")
+    written = predict.predict_files(with_values(config, eval__crf=True), workdir,
+                                    [str(tmp_path / "a.png")], str(tmp_path / "out"))
+    assert str(tmp_path / "out" / "a_mask_crf.png") in written
+    with Image.open(tmp_path / "out" / "a_mask_crf.png") as crf_mask:
+        assert crf_mask.mode == "P" and crf_mask.size == (37, 30)
+        assert np.array(crf_mask).max() < config.model.num_classes
+
+
+def test_crf_search_scores_the_grid_and_writes_only_its_output(tiny_run, tmp_path):
+    config, workdir = tiny_run
+    config = with_values(config, crf__search_images=4, crf__gaussian_weight=0.0,
+                         crf__search_bilateral_weights=(0.0, 6.0),
+                         crf__search_bilateral_xy_stds=(20.0,),
+                         crf__search_bilateral_rgb_stds=(5.0, 15.0))  # + the config's own
+    before = folder_state(workdir)
+    output = tmp_path / "search.json"
+    record = crf_search.search(config, workdir, str(output))
+    assert folder_state(workdir) == before
+    assert json.loads(output.read_text()) == json.loads(json.dumps(record))
+    assert record["images"] == 4 and record["checkpoint_step"] == 0
+    settings = [(r["bilateral_weight"], r["bilateral_xy_std"], r["bilateral_rgb_std"])
+                for r in record["results"]]
+    assert settings == [(0.0, 20.0, 5.0), (6.0, 20.0, 5.0), (0.0, 20.0, 15.0),
+                        (6.0, 20.0, 15.0)]
+    for result in record["results"]:
+        if result["bilateral_weight"] == 0.0:   # no pairwise term: the network's labels
+            assert result["miou"] == record["miou_no_crf"]
+    assert record["best"] == max(record["results"], key=lambda r: r["miou"])
+    assert record["config_setting"]["bilateral_xy_std"] == DEEPLAB.bilateral_xy_std
+    best = record["best"]
+    assert record["flags"] == (f"--config.crf.bilateral_weight={best['bilateral_weight']:g} "
+                               f"--config.crf.bilateral_xy_std={best['bilateral_xy_std']:g} "
+                               f"--config.crf.bilateral_rgb_std={best['bilateral_rgb_std']:g}")
+
+
+def test_run_record_says_whether_and_how_and_report_matches_crf_rows():
+    config = config_lib.recipe("voc_baseline")
+    scores = {"miou": 0.70, "pixel_accuracy": 0.9, "no_crf": {"miou": 0.65}}
+    kwargs = dict(steps=1, ms_flip_scores=None, wall_time_s=1.0,
+                  params={"w": np.zeros(2, np.float32)})
+    plain = report.run_record(config, scores={"miou": 0.65, "pixel_accuracy": 0.9}, **kwargs)
+    assert plain["crf"] == {"applied": False} and plain["miou_no_crf"] is None
+    assert report.paper_reference(plain)["crf"] is False
+    config.eval.crf = True
+    record = report.run_record(config, scores=scores, **kwargs)
+    assert record["crf"] == {"applied": True, **DEEPLAB.as_dict()}   # the config's values
+    assert record["miou"] == 0.70 and record["miou_no_crf"] == 0.65
+    row = report.paper_reference(json.loads(json.dumps(record)))
+    assert row["crf"] is True and "CRF" in row["what"]
