@@ -26,5 +26,10 @@ setup(
         # for Python < 3.9 (tensorflow/datasets#11212).
         "importlib_resources",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # Krähenbühl's C++ dense CRF, only to compare scaleattn.crf against
+        # (tests/test_crf.py, benchmarks/crf_bench.py); a source package: needs a C++ compiler.
+        "crf": ["pydensecrf2>=1.1"],
+    },
 )
