@@ -11,6 +11,17 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# `python -m scaleattn.main` exits with this after a SIGTERM (preemption, a time limit)
+# or SIGINT once it has saved its checkpoint: rerunning it resumes (scaleattn.main's
+# PREEMPTED_EXIT; the launchers do not import scaleattn).
+PREEMPTED_EXIT = 75
+INSTALL_HINTS = {"gcloud": "install the Google Cloud SDK (https://cloud.google.com/sdk)",
+                 "sbatch": "run this on a SLURM login node",
+                 "git": "install git"}
+
+
+class LaunchError(Exception):
+    """A command that could not run or failed; the message names it."""
 
 
 class Shell:
@@ -28,9 +39,30 @@ class Shell:
         print(shlex.join(argv), file=self.out, flush=True)
         if self.dry_run:
             return ""
-        result = subprocess.run(argv, check=check, text=True,
-                                stdout=subprocess.PIPE if capture else None)
+        try:
+            result = subprocess.run(argv, check=check, text=True,
+                                    stdout=subprocess.PIPE if capture else None)
+        except FileNotFoundError as e:
+            hint = INSTALL_HINTS.get(argv[0], "install it or put it on PATH")
+            raise LaunchError(f"{argv[0]}: command not found; {hint} (or look at the plan "
+                              f"with --dry-run)") from e
+        except subprocess.CalledProcessError as e:
+            raise LaunchError(f"`{shlex.join(argv)[:160]}` failed with exit status "
+                              f"{e.returncode} (its output is above)") from e
         return result.stdout or ""
+
+
+def run_main(main) -> None:
+    """Runs a launcher's ``main(argv)``: a `LaunchError` or a file that cannot be written
+    is one line on stderr and exit status 1, Ctrl-C is 130."""
+    try:
+        main(sys.argv[1:])
+    except LaunchError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def train_arguments(args: argparse.Namespace) -> list[str]:

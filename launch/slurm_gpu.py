@@ -13,9 +13,14 @@ the workdir must be on a filesystem every node sees (Orbax: each process writes 
 shards of a checkpoint).
 
 Preemption and time limits: SLURM sends SIGTERM ``--signal-seconds`` before the end
-(``#SBATCH --signal``); the run saves at the next step boundary and exits cleanly, and
-the script requeues the job (``--requeue``) unless the run finished (``run.json`` in the
-workdir) or failed; the requeued job resumes from the checkpoint.
+(``#SBATCH --signal``); the run saves at the next step boundary and exits with status
+75 (``PREEMPTED_EXIT``), and the script requeues the job (``--requeue``) on exactly that
+status: a finished run (0) or a failed one (anything else) is not requeued. The
+requeued job keeps its ``SLURM_JOB_ID``, so its process 0 may take over the workdir's
+lock even when it lands on another node. ``srun --wait`` ends the job step 120 s after
+the first task ends (a crashed process would leave the others waiting in a collective),
+instead of ``--kill-on-bad-exit``, which would kill the other tasks while they finish
+their part of the preemption checkpoint.
 
 ``--dry-run`` prints the batch script and the ``sbatch`` command without writing or
 submitting anything.
@@ -24,9 +29,8 @@ submitting anything.
 import argparse
 import os
 import shlex
-import sys
 
-from common import REPO, Shell, split_overrides, train_arguments
+from common import PREEMPTED_EXIT, REPO, Shell, run_main, split_overrides, train_arguments
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -80,12 +84,13 @@ def batch_script(args) -> str:
         lines.append(f"source {shlex.quote(os.path.join(args.venv, 'bin', 'activate'))}")
     lines += [f"cd {shlex.quote(args.repo)}",
               f"mkdir -p {workdir}",
-              f"srun --kill-on-bad-exit=1 {shlex.join(main)}",
+              f"srun --kill-on-bad-exit=0 --wait=120 {shlex.join(main)}",
               "status=$?",
-              "# Stopped early but cleanly (SIGTERM: preemption or the time limit): requeue;",
-              "# the next run resumes from the checkpoint. Finished or failed: stop.",
-              f"if [ $status -eq 0 ] && [ ! -f {workdir}/run.json ]; then",
-              '  echo "run stopped before the end: requeueing job $SLURM_JOB_ID"',
+              f"# {PREEMPTED_EXIT}: stopped early by SIGTERM (preemption or the time limit) after "
+              f"saving a",
+              "# checkpoint: requeue, the next run resumes from it. Finished (0) or failed: stop.",
+              f"if [ $status -eq {PREEMPTED_EXIT} ]; then",
+              '  echo "run stopped before the end (status $status): requeueing job $SLURM_JOB_ID"',
               '  scontrol requeue "$SLURM_JOB_ID"',
               "fi",
               "exit $status"]
@@ -107,4 +112,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

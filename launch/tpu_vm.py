@@ -13,17 +13,23 @@ Steps (each is also a sub-command):
 * ``setup``: copy this repository (``git archive HEAD``) to every worker and install it
   with ``jax[tpu]``;
 * ``train``: start ``python3 -m scaleattn.main ... --distributed`` on all workers at
-  once, detached (``setsid nohup``), logging to ``~/scaleattn.log``; every worker is
-  one JAX process, ``jax.distributed.initialize()`` finds the others from the TPU
-  metadata; ``parallel.mode`` is ``sharded`` unless ``--parallel-mode`` says otherwise;
+  once, detached (``setsid nohup``), logging to ``~/scaleattn.log`` and leaving its
+  exit status in ``~/scaleattn.status``; every worker is one JAX process,
+  ``jax.distributed.initialize()`` finds the others from the TPU metadata;
+  ``parallel.mode`` is ``sharded`` unless ``--parallel-mode`` says otherwise;
 * ``logs``: stream worker 0's log (process 0 logs progress) until the run ends;
+* ``status``: worker 0's exit status and what it means;
 * ``down``: delete the queued resource and its TPU VMs.
 
-``all`` = up, setup, train, logs, down. ``--dry-run`` prints the exact commands
-instead of running them. The workdir must be shared by all workers: a ``gs://``
-path (Orbax writes checkpoints there; each worker writes its own shards). A preempted
-spot slice gets SIGTERM: the run saves at the next step boundary; run ``all`` again
-and it resumes from the checkpoint in the workdir.
+``all`` = up, setup, train, logs, status, then: if the run was preempted (status 75,
+``PREEMPTED_EXIT``: SIGTERM, checkpoint saved) or the slice is gone (a reclaimed spot
+slice), down and start over, up to ``--max-restarts`` times, each time resuming from
+the checkpoint in the workdir; otherwise down, exiting with the run's status.
+``--dry-run`` prints the exact commands of one pass instead of running them. The
+workdir must be shared by all workers: a ``gs://`` path (Orbax writes checkpoints
+there; each worker writes its own shards). Every pass exports the same
+``SCALEATTN_JOB_ID`` (the node name), so the restarted run's process 0 takes over the
+workdir's lock left by a run whose slice was reclaimed.
 """
 
 import argparse
@@ -31,7 +37,7 @@ import shlex
 import sys
 import time
 
-from common import REPO, Shell, split_overrides, train_arguments
+from common import PREEMPTED_EXIT, REPO, Shell, run_main, split_overrides, train_arguments
 
 RUNTIME_VERSIONS = {  # accelerator-type prefix -> TPU VM software version
     "v4": "tpu-ubuntu2204-base",
@@ -42,7 +48,8 @@ RUNTIME_VERSIONS = {  # accelerator-type prefix -> TPU VM software version
 ARCHIVE = "/tmp/scaleattn.tar.gz"
 REMOTE_DIR = "~/scaleattn"
 LOG = "~/scaleattn.log"
-STEPS = ("up", "setup", "train", "logs", "down")
+STATUS = "~/scaleattn.status"
+STEPS = ("up", "setup", "train", "logs", "status", "down")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -61,6 +68,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workdir", default=None, help="gs://BUCKET/runs/NAME (shared)")
     p.add_argument("--data-dir", default=None, help="TFDS data_dir, e.g. gs://BUCKET/tfds")
     p.add_argument("--parallel-mode", default="sharded", choices=("sharded", "pmap"))
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="all: start over this many times after a preemption")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = p.parse_args(own)
     args.overrides = overrides
@@ -113,10 +122,13 @@ def setup(shell: Shell, args) -> None:
 
 
 def train_command(args) -> str:
-    """The command every worker runs (detached, so that it outlives the ssh session)."""
+    """The command every worker runs (detached, so that it outlives the ssh session); the
+    run's exit status goes to ``STATUS``."""
     main = ["python3", "-m", "scaleattn.main", *train_arguments(args), "--distributed",
             f"--config.parallel.mode={args.parallel_mode}"]
-    return (f"cd {REMOTE_DIR} && setsid nohup {shlex.join(main)} > {LOG} 2>&1 < /dev/null &")
+    run = f"SCALEATTN_JOB_ID={shlex.quote(args.name)} {shlex.join(main)}; echo $? > {STATUS}"
+    return (f"cd {REMOTE_DIR} && rm -f {STATUS} && setsid nohup bash -c {shlex.quote(run)} "
+            f"> {LOG} 2>&1 < /dev/null &")
 
 
 def train(shell: Shell, args) -> None:
@@ -131,6 +143,39 @@ def logs(shell: Shell, args) -> None:
     shell.run(ssh(args, follow, worker="0"), check=False)
 
 
+MEANINGS = {0: "finished", PREEMPTED_EXIT: "preempted: checkpoint saved, a new run resumes",
+            130: "interrupted", None: "unknown: the slice cannot be reached (reclaimed?)"}
+
+
+def status(shell: Shell, args) -> int | None:
+    """Worker 0's exit status of the last run (``None`` if it cannot be read)."""
+    shell.comment("the run's exit status on worker 0")
+    text = shell.run(ssh(args, f"cat {STATUS}", worker="0"), check=False, capture=True)
+    code = int(text.strip()) if text.strip().isdigit() else None
+    if not shell.dry_run:
+        shell.comment(f"status {code}: {MEANINGS.get(code, 'failed')}")
+    return code
+
+
+def all_steps(shell: Shell, args) -> int:
+    """up, setup, train, logs, status; start over after a preemption; down. The status."""
+    code = None
+    for attempt in range(args.max_restarts + 1):
+        for step in (up, setup, train, logs):
+            step(shell, args)
+        code = status(shell, args)
+        if shell.dry_run:
+            shell.comment(f"status {PREEMPTED_EXIT} (preempted) or none (slice reclaimed): "
+                          f"down, then up .. status again, at most {args.max_restarts} times")
+            break
+        if code not in (PREEMPTED_EXIT, None) or attempt == args.max_restarts:
+            break
+        shell.comment(f"preempted: starting over ({attempt + 1} of {args.max_restarts})")
+        down(shell, args)
+    down(shell, args)
+    return 0 if code == 0 or shell.dry_run else 1
+
+
 def down(shell: Shell, args) -> None:
     shell.comment("delete the slice")
     shell.run(["gcloud", "compute", "tpus", "queued-resources", "delete", f"{args.name}-qr",
@@ -140,10 +185,12 @@ def down(shell: Shell, args) -> None:
 def main(argv: list[str]) -> None:
     args = parse(argv)
     shell = Shell(args.dry_run)
-    steps = {"up": up, "setup": setup, "train": train, "logs": logs, "down": down}
-    for name in (STEPS if args.step == "all" else (args.step,)):
-        steps[name](shell, args)
+    steps = {"up": up, "setup": setup, "train": train, "logs": logs, "status": status,
+             "down": down}
+    if args.step == "all":
+        sys.exit(all_steps(shell, args))
+    steps[args.step](shell, args)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

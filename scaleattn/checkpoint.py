@@ -29,10 +29,11 @@ uses the newest good step, and never changes the workdir. A killed save leaves a
 next training run.
 
 The saved config is the truth of a trained run: its model-defining keys
-(`MODEL_DEFINING` : every ``model.*`` key except those that only change how training
-runs or how the same function is computed, plus ``data.mean``/``data.std``) must equal
-the current config's, or `restore_latest` stops with a `CheckpointError` naming each
-key, its saved and its current value.
+(`is_model_defining`: every ``model.*`` key except `NOT_MODEL_DEFINING`, those that
+only change how training runs or how the same function is computed, plus
+`ALSO_MODEL_DEFINING`, ``data.mean``/``data.std``) must equal the current config's, or
+`restore_latest` stops with a `CheckpointError` naming each key, its saved and its
+current value.
 """
 
 import hashlib
@@ -107,6 +108,8 @@ def make_manager(workdir: str, keep: int, *, keep_best: bool = False,
     if leftovers and jax.process_index() == 0:
         logging.warning("Ignoring half-written checkpoint(s) left by an interrupted save: %s "
                         "(they are removed).", ", ".join(str(p) for p in leftovers))
+        for path in leftovers:
+            path.rmtree(missing_ok=True)
     policies = [ocp.checkpoint_managers.LatestN(keep)]
     if keep_best:
         policies.append(ocp.checkpoint_managers.BestN(
@@ -413,10 +416,13 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
 def saved_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple]:
     """``{'state/params/...': shape}`` from a step's array metadata (`DamagedCheckpoint`
     if there is none)."""
+    missing = DamagedCheckpoint("its array data (tree/) is missing")
+    if not (epath.Path(step_path(manager, step)) / "tree").exists():
+        raise missing
     try:
         item = manager.item_metadata(step)["tree"]
         if item is None:
-            raise DamagedCheckpoint("its array data (tree/) is missing")
+            raise missing
         return shapes(item.tree)
     except DamagedCheckpoint:
         raise

@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scaleattn import outputs
 from scaleattn.config import IMAGENET_MEAN, IMAGENET_STD
 from scaleattn.models import heads, resnet, vgg
 from scaleattn.weights import FORMAT, WeightsError, read_weights, save_pretrained
@@ -492,10 +493,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        outputs.check_file(args.dst, "DST", missing_folder_ok=True)  # before the work
         report = convert_file(args.src, args.dst, source=args.source, arch=args.arch,
                               mean=args.mean, std=args.std)
-    except WeightsError as e:
+    except (WeightsError, outputs.OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. the disk filled up while writing DST
+        print(f"error: cannot write DST={args.dst}: {e.strerror or e}", file=sys.stderr)
         return 1
     ignored = report["ignored"]
     counters = [k for k in ignored if k.endswith("num_batches_tracked")]

@@ -11,6 +11,7 @@ e.g. ``--config.train.steps=200``.
 import logging as std_logging
 import os
 import re
+import signal
 import sys
 
 import jax
@@ -35,7 +36,20 @@ flags.DEFINE_integer("process_id", None, "Multi-process: the index of this proce
 flags.DEFINE_bool("distributed", False, "Multi-process from the environment: "
                   "jax.distributed.initialize() finds the coordinator on Cloud TPU VMs and "
                   "SLURM (automatic inside an srun step of several tasks).")
+flags.DEFINE_bool("checkpoint_fallback", False, "--mode=eval|predict|analyze: if the newest "
+                  "checkpoint is damaged (fails its checksums), use the newest good one "
+                  "instead of stopping.")
+flags.DEFINE_bool("skip_bad_inputs", False, "--mode=predict: predict the readable images and "
+                  "list the unreadable ones at the end, instead of stopping before any output.")
 flags.mark_flags_as_required(["config"])
+
+# Exit statuses. 0: done; 1: an error, said in one line on stderr. PREEMPTED_EXIT: a
+# training run stopped early by SIGTERM (preemption, a time limit) or SIGINT (Ctrl-C)
+# after saving its checkpoint; rerunning the same command resumes it (EX_TEMPFAIL,
+# "try again"; the launchers requeue on it). INTERRUPTED_EXIT (128 + SIGINT): a second
+# Ctrl-C, or one outside a training loop: stopped at once.
+PREEMPTED_EXIT = 75
+INTERRUPTED_EXIT = 128 + signal.SIGINT
 
 
 def first_line(error: BaseException) -> str:
@@ -44,8 +58,48 @@ def first_line(error: BaseException) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+def config_path(argv) -> str | None:
+    """The value of ``--config`` in ``argv`` (``--config=PATH`` or ``--config PATH``)."""
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg.startswith(("--config=", "-config=")):
+            return arg.split("=", 1)[1]
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def load_config_file(path: str):
+    """``get_config()`` of a config file; exits with one line if it cannot be loaded."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    file = path.split(":", 1)[0]
+    where = f"--config={path}"
+    if not os.path.isfile(file):
+        sys.exit(f"error: {where}: no such file (the recipes are configs/*.py, e.g. "
+                 f"--config=configs/demo.py)")
+    try:
+        spec = importlib.util.spec_from_file_location("scaleattn_checked_config", file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, "get_config", None)):
+            sys.exit(f"error: {where}: the file has no get_config() function (a config file "
+                     f"defines get_config() returning a ConfigDict, see configs/demo.py)")
+        config = module.get_config(*path.split(":", 1)[1:])
+    except SyntaxError as e:
+        sys.exit(f"error: {where} does not parse: {e.msg} (line {e.lineno})")
+    except Exception as e:  # pylint: disable=broad-except  # any error in the user's file
+        sys.exit(f"error: {where} cannot be loaded: {type(e).__name__}: {first_line(e)}")
+    if not hasattr(config, "to_json"):
+        sys.exit(f"error: {where}: get_config() returned a {type(config).__name__}, not a "
+                 f"ConfigDict")
+    return config
+
+
 def parse_flags(argv):
-    """Parses flags; a bad --config override stops with one line that names it."""
+    """Parses flags; a config file that does not load or a bad --config override stops
+    with one line that names it."""
+    path = config_path(argv)
+    if path is not None:
+        parse_flags.file_config = load_config_file(path)
     try:
         return FLAGS(argv)
     except flags.Error as e:
@@ -62,24 +116,49 @@ def parse_flags(argv):
                  f"The keys and their types are in scaleattn/config.py.")
 
 
+parse_flags.file_config = None
+
+
 def load_config():
     """The parsed config; a config file that fails to load stops with one line."""
     try:
-        return FLAGS.config
-    except (OSError, AttributeError, KeyError) as e:
+        config = FLAGS.config
+        config.to_json()  # any access reports a loading error
+        return config
+    except Exception as e:  # pylint: disable=broad-except
         sys.exit(f"error: cannot load --config={FLAGS['config'].config_filename}: "
                  f"{first_line(e)}")
+
+
+def name_with_overrides(config, file_config) -> None:
+    """Appends the model-defining keys overridden on the command line to ``config.name``
+    (``demo_attention+merge=max``), so logs and run.json tell the run from its recipe."""
+    from scaleattn import checkpoint  # pylint: disable=import-outside-toplevel
+    if file_config is None:
+        return
+    changed = [(key, value) for key, value in
+               sorted(config_flags.get_override_values(FLAGS["config"]).items())
+               if checkpoint.is_model_defining(key)
+               and checkpoint.flat_config(file_config).get(key) !=
+               checkpoint.flat_config(config).get(key)]
+    if changed:
+        suffix = "".join(f"+{key.removeprefix('model.')}="
+                         f"{checkpoint.flag_value(checkpoint.flat_config(config)[key])}"
+                         for key, _ in changed)
+        config.name = f"{config.name}{suffix}"
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from scaleattn import checkpoint, parallel, train  # pylint: disable=import-outside-toplevel
-    from scaleattn.data import errors  # pylint: disable=import-outside-toplevel
-    from scaleattn.weights import WeightsError  # pylint: disable=import-outside-toplevel
+    # pylint: disable=import-outside-toplevel
+    from scaleattn import checkpoint, outputs, parallel, runlock, train
+    from scaleattn.data import errors
+    from scaleattn.weights import WeightsError
     config = load_config()
     try:
         config_lib.validate(config)
+        name_with_overrides(config, parse_flags.file_config)
         jax.config.update("jax_default_prng_impl", config.prng_impl)
         if parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                            FLAGS.process_id, auto=FLAGS.distributed):
@@ -90,13 +169,19 @@ def main(argv):
         if FLAGS.mode == "train":
             train.train_and_evaluate(config, FLAGS.workdir)
         elif FLAGS.mode == "eval":
-            train.evaluate_checkpoint(config, FLAGS.workdir)
+            train.evaluate_checkpoint(config, FLAGS.workdir, fallback=FLAGS.checkpoint_fallback)
         else:
             run_tool(config)
+    except train.Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
     except (config_lib.ConfigError, errors.DataError, checkpoint.CheckpointError,
-            train.NonFiniteLossError, WeightsError) as e:
-        logging.error("%s", e)
+            train.NonFiniteLossError, WeightsError, runlock.WorkdirLocked,
+            outputs.OutputError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a file or folder that cannot be read or written, named
+        where = f"{e.filename}: " if e.filename else ""
+        sys.exit(f"error: {where}{e.strerror or first_line(e)}")
 
 
 def run_tool(config) -> None:
@@ -104,25 +189,33 @@ def run_tool(config) -> None:
     # pylint: disable=import-outside-toplevel
     output = FLAGS.output or os.path.join(FLAGS.workdir or ".", FLAGS.mode +
                                           (".json" if FLAGS.mode == "bench" else ""))
+    from scaleattn import outputs
     if FLAGS.mode == "bench":
         from scaleattn import bench
-        bench.main(config, output)
+        bench.main(config, outputs.check_file(output, "--output", missing_folder_ok=True))
     elif FLAGS.mode == "predict":
         from scaleattn import predict
-        predict.predict_files(config, FLAGS.workdir, FLAGS.input, output)
+        predict.predict_files(config, FLAGS.workdir, FLAGS.input, output,
+                              skip_bad_inputs=FLAGS.skip_bad_inputs,
+                              fallback=FLAGS.checkpoint_fallback)
     else:
         from scaleattn import analysis
-        analysis.analyze(config, FLAGS.workdir, output)
+        analysis.analyze(config, FLAGS.workdir, output, fallback=FLAGS.checkpoint_fallback)
 
 
 class QuietLibraries:
     """A log filter that drops INFO lines from libraries (Orbax logs every file it
     writes; JAX says it found no TPU); their warnings and errors still show."""
     prefixes = ("orbax/", "tensorflow_datasets/", "etils/", "jax/_src/xla_bridge")
+    # Warnings that say nothing to a user: Orbax on the read-only managers of eval,
+    # predict and analyze (which read-only is what they are meant to be).
+    expected = ("Given directory is read only",)
 
     def filter(self, record) -> bool:
         path = record.pathname.replace("\\", "/")
         noisy = any(f"/{p}" in path for p in self.prefixes)
+        if noisy and any(text in str(record.msg) for text in self.expected):
+            return False
         return record.levelno > std_logging.INFO or not noisy  # absl's INFO is 0, not 20
 
 
@@ -130,7 +223,11 @@ def run():
     # On the absl handler itself: it hands records to its inner handler's emit(),
     # which never consults that handler's filters.
     logging.get_absl_handler().addFilter(QuietLibraries())
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (start-up, eval, predict)
+        print("stopped: interrupted (SIGINT)", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ gradients, optimiser state and batch-norm statistics stay float32 (Flax's
 """
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import os
@@ -44,7 +45,14 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(Exception):
-    """Raised inside the loop when a preemption checkpoint has been saved."""
+    """The run stopped early on a signal, after saving a checkpoint at ``step``."""
+
+    def __init__(self, step: int, signal_name: str | None):
+        super().__init__(f"stopped by {signal_name or 'a preemption notice'} after step "
+                         f"{step}; checkpoint saved, rerun the same command to resume")
+        self.step = step
+
+
 
 
 # --------------------------------------------------------------------------- state
@@ -370,31 +378,64 @@ def evaluate(run: Run, state, split: str | None = None) -> dict:
 
 
 class PreemptionFlag:
-    """SIGTERM (what Cloud TPU preemption and SLURM send) asks the loop to save and exit.
+    """SIGTERM (what Cloud TPU preemption and SLURM send) and SIGINT (Ctrl-C) ask the
+    loop to save at the next step boundary and stop (`Preempted`; `scaleattn.main` exits
+    with `main.PREEMPTED_EXIT`). A second SIGINT stops the process at once, without
+    saving: the callables in ``on_abort`` run (the workdir lock is released), then
+    ``exit_now(128 + SIGINT)`` (`os._exit`: no exception is raised into whatever the
+    main thread was doing, which could leave a lock of a library held and the process
+    hanging at exit).
 
-    One process: a Python SIGTERM handler sets ``requested``. Several processes:
-    JAX's preemption service (started by `jax.distributed`) catches the signal on
-    whichever process gets it and agrees with the others on one step at which all of
-    them save (`reached`, called every step); no Python handler is installed then,
-    as it would replace the service's.
+    One process: Python handlers set ``requested``. Several processes: JAX's
+    preemption service (started by `jax.distributed`) catches SIGTERM on whichever
+    process gets it and agrees with the others on one step at which all of them save
+    (`reached`, called every step); no Python SIGTERM handler is installed then, as it
+    would replace the service's, and SIGINT is turned into a SIGTERM to this process.
+    The handlers only set flags and write to file descriptor 2 (the main thread may be
+    inside a write to ``sys.stderr``, which a second write would break).
     """
 
-    def __init__(self, manager=None):
+    def __init__(self, manager=None, exit_now: Callable[[int], None] = os._exit):
         self.requested = False
+        self.signal_name = None
         self.manager = manager
-        self._previous = None
-        self._installed = False
+        self.on_abort = []
+        self.exit_now = exit_now
+        self._previous = {}
+        self._interrupts = 0
 
     def __enter__(self):
-        if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
+        import threading  # pylint: disable=import-outside-toplevel
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal handlers can only be installed from the main thread
+        signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+        for signum in signals:
+            self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        del signum, frame
-        logging.warning("SIGTERM received: saving a checkpoint at the next step boundary.")
-        self.requested = True
+        del frame
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+        if self._interrupts > 1:
+            os.write(2, b"stopped: interrupted twice (SIGINT): stopped at once, without saving "
+                        b"the steps since the last checkpoint\n")
+            for cleanup in self.on_abort:
+                try:
+                    cleanup()
+                except Exception:  # pylint: disable=broad-except  # exiting anyway
+                    pass
+            self.exit_now(128 + signal.SIGINT)
+            return
+        self.signal_name = self.signal_name or name
+        again = " (press Ctrl-C again to stop at once, without saving)"
+        os.write(2, f"{name} received: saving a checkpoint at the next step boundary, then "
+                    f"stopping{again if signum == signal.SIGINT else ''}.\n".encode())
+        if jax.process_count() > 1:  # the preemption service agrees on the step
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self.requested = True
 
     def reached(self, step: int) -> bool:
         """Whether to save and stop after ``step`` (every process calls this each step)."""
@@ -403,8 +444,8 @@ class PreemptionFlag:
         return self.requested
 
     def __exit__(self, *exc):
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 class MetricWriter:
@@ -501,12 +542,55 @@ def prefetch(batches: Iterator[dict], put: Callable[[dict], dict], size: int) ->
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains for ``config.train.steps`` (resuming from ``workdir``), then evaluates.
 
-    Checkpoints every ``train.checkpoint_every`` steps (and at evals with
-    ``train.keep_best``); on SIGTERM saves at the next step boundary and returns
-    early; on a NaN/Inf loss raises `NonFiniteLossError` (the checkpoints saved
-    before that step are kept). Returns the last evaluation's scores (``{}`` if none
-    ran).
+    Holds the workdir's lock throughout (`runlock`: a second training run on the same
+    workdir is `runlock.WorkdirLocked`). Checkpoints every ``train.checkpoint_every``
+    steps (and at evals with ``train.keep_best``); on SIGTERM or SIGINT saves at the
+    next step boundary and raises `Preempted` (a second SIGINT ends the process at
+    once, see `PreemptionFlag`); on a NaN/Inf loss raises `NonFiniteLossError` (the checkpoints saved before
+    that step are kept). Resumes from the newest checkpoint that passes its checks
+    (damaged ones are named and moved aside). Returns the last evaluation's scores
+    (``{}`` if none ran).
     """
+    workdir = checkpoint.resolve_workdir(workdir)
+    with PreemptionFlag() as preemption, hold_workdir(workdir) as lock:
+        if lock is not None:
+            preemption.on_abort.append(lock.release)
+        return _train_and_evaluate(config, workdir, preemption)
+
+
+def hold_workdir(workdir: str):
+    """`runlock.hold` by process 0; every process learns whether it got the lock."""
+    from scaleattn import runlock  # pylint: disable=import-outside-toplevel
+    if jax.process_count() == 1:
+        return runlock.hold(workdir)
+
+    @contextlib.contextmanager
+    def held():
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        lock, error = None, None
+        if jax.process_index() == 0:
+            lock = runlock.RunLock(workdir)
+            try:
+                lock.acquire()
+            except runlock.WorkdirLocked as e:
+                error = e
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if error is not None:
+            raise error
+        if not ok:
+            raise runlock.WorkdirLocked(f"{workdir} is in use by another training run "
+                                        f"(process 0 names it)")
+        try:
+            yield lock
+        finally:
+            if lock is not None:
+                lock.release()
+    return held()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        preemption: PreemptionFlag) -> dict:
+    """`train_and_evaluate` inside the lock, ``preemption`` already listening."""
     from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
     if not has_checkpoints(workdir):  # a fresh run: its start must exist before anything
         start = check_pretrained_start(config)
@@ -517,15 +601,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     layout = run.layout
     check_batch_sizes(config, layout)
     cfg = config.train
-    workdir = checkpoint.resolve_workdir(workdir)
     manager = checkpoint.make_manager(workdir, cfg.keep_checkpoints, keep_best=cfg.keep_best,
                                       async_save=cfg.async_checkpoints, training=True)
+    preemption.manager = manager
     rng = jax.random.PRNGKey(config.seed)
     init_rng, train_rng = jax.random.split(rng)
     train_rng = np.asarray(train_rng)  # a host value: saved by process 0, read by all
     state = initial_state(run, init_rng, pretrained=False)
     restored = checkpoint.restore_latest(manager, layout.restore_target(state), train_rng,
-                                         config=config)
+                                         config=config, writable=True)
     start_step = 0
     if restored is not None:  # model.init_from is not read: the checkpoint has it all
         state, train_rng, meta = restored
@@ -575,49 +659,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return result
 
     try:
-        with PreemptionFlag(manager) as preemption:
-            for step in range(start_step, cfg.steps):
-                batch = next(batches)
-                device_state, step_metrics = run.train_step(device_state, batch, device_rng)
-                if pending is not None:  # check the previous step while this one runs
-                    check_finite(*pending_values(), last_saved)
-                done = step + 1
-                pending = (done, step_metrics)
-                window_steps += 1
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    host = read_scalars(layout, step_metrics)
-                    check_finite(done, host, last_saved)
-                    elapsed = time.time() - window_start
-                    host["images_per_second"] = window_steps * config.batch_size / elapsed
-                    eta = (cfg.steps - done) * elapsed / window_steps
-                    logging.info("step %d/%d  loss %.4f  lr %.2e  %.1f img/s  ETA %s", done,
-                                 cfg.steps, host["loss"], host["learning_rate"],
-                                 host["images_per_second"], format_eta(eta))
-                    writer.scalars(done, host)
-                    window_start, window_steps = time.time(), 0
-                eval_scores = None
-                if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                    check_finite(*pending_values(), last_saved)
-                    scores = eval_scores = evaluate_now(done)
-                if done % cfg.checkpoint_every == 0 or (cfg.keep_best and eval_scores):
-                    save(done, eval_scores)
-                if preemption.reached(done):
-                    save(done)
-                    manager.wait_until_finished()
-                    logging.warning("Preempted: saved step %d, exiting; rerun to resume.", done)
-                    raise Preempted()
-            final = max(cfg.steps, start_step)
-            if pending is not None:
+        for step in range(start_step, cfg.steps):
+            batch = next(batches)
+            device_state, step_metrics = run.train_step(device_state, batch, device_rng)
+            if pending is not None:  # check the previous step while this one runs
                 check_finite(*pending_values(), last_saved)
-            if cfg.eval_at_end and cfg.keep_best:  # evaluate first: rank the final state too
-                scores = evaluate_now(final)
-                save(final, scores)
-            else:
-                save(final)
-            manager.wait_until_finished()
+            done = step + 1
+            pending = (done, step_metrics)
+            window_steps += 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                host = read_scalars(layout, step_metrics)
+                check_finite(done, host, last_saved)
+                elapsed = time.time() - window_start
+                host["images_per_second"] = window_steps * config.batch_size / elapsed
+                eta = (cfg.steps - done) * elapsed / window_steps
+                logging.info("step %d/%d  loss %.4f  lr %.2e  %.1f img/s  ETA %s", done,
+                             cfg.steps, host["loss"], host["learning_rate"],
+                             host["images_per_second"], format_eta(eta))
+                writer.scalars(done, host)
+                window_start, window_steps = time.time(), 0
+            eval_scores = None
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                check_finite(*pending_values(), last_saved)
+                scores = eval_scores = evaluate_now(done)
+            if done % cfg.checkpoint_every == 0 or (cfg.keep_best and eval_scores):
+                save(done, eval_scores)
+            if preemption.reached(done):
+                save(done)
+                manager.wait_until_finished()
+                logging.warning("Preempted: saved step %d, exiting; rerun to resume.", done)
+                raise Preempted(done, preemption.signal_name)
+        final = max(cfg.steps, start_step)
+        if pending is not None:
+            check_finite(*pending_values(), last_saved)
+        if cfg.eval_at_end and cfg.keep_best:  # evaluate first: rank the final state too
+            scores = evaluate_now(final)
+            save(final, scores)
+        else:
+            save(final)
+        manager.wait_until_finished()
     except Preempted:
         writer.close()
-        return scores
+        raise
     finally:  # an exception must not cut an asynchronous save short
         manager.wait_until_finished()
     logging.info("Training took %.1f s.", time.time() - run_start)
@@ -638,22 +721,23 @@ def log_scores(scores: dict, step: int, writer: MetricWriter) -> dict:
     return scores
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Evaluates the latest checkpoint in ``workdir`` on ``config.data.eval_split``."""
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
+                        fallback: bool = False) -> dict:
+    """Evaluates the latest checkpoint in ``workdir`` on ``config.data.eval_split``.
+
+    Read-only: the workdir is not changed. A damaged newest step is a
+    `checkpoint.CheckpointError`, or with ``fallback`` the newest good one is used.
+    """
+    manager = checkpoint.open_for_reading(workdir)
     prepare_data(config.data)
     run = setup_run(config)
     check_batch_sizes(config, run.layout, keys=("eval.batch_size",))
-    manager = checkpoint.make_manager(workdir, config.train.keep_checkpoints)
     rng = jax.random.PRNGKey(config.seed)
     state = initial_state(run, rng, pretrained=False)
     _, train_rng = jax.random.split(rng)
-    restored = checkpoint.restore_latest(manager, run.layout.restore_target(state),
-                                         np.asarray(train_rng), config=config)
-    if restored is None:
-        raise checkpoint.CheckpointError(
-            f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}: train first "
-            f"(--mode=train) or point --workdir at a trained run.")
-    state, _, meta = restored
+    state, _, meta = checkpoint.restore_for_reading(
+        manager, run.layout.restore_target(state), np.asarray(train_rng), config=config,
+        fallback=fallback)
     scores = evaluate(run, run.layout.put_state(state))
     logging.info("eval of step %d: mIoU %.4f  pixel accuracy %.4f", meta["step"],
                  scores["miou"], scores["pixel_accuracy"])

@@ -544,12 +544,10 @@ def read_weights(path: str, source: str) -> dict[str, np.ndarray]:
 def save_pretrained(path: str, tree: Mapping) -> None:
     """Writes a converted tree (``meta``, ``params``, ``batch_stats``) as msgpack,
     through a temporary file so that a crash leaves no half-written ``path``."""
+    from scaleattn import outputs  # pylint: disable=import-outside-toplevel
     blob = serialization.msgpack_serialize(dict(tree))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
+    outputs.atomic_write(path, blob)  # the temporary file goes on any failure
 
 
 def read_pretrained(path: str) -> dict:

@@ -51,7 +51,7 @@ def test_tpu_pod_slice_dry_run_prints_the_whole_lifecycle():
                     "--", "--config.batch_size=32", "--config.eval.batch_size=32")
     cmds = commands(result.stdout)
     location = ["--project=proj", "--zone=us-central2-b"]
-    create, describe, archive, scp, install, train, logs, delete = cmds
+    create, describe, archive, scp, install, train, logs, status, delete = cmds
     assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", "sa-qr",
                       "--node-id=sa", *location, "--accelerator-type=v4-32",
                       "--runtime-version=tpu-ubuntu2204-base"]
@@ -59,21 +59,29 @@ def test_tpu_pod_slice_dry_run_prints_the_whole_lifecycle():
                             "sa-qr"]
     assert archive[:2] == ["git", "-C"] and "archive" in archive and archive[-1] == "HEAD"
     assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
-    for ssh in (install, train, logs):
+    for ssh in (install, train, logs, status):
         assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "sa"]
         assert ssh[6:8] == location
     assert flag(install, "worker") == "all" and "jax[tpu]" in flag(install, "command")
     assert flag(logs, "worker") == "0"
+    assert flag(status, "worker") == "0" and flag(status, "command") == "cat ~/scaleattn.status"
+    assert "# status 75 (preempted) or none (slice reclaimed): down, then up .. status " \
+           "again, at most 3 times" in result.stdout
     assert delete == ["gcloud", "compute", "tpus", "queued-resources", "delete", "sa-qr",
                       *location, "--force", "--quiet"]
 
-    # The training command, as every worker's shell will read it.
+    # The training command, as every worker's shell will read it: the run, detached, then
+    # its exit status into ~/scaleattn.status.
     assert flag(train, "worker") == "all"
     remote = shlex.split(flag(train, "command"))
-    start = remote.index("python3")
-    main = remote[start:remote.index(">")]
-    assert remote[:start] == ["cd", "~/scaleattn", "&&", "setsid", "nohup"]
-    assert remote[-1] == "&"  # detached: outlives the ssh session
+    assert remote[:12] == ["cd", "~/scaleattn", "&&", "rm", "-f", "~/scaleattn.status", "&&",
+                           "setsid", "nohup", "bash", "-c", remote[11]]
+    assert remote[12:] == [">", "~/scaleattn.log", "2>&1", "<", "/dev/null", "&"]  # detached
+    run, then = remote[11].rsplit("; ", 1)
+    assert then == "echo $? > ~/scaleattn.status"
+    inner = shlex.split(run)
+    assert inner[0] == "SCALEATTN_JOB_ID=sa"  # a restarted run may take over the lock
+    main = inner[1:]
     assert main[:3] == ["python3", "-m", "scaleattn.main"]
     assert main[3:] == ["--config=configs/voc_s3.py", "--workdir=gs://bucket/runs/voc s3",
                         "--config.data.data_dir=gs://bucket/tfds", "--config.batch_size=32",
@@ -123,13 +131,13 @@ def test_slurm_dry_run_prints_a_valid_batch_script(tmp_path):
     check_main_arguments(main[3:])
 
 
-@pytest.mark.parametrize("srun_status, finished, requeued", [
-    (0, False, True),   # stopped by SIGTERM (preemption / time limit): requeue
-    (0, True, False),   # run.json written: the run finished
-    (3, False, False),  # failed: do not loop
+@pytest.mark.parametrize("srun_status, requeued", [
+    (75, True),    # stopped by SIGTERM (preemption / time limit) after saving: requeue
+    (0, False),    # finished
+    (1, False),    # failed: do not loop
+    (137, False),  # a task killed (e.g. out of memory, or by srun --wait): do not loop
 ])
-def test_slurm_script_requeues_only_a_run_stopped_early(tmp_path, srun_status, finished,
-                                                        requeued):
+def test_slurm_script_requeues_only_a_run_stopped_early(tmp_path, srun_status, requeued):
     script, _ = slurm_script(tmp_path)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -138,9 +146,6 @@ def test_slurm_script_requeues_only_a_run_stopped_early(tmp_path, srun_status, f
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(stat.S_IRWXU)
     (tmp_path / "job.sbatch").write_text(script)
-    if finished:
-        (tmp_path / "run").mkdir()
-        (tmp_path / "run" / "run.json").write_text("{}")
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42")
     result = subprocess.run(["bash", str(tmp_path / "job.sbatch")], env=env,
                             capture_output=True, text=True, timeout=30)
@@ -149,3 +154,38 @@ def test_slurm_script_requeues_only_a_run_stopped_early(tmp_path, srun_status, f
     assert (tmp_path / "scontrol.args").exists() == requeued
     if requeued:
         assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "42"]
+
+
+@pytest.mark.parametrize("statuses, passes, exit_code", [
+    ("75 0", 2, 0),      # preempted once, then finished
+    ("75 75 75", 2, 1),  # still preempted after --max-restarts=1: give up, non-zero
+    ("1", 1, 1),         # failed: no restart
+    ("", 2, 1),          # no status (the slice was reclaimed): restart, then give up
+])
+def test_tpu_all_starts_over_only_after_a_preemption(tmp_path, statuses, passes, exit_code):
+    """`all` against a stand-in gcloud (and git) that records its calls; worker 0's
+    status file says ``statuses``, one per pass."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (tmp_path / "statuses").write_text("\n".join(statuses.split()) + "\n")
+    gcloud = f"""#!/bin/bash
+echo "$*" >> {tmp_path}/calls
+case "$*" in
+  *describe*) echo ACTIVE ;;
+  *"--command=cat ~/scaleattn.status"*)
+    head -n 1 {tmp_path}/statuses; sed -i 1d {tmp_path}/statuses ;;
+esac
+"""
+    for name, body in (("gcloud", gcloud), ("git", f"#!/bin/bash\necho git >> {tmp_path}/calls\n")):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    env = dict(os.environ, PATH=f"{bin_dir}:/usr/bin:/bin")
+    result = subprocess.run([sys.executable, os.path.join(REPO, "launch", "tpu_vm.py"), "all",
+                             "--max-restarts=1", *[a for a in TPU if a != "--dry-run"]],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == exit_code, result.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert sum("queued-resources create" in c for c in calls) == passes
+    assert sum("queued-resources delete" in c for c in calls) == passes
+    assert sum("--worker=all --command=cd ~/scaleattn" in c for c in calls) == passes  # train
+    assert calls[-1].startswith("compute tpus queued-resources delete sa-qr")

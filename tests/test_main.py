@@ -80,7 +80,8 @@ def test_resume_and_eval_do_not_read_init_from(straight_run, data_dir, tmp_path)
 def test_checkpoint_of_another_model_is_a_clear_error(straight_run, data_dir):
     other = tiny_demo_config(data_dir, 6)
     other.model.fc_width = 32
-    with pytest.raises(checkpoint.CheckpointError, match="does not fit this model"):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"trained with another model \(model.fc_width: saved 64, now 32\)"):
         train.train_and_evaluate(other, str(straight_run[0]))
 
 

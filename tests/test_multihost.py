@@ -29,8 +29,10 @@ def free_port() -> int:
 def train_two_processes(config, workdir, tmp_path, sigterm_after: str | None = None):
     """Runs ``python -m scaleattn.main`` as processes 0 and 1; their outputs.
 
-    ``sigterm_after``: once process 0 logs a line containing it, SIGTERM process 1 only.
+    ``sigterm_after``: once process 0 logs a line containing it, SIGTERM process 1 only;
+    both then save the same step and exit with 75 (preempted).
     """
+    expected_status = 0 if sigterm_after is None else 75
     port = free_port()
     logs = [open(tmp_path / f"process_{i}.log", "w+", encoding="utf-8") for i in (0, 1)]
     children = [subprocess.Popen(
@@ -49,7 +51,7 @@ def train_two_processes(config, workdir, tmp_path, sigterm_after: str | None = N
         log.seek(0)
         outputs.append(log.read())
         log.close()
-        assert child.returncode == 0, outputs[-1][-3000:]
+        assert child.returncode == expected_status, outputs[-1][-3000:]
     return outputs
 
 

@@ -69,7 +69,7 @@ def trained(tmp_path_factory):
     run = train.setup_run(config)
     rng = jax.random.PRNGKey(config.seed)
     state = train.initial_state(run, rng)
-    manager = checkpoint.make_manager(workdir, 1)
+    manager = checkpoint.make_manager(workdir, 1, training=True)
     checkpoint.save(manager, 0, state, rng, config)
     manager.wait_until_finished()
     return config, workdir, run, state, predict.Predictor(run.model)

@@ -51,6 +51,8 @@ import tempfile
 import time
 from typing import Iterator
 
+from scaleattn import outputs
+
 IMAGE_SIZE = (500, 375)  # width, height of the synthetic images (the usual VOC size)
 
 
@@ -343,10 +345,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with values that cannot work (``None`` if nothing): checked before
+    the measurement, which takes minutes, ``--output`` included. Sets ``args.crops``."""
+    try:
+        args.crops = [int(c) for c in args.crop.split(",") if c.strip()]
+    except ValueError:
+        return f"--crop={args.crop}: comma-separated integers expected, e.g. 321,513"
+    if not args.crops or min(args.crops) < 1:
+        return f"--crop={args.crop}: positive crop sizes expected"
+    for name in ("batch", "num_images", "repeats"):
+        if getattr(args, name) < 1:
+            return f"--{name}={getattr(args, name)} must be at least 1"
+    if args.seconds <= 0 or (args.warmup is not None and args.warmup < 0):
+        return "--seconds must be positive and --warmup not negative"
+    if args.output:
+        try:
+            outputs.check_file(args.output, "--output")
+        except outputs.OutputError as e:
+            return str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    crops = [int(c) for c in args.crop.split(",") if c]
+    crops = args.crops
     if args.workers:
         try:
             limit_workers(args.workers)  # before TensorFlow starts its thread pools
@@ -386,9 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.step_seconds:
         print(consumer_line(result, args.step_batch, args.step_seconds))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+        outputs.atomic_write(args.output, json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.output}")
     return 0
 

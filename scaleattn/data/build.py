@@ -17,6 +17,8 @@ import logging
 import os
 import sys
 
+from scaleattn import outputs
+
 SPLITS = ("train", "val", "train_aug")
 
 
@@ -36,6 +38,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_places(args: argparse.Namespace) -> None:
+    """`outputs.OutputError` naming the flag for a data / download dir that cannot be
+    written or a manual dir that is a file (local paths; buckets are not checked)."""
+    for flag, path in (("--data_dir", args.data_dir), ("--download_dir", args.download_dir)):
+        if path and "://" not in path:
+            outputs.check_dir(os.path.expanduser(path), flag)
+    manual = os.path.expanduser(args.manual_dir or "")
+    if manual and os.path.exists(manual) and not os.path.isdir(manual):
+        raise outputs.OutputError(f"--manual_dir={manual} is a file; give the folder that "
+                                  f"holds VOCtrainval_11-May-2012.tar and benchmark.tgz")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -47,10 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     tfds.enable_progress_bar()
     expand = lambda p: os.path.expanduser(p) if p else p
     try:
+        check_places(args)
         builder = voc.prepare(expand(args.data_dir), expand(args.manual_dir),
                               download=args.download, download_dir=expand(args.download_dir))
-    except voc.VocDataError as e:
+    except (voc.VocDataError, outputs.OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a place the checks could not foresee (a disk that filled up)
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}",
+              file=sys.stderr)
         return 1
     print(f"voc2012 {builder.version} in {builder.data_dir}")
     for split in SPLITS:
