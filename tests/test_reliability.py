@@ -623,6 +623,7 @@ def test_every_tool_says_what_is_wrong_in_one_line(trained, tmp_path):
     (tmp_path / "no_function.py").write_text("x = 1\n")
     (tmp_path / "a_file").write_text("")
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    (tmp_path / "huge.png").write_bytes(png_header(6000, 6000))
     main = [sys.executable, "-m", "scaleattn.main"]
     tiny = ["--config=configs/demo.py", *demo_config_flags(config)]
     fresh = tmp_path / "fresh"
@@ -645,6 +646,14 @@ def test_every_tool_says_what_is_wrong_in_one_line(trained, tmp_path):
         "predict output file": (main + tiny + [
             "--mode=predict", f"--workdir={workdir}", f"--input={tmp_path / 'x.png'}",
             f"--output={tmp_path / 'a_file'}"], [f"{tmp_path / 'a_file'} is a file"]),
+        "predict huge image": (main + tiny + [
+            "--mode=predict", f"--workdir={workdir}", f"--input={tmp_path / 'huge.png'}",
+            f"--output={tmp_path / 'out'}"], ["huge.png is 6000x6000 pixels", "nothing was "
+                                              "written", "--skip_bad_inputs"]),
+        "predict all skipped": (main + tiny + [
+            "--mode=predict", f"--workdir={workdir}", f"--input={tmp_path / 'huge.png'}",
+            f"--output={tmp_path / 'out'}", "--skip_bad_inputs"],
+            ["none of the 1 input image(s) can be read"]),
         "predict read-only": (main + tiny + [
             "--mode=predict", f"--workdir={workdir}", f"--input={tmp_path / 'x.png'}",
             f"--output={read_only_dir(tmp_path)}/out"], ["cannot write in", "choose a writable"]),
@@ -652,7 +661,7 @@ def test_every_tool_says_what_is_wrong_in_one_line(trained, tmp_path):
     results = run_all({name: argv for name, (argv, _) in cases.items()})
     for name, (_, fragments) in cases.items():
         print(name, "->", one_line_error(results[name], *fragments))
-    assert not fresh.exists()  # nothing left by the failed starts
+    assert not fresh.exists() and not (tmp_path / "out").exists()  # nothing left behind
 
 
 def test_report_refuses_records_that_are_not_run_records(tmp_path, capsys):
