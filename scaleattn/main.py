@@ -3,7 +3,8 @@
 ``--mode=train`` trains (resuming from ``DIR`` if it holds checkpoints) and evaluates;
 ``--mode=eval`` evaluates the latest checkpoint; ``--mode=bench`` times the steps on
 synthetic batches (no TensorFlow, no --workdir needed); ``--mode=predict --input=...``
-writes masks and attention maps; ``--mode=analyze`` relates attention to object size.
+writes masks and attention maps; ``--mode=analyze`` relates attention to object size;
+``--mode=crf_search`` picks the dense CRF's appearance kernel on val images.
 Any config value can be overridden,
 e.g. ``--config.train.steps=200``.
 """
@@ -24,11 +25,12 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "bench", "predict", "analyze"],
+flags.DEFINE_enum("mode", "train", ["train", "eval", "bench", "predict", "analyze",
+                                   "crf_search"],
                   "What to run.")
 flags.DEFINE_list("input", [], "--mode=predict: image files or folders.")
-flags.DEFINE_string("output", None, "--mode=bench: JSON file (default WORKDIR/bench.json); "
-                    "predict, analyze: folder (default WORKDIR/<mode>).")
+flags.DEFINE_string("output", None, "--mode=bench, crf_search: JSON file (default "
+                    "WORKDIR/<mode>.json); predict, analyze: folder (default WORKDIR/<mode>).")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 "
                     "(jax.distributed); with --num_processes and --process_id.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: the number of processes.")
@@ -36,9 +38,9 @@ flags.DEFINE_integer("process_id", None, "Multi-process: the index of this proce
 flags.DEFINE_bool("distributed", False, "Multi-process from the environment: "
                   "jax.distributed.initialize() finds the coordinator on Cloud TPU VMs and "
                   "SLURM (automatic inside an srun step of several tasks).")
-flags.DEFINE_bool("checkpoint_fallback", False, "--mode=eval|predict|analyze: if the newest "
-                  "checkpoint is damaged (fails its checksums), use the newest good one "
-                  "instead of stopping.")
+flags.DEFINE_bool("checkpoint_fallback", False, "--mode=eval|predict|analyze|crf_search: if "
+                  "the newest checkpoint is damaged (fails its checksums), use the newest "
+                  "good one instead of stopping.")
 flags.DEFINE_bool("skip_bad_inputs", False, "--mode=predict: predict the readable images and "
                   "list the unreadable ones at the end, instead of stopping before any output.")
 flags.mark_flags_as_required(["config"])
@@ -185,10 +187,11 @@ def main(argv):
 
 
 def run_tool(config) -> None:
-    """--mode=bench|predict|analyze (bench imports no TensorFlow)."""
+    """--mode=bench|predict|analyze|crf_search (bench imports no TensorFlow)."""
     # pylint: disable=import-outside-toplevel
     output = FLAGS.output or os.path.join(FLAGS.workdir or ".", FLAGS.mode +
-                                          (".json" if FLAGS.mode == "bench" else ""))
+                                          (".json" if FLAGS.mode in ("bench", "crf_search")
+                                           else ""))
     from scaleattn import outputs
     if FLAGS.mode == "bench":
         from scaleattn import bench
@@ -198,6 +201,9 @@ def run_tool(config) -> None:
         predict.predict_files(config, FLAGS.workdir, FLAGS.input, output,
                               skip_bad_inputs=FLAGS.skip_bad_inputs,
                               fallback=FLAGS.checkpoint_fallback)
+    elif FLAGS.mode == "crf_search":
+        from scaleattn import crf_search
+        crf_search.search(config, FLAGS.workdir, output, fallback=FLAGS.checkpoint_fallback)
     else:
         from scaleattn import analysis
         analysis.analyze(config, FLAGS.workdir, output, fallback=FLAGS.checkpoint_fallback)
