@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The issue-8 measurement on a GPU machine that has JAX and PyTorch but neither
+# The accelerator measurement (see docs/design.md, "Dilated convolutions on accelerators")
+# on a GPU machine that has JAX and PyTorch but neither
 # TensorFlow nor ml_collections, and no internet (the lent H100/H200 image):
 #
 #   # here, once: the one missing pure-Python package, as a wheel
