@@ -16,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from PIL import Image
 
-from scaleattn import crf, predict, viz
+from scaleattn import crf, inference, predict, viz
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file.")
@@ -32,8 +32,8 @@ def main(argv):
     config = FLAGS.config
     jax.config.update("jax_default_prng_impl", config.prng_impl)  # as scaleattn.main does
     wanted = sorted({int(i) for i in FLAGS.images})
-    run, state, step = predict.restore_trained(config, FLAGS.workdir)
-    predictor = predict.Predictor(run.model)
+    run, state, step = inference.restore_trained(config, FLAGS.workdir)
+    predictor = inference.Predictor(run.model)
     params = crf.CRFParams.from_config(config.crf)
     rows = []
     for index, batch in enumerate(pipeline.eval_batches(config.data, batch_size=1)):

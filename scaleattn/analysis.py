@@ -204,8 +204,8 @@ def plot_weight_vs_size(rows: list[dict], scales, path: str, *, title: str = "",
 def analyze(config, workdir: str, output_dir: str, *, fallback: bool = False) -> dict:
     """``--mode=analyze``: objects.csv, attention_vs_size.png, summary.json in
     ``output_dir`` for the latest checkpoint in ``workdir`` (read-only; ``fallback``:
-    see `predict.restore_trained`); returns the summary."""
-    from scaleattn import outputs, predict  # pylint: disable=import-outside-toplevel
+    see `inference.restore_trained`); returns the summary."""
+    from scaleattn import inference, outputs  # pylint: disable=import-outside-toplevel
     from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
     scales = config_lib.inference_scales(config.model)
     if len(scales) < 2 or config.model.merge not in ("attention", "hierarchical"):
@@ -213,8 +213,8 @@ def analyze(config, workdir: str, output_dir: str, *, fallback: bool = False) ->
                          f"model.merge={config.model.merge!r}, model.scales={scales}")
     output_dir = outputs.check_dir(output_dir, "--output")
     pipeline.ensure_prepared(config.data)
-    run, state, step = predict.restore_trained(config, workdir, fallback=fallback)
-    predictor = predict.Predictor(run.model)
+    model, state, step = inference.restore_trained(config, workdir, fallback=fallback)
+    predictor = inference.Predictor(model)
     rows, image = [], 0
     for i, batch in enumerate(pipeline.eval_batches(config.data,
                                                     batch_size=config.eval.batch_size,
@@ -243,10 +243,3 @@ def analyze(config, workdir: str, output_dir: str, *, fallback: bool = False) ->
         logging.info("area ~10^%.2f (%d objects): mean weights %s", b["log10_area"],
                      b["count"], np.round(b["mean_weight"], 3).tolist())
     return summary
-
-
-if __name__ == "__main__":
-    import sys  # pylint: disable=import-outside-toplevel
-    from scaleattn import main as main_lib  # pylint: disable=import-outside-toplevel
-    sys.argv.insert(1, "--mode=analyze")
-    main_lib.run()

@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from scaleattn import crf, metrics, outputs
+from scaleattn import crf, experiment, inference, metrics, outputs
 from scaleattn.models import layers
+from scaleattn.state import variables_of
 
 OUTPUT_NAME = "crf_search.json"
 
@@ -58,11 +59,11 @@ def grid(crf_config) -> list[crf.CRFParams]:
                                                 crf_config.search_bilateral_weights)]
 
 
-def scored_batches(config, run, state, limit: int) -> list[ScoredBatch]:
+def scored_batches(config, model, state, limit: int) -> list[ScoredBatch]:
     """The network's scores on the first ``limit`` images of the eval split."""
-    from scaleattn import train  # pylint: disable=import-outside-toplevel
     from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
-    forward = jax.jit(lambda s, images: train.predict(s, images, run.model)["logits"])
+    forward = jax.jit(lambda s, images: model.apply(variables_of(s), images,
+                                                    train=False)["logits"])
     batches, seen = [], 0
     for batch in pipeline.eval_batches(config.data, batch_size=config.eval.batch_size):
         keep = min(len(batch["image"]), limit - seen)
@@ -93,12 +94,11 @@ def _log_probs(logits: np.ndarray, size) -> jnp.ndarray:
 
 def search(config, workdir: str, output: str, *, fallback: bool = False) -> dict:
     """Runs the search (see the module docstring); returns the JSON record it writes."""
-    from scaleattn import predict, train  # pylint: disable=import-outside-toplevel
     output = outputs.check_file(output, "--output")
-    train.prepare_data(config.data)
-    run, state, step = predict.restore_trained(config, workdir, fallback=fallback)
+    experiment.prepare_data(config.data)
+    model, state, step = inference.restore_trained(config, workdir, fallback=fallback)
     start = time.time()
-    batches = scored_batches(config, run, state, config.crf.search_images)
+    batches = scored_batches(config, model, state, config.crf.search_images)
     images = sum(len(b.logits) for b in batches)
     num_classes, ignore = config.model.num_classes, config.loss.ignore_label
     log_probs = jax.jit(_log_probs, static_argnums=1)

@@ -13,18 +13,19 @@ the logits' (65x65 = 4,225 per crop at output stride 8), where a ``min_kept`` of
 100,000 keeps every pixel of a batch of 8 and OHEM mines nothing.
 
 Normalisation: a loss is the sum over valid pixels divided by the number of valid
-pixels in the *global* batch. Under `pmap` the count is `psum`-ed over ``axis_name``
-so that summing the per-device gradients gives exactly the single-device gradient,
-whatever the number of ignored pixels on each device.
+pixels in the *global* batch. The count is summed over the replicas of the step
+(`parallel.Replicas`: the devices of a pmap, a no-op otherwise), so that summing the
+per-device gradients gives exactly the single-device gradient, whatever the number
+of ignored pixels on each device.
 """
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from scaleattn import config as config_lib
+from scaleattn import parallel
 from scaleattn.models import layers
-
-LABEL_RESIZES = ("nearest", "upsample_logits")
 
 
 def match_sizes(logits: jnp.ndarray, labels: jnp.ndarray, label_resize: str):
@@ -35,17 +36,14 @@ def match_sizes(logits: jnp.ndarray, labels: jnp.ndarray, label_resize: str):
     """
     if label_resize == "nearest":
         return logits, layers.resize_nearest(labels, logits.shape[1:3])
-    if label_resize == "upsample_logits":
-        return layers.resize_bilinear(logits, labels.shape[1:3]), labels
-    raise ValueError(f"loss.label_resize must be one of {LABEL_RESIZES}, got {label_resize!r}")
+    config_lib.check_choice("loss.label_resize", label_resize)
+    return layers.resize_bilinear(logits, labels.shape[1:3]), labels
 
 
-def global_count(mask: jnp.ndarray, axis_name: str | None) -> jnp.ndarray:
+def global_count(mask: jnp.ndarray,
+                 replicas: parallel.Replicas = parallel.SINGLE) -> jnp.ndarray:
     """Number of true entries of ``mask`` over the whole (possibly pmapped) batch, >= 1."""
-    count = jnp.sum(mask, dtype=jnp.float32)
-    if axis_name is not None:
-        count = jax.lax.psum(count, axis_name)
-    return jnp.maximum(count, 1.0)
+    return jnp.maximum(replicas.sum(jnp.sum(mask, dtype=jnp.float32)), 1.0)
 
 
 def pixel_cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray,
@@ -107,7 +105,7 @@ def trained_pixels(logits: jnp.ndarray, labels: jnp.ndarray, *, ignore_label: in
 
 def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, *, ignore_label: int = 255,
                   label_resize: str = "nearest", ohem: tuple[float, int] | None = None,
-                  axis_name: str | None = None) -> jnp.ndarray:
+                  replicas: parallel.Replicas = parallel.SINGLE) -> jnp.ndarray:
     """Mean softmax cross-entropy over non-ignored (and, with OHEM, hard) pixels.
 
     Args:
@@ -116,25 +114,22 @@ def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, *, ignore_label: int
       label_resize: how sizes are matched, see `match_sizes`.
       ohem: ``(threshold, min_kept)`` to train on hard pixels only, ``None`` for all
         pixels (see `trained_pixels`).
-      axis_name: pmap axis to count the pixels over (see module docstring).
+      replicas: the replicas to count the pixels over (see module docstring).
 
     Returns:
       Scalar loss (0, with zero gradients, when no pixel counts).
     """
     nll, mask = trained_pixels(logits, labels, ignore_label=ignore_label,
                                label_resize=label_resize, ohem=ohem)
-    return jnp.sum(nll) / global_count(mask, axis_name)
+    return jnp.sum(nll) / global_count(mask, replicas)
 
 
 def ohem_cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, *, threshold: float = 0.7,
                        min_kept: int = 100_000, ignore_label: int = 255,
-                       axis_name: str | None = None) -> jnp.ndarray:
+                       replicas: parallel.Replicas = parallel.SINGLE) -> jnp.ndarray:
     """`cross_entropy` with OHEM, for logits and labels of one size ``[B, h, w]``."""
     return cross_entropy(logits, labels, ignore_label=ignore_label, ohem=(threshold, min_kept),
-                         axis_name=axis_name)
-
-
-SCALE_LOSS_SIZES = ("branch", "merged")
+                         replicas=replicas)
 
 
 def supervised_maps(outputs: dict, cfg: ml_collections.ConfigDict) -> dict:
@@ -145,11 +140,9 @@ def supervised_maps(outputs: dict, cfg: ml_collections.ConfigDict) -> dict:
     (``cfg.scale_loss_size == 'branch'``, the paper: the ground truth is shrunk to each
     branch's size) or after its resize to the merged size ('merged').
     """
+    config_lib.check_choice("loss.scale_loss_size", cfg.scale_loss_size)
     maps = {"loss_merged": outputs["logits"]}
-    key = {"branch": "branch_logits", "merged": "scale_logits"}.get(cfg.scale_loss_size)
-    if key is None:
-        raise ValueError(f"loss.scale_loss_size must be one of {SCALE_LOSS_SIZES}, "
-                         f"got {cfg.scale_loss_size!r}")
+    key = {"branch": "branch_logits", "merged": "scale_logits"}[cfg.scale_loss_size]
     per_scale = outputs.get(key, [])
     if cfg.extra_supervision and len(per_scale) > 1:
         maps.update({f"loss_scale_{i}": logits for i, logits in enumerate(per_scale)})
@@ -157,7 +150,7 @@ def supervised_maps(outputs: dict, cfg: ml_collections.ConfigDict) -> dict:
 
 
 def segmentation_loss(outputs: dict, labels: jnp.ndarray, cfg: ml_collections.ConfigDict,
-                      axis_name: str | None = None) -> tuple[jnp.ndarray, dict]:
+                      replicas: parallel.Replicas = parallel.SINGLE) -> tuple[jnp.ndarray, dict]:
     """The training objective of a model's outputs: ``CE(merged) + sum_s CE(f^s)``.
 
     One cross-entropy term (plain or OHEM, ``cfg.type``) per map of `supervised_maps`:
@@ -169,6 +162,6 @@ def segmentation_loss(outputs: dict, labels: jnp.ndarray, cfg: ml_collections.Co
     """
     ohem = (cfg.ohem_threshold, cfg.ohem_min_kept) if cfg.type == "ohem" else None
     terms = {name: cross_entropy(logits, labels, ignore_label=cfg.ignore_label,
-                                 label_resize=cfg.label_resize, ohem=ohem, axis_name=axis_name)
+                                 label_resize=cfg.label_resize, ohem=ohem, replicas=replicas)
              for name, logits in supervised_maps(outputs, cfg).items()}
     return sum(terms.values()), terms

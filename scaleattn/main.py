@@ -20,6 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from scaleattn import config as config_lib
+from scaleattn.outputs import error_line as first_line
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -52,12 +53,6 @@ flags.mark_flags_as_required(["config"])
 # Ctrl-C, or one outside a training loop: stopped at once.
 PREEMPTED_EXIT = 75
 INTERRUPTED_EXIT = 128 + signal.SIGINT
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message, without KeyError's quotes."""
-    text = str(error.args[0] if error.args else error).strip("'\"")
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def config_path(argv) -> str | None:
@@ -154,9 +149,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # pylint: disable=import-outside-toplevel
-    from scaleattn import checkpoint, outputs, parallel, runlock, train
+    from scaleattn import checkpoint, experiment, loop, outputs, parallel, preemption, runlock
     from scaleattn.data import errors
-    from scaleattn.weights import WeightsError
+    from scaleattn.pretrained import WeightsError
     config = load_config()
     try:
         config_lib.validate(config)
@@ -169,16 +164,17 @@ def main(argv):
         if FLAGS.mode != "bench" and not FLAGS.workdir:
             raise config_lib.ConfigError(f"--mode={FLAGS.mode} needs --workdir")
         if FLAGS.mode == "train":
-            train.train_and_evaluate(config, FLAGS.workdir)
+            loop.train_and_evaluate(config, FLAGS.workdir)
         elif FLAGS.mode == "eval":
-            train.evaluate_checkpoint(config, FLAGS.workdir, fallback=FLAGS.checkpoint_fallback)
+            experiment.evaluate_checkpoint(config, FLAGS.workdir,
+                                           fallback=FLAGS.checkpoint_fallback)
         else:
             run_tool(config)
-    except train.Preempted as e:
+    except preemption.Preempted as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT)
     except (config_lib.ConfigError, errors.DataError, checkpoint.CheckpointError,
-            train.NonFiniteLossError, WeightsError, runlock.WorkdirLocked,
+            loop.NonFiniteLossError, WeightsError, runlock.WorkdirLocked,
             outputs.OutputError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a file or folder that cannot be read or written, named

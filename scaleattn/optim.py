@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import optax
 
-SCHEDULES = ("step", "poly", "constant")
+from scaleattn import config as config_lib
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -35,9 +35,8 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
     if cfg.schedule == "poly":
         return optax.polynomial_schedule(cfg.base_lr, 0.0, cfg.poly_power,
                                          transition_steps=max(1, total_steps))
-    if cfg.schedule == "constant":
-        return optax.constant_schedule(cfg.base_lr)
-    raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    config_lib.check_choice("optim.schedule", cfg.schedule)
+    return optax.constant_schedule(cfg.base_lr)
 
 
 def param_path(path) -> str:

@@ -18,6 +18,20 @@ import tempfile
 from typing import Callable
 
 
+def error_line(error: BaseException, *, with_type: bool = False,
+               cut_at: str | None = None, limit: int = 300) -> str:
+    """An exception's message on one line: whitespace collapsed, KeyError's quotes
+    dropped, cut before ``cut_at`` (where a library starts dumping internals) and at
+    ``limit`` characters; ``with_type`` puts the exception's class name first."""
+    text = str(error.args[0] if len(error.args) == 1 else error).strip("'\"")
+    if cut_at:
+        text = text.split(cut_at)[0]
+    text = " ".join(text.split())
+    if not text:
+        return type(error).__name__
+    return (f"{type(error).__name__}: {text}" if with_type else text)[:limit]
+
+
 class OutputError(Exception):
     """An output place that cannot be written; the message names it and the fix."""
 

@@ -24,9 +24,9 @@
 
 Everything the training loop needs from this module goes through a `Layout`
 (`make_layout(config.parallel)`): compile the steps, put the state / a batch / the
-RNG where the steps expect them, and get a host-addressable copy back. The
-module-level functions (`replicate`, `split_batch`, ...) take either a `Layout` or
-a mode string.
+RNG where the steps expect them, and get a host-addressable copy back. The pure
+step functions never ask which mode they run in: they combine values across
+replicas through the `Replicas` the layout hands them (a no-op outside pmap).
 
 Multi-host: `initialize_distributed` starts `jax.distributed`; each process then
 feeds its own part of the global batch (``train_batches(process_index=...)``):
@@ -47,17 +47,46 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from scaleattn import config as config_lib
+
 AXIS = "batch"
-MODES = ("pmap", "jit", "sharded")
-PARAM_SHARDINGS = ("replicated", "fsdp", "model")
 MESH_AXES = ("data", "model")
 
 
 def axis_name(mode: str) -> str | None:
     """The collective axis the step functions see in ``mode`` (``None`` outside pmap)."""
-    if mode not in MODES:
-        raise ValueError(f"parallel.mode must be one of {MODES}, got {mode!r}")
+    config_lib.check_choice("parallel.mode", mode)
     return AXIS if mode == "pmap" else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicas:
+    """How a pure step combines values over the replicas that each hold part of a batch.
+
+    Under pmap every device runs the step on its slice, so sums (gradients, pixel
+    counts, confusion matrices) are ``psum``-ed over ``axis_name`` and each device
+    draws its own random numbers. Under jit (one device, or global sharded arrays)
+    there is one replica and every method is the identity: the step code calls them
+    unconditionally and never asks which mode it runs in.
+    """
+    axis_name: str | None = None
+
+    def sum(self, tree):
+        """``tree`` summed over the replicas (leaf-wise)."""
+        return tree if self.axis_name is None else jax.lax.psum(tree, self.axis_name)
+
+    def mean(self, tree):
+        """``tree`` averaged over the replicas (leaf-wise)."""
+        return tree if self.axis_name is None else jax.lax.pmean(tree, self.axis_name)
+
+    def fold_in(self, key: jax.Array) -> jax.Array:
+        """``key`` made distinct per replica (unchanged with a single replica)."""
+        if self.axis_name is None:
+            return key
+        return jax.random.fold_in(key, jax.lax.axis_index(self.axis_name))
+
+
+SINGLE = Replicas()
 
 
 # --------------------------------------------------------------------------- mesh
@@ -102,9 +131,7 @@ def param_spec(shape: Sequence[int], rule: str, mesh_sizes: dict[str, int],
     * ``'model'``: 4-D convolution kernels ``[kh, kw, in, out]`` whose ``out`` divides
       by ``mesh_sizes['model']`` -> ``P(None, None, None, 'model')``.
     """
-    if rule not in PARAM_SHARDINGS:
-        raise ValueError(f"parallel.param_sharding must be one of {PARAM_SHARDINGS}, "
-                         f"got {rule!r}")
+    config_lib.check_choice("parallel.param_sharding", rule)
     shape = tuple(shape)
     if rule == "replicated" or not shape or math.prod(shape) < min_size:
         return PartitionSpec()
@@ -166,7 +193,12 @@ class Layout:
 
     @property
     def axis_name(self) -> str | None:
+        """The pmap axis (models synchronise trained batch norm over it), else ``None``."""
         return axis_name(self.mode)
+
+    @property
+    def replicas(self) -> Replicas:
+        return Replicas(self.axis_name)
 
     @property
     def num_batch_shards(self) -> int:
@@ -202,14 +234,14 @@ class Layout:
     # -------------------------------------------------------------- compiling
 
     def compile_step(self, fn: Callable, *, donate_state: bool = True) -> Callable:
-        """``fn(state, *args, axis_name=...)`` compiled for this layout.
+        """``fn(state, *args, replicas=...)`` compiled for this layout.
 
         With ``donate_state`` the step returns ``(new_state, aux)``: the input state's
         buffers are donated, and in the sharded mode the new state is constrained to
         the layout of `state_shardings` (so FSDP / model-parallel shardings persist
         from step to step instead of being left to the compiler).
         """
-        step = functools.partial(fn, axis_name=self.axis_name)
+        step = functools.partial(fn, replicas=self.replicas)
         donate = (0,) if donate_state else ()
         if self.mode == "pmap":
             return jax.pmap(step, axis_name=AXIS, donate_argnums=donate)
@@ -222,6 +254,31 @@ class Layout:
                 new_state, self.state_shardings(new_state))
             return new_state, aux
         return jax.jit(constrained, donate_argnums=donate)
+
+    # -------------------------------------------------------------- creating
+
+    def init_state(self, init: Callable[[], Any]):
+        """The state ``init()`` builds, created where it will live.
+
+        sharded: ``init`` is compiled with ``out_shardings`` = `state_shardings`, so
+        every device computes only its own shards and no host ever holds the full
+        parameters (FSDP). jit / pmap: one compiled call on the default device, to be
+        replicated by `put_state`. Either result is accepted by `put_state` as is.
+        """
+        if self.mode != "sharded":
+            return jax.jit(init)()
+        return jax.jit(init, out_shardings=self.state_shardings(jax.eval_shape(init)))()
+
+    def abstract_state(self, init: Callable[[], Any]):
+        """Shapes, dtypes (and, sharded, the shardings) of ``init()``, nothing computed:
+        the template a checkpoint is restored into (sharded: each process reads its
+        shards straight into place)."""
+        shapes = jax.eval_shape(init)
+        if self.mode != "sharded":
+            return shapes
+        return jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+            self.state_shardings(shapes))
 
     # -------------------------------------------------------------- placing
 
@@ -264,7 +321,7 @@ class Layout:
         jit: on the default device. pmap: ``[local_devices, b / local_devices, ...]``,
         one slice per local device. sharded: a global array ``[b * processes, ...]``
         split over ``'data'``. The copies are asynchronous: putting the next batch
-        while a step runs overlaps the transfer with the computation (`train.prefetch`).
+        while a step runs overlaps the transfer with the computation (`loop.prefetch`).
         """
         if self.mode == "jit":
             return jax.device_put(batch)
@@ -292,6 +349,16 @@ class Layout:
 
     # -------------------------------------------------------------- reading back
 
+    def saveable(self, device_state):
+        """What is handed to Orbax to save: numpy copies (pmap / jit; process 0 writes)
+        or, sharded, an on-device copy of the global arrays (each process writes its
+        shards). The copy matters: the next step donates ``device_state``'s buffers
+        while the asynchronous save may still be reading them."""
+        if self.mode != "sharded":
+            return jax.device_get(self.host(device_state))
+        shardings = jax.tree_util.tree_map(lambda x: x.sharding, device_state)
+        return jax.device_put(device_state, shardings, may_alias=False)  # a copy, same layout
+
     def host(self, tree):
         """One copy of a device pytree that this process can read (``jax.device_get`` it).
 
@@ -304,14 +371,6 @@ class Layout:
         if self.mode == "sharded":
             return jax.tree_util.tree_map(_addressable, tree)
         return tree
-
-    def restore_target(self, state):
-        """The template a checkpoint is restored into: arrays with the wanted shardings.
-
-        sharded: the state laid out by `state_shardings` (Orbax reads each process's
-        shards directly into place). jit / pmap: the single-device state itself.
-        """
-        return self.put_state(state) if self.mode == "sharded" else state
 
 
 def make_layout(cfg) -> Layout:
@@ -332,49 +391,6 @@ def make_layout(cfg) -> Layout:
                          f" must divide the {jax.local_device_count()} devices of each process, "
                          f"so that each process feeds whole rows of the data axis")
     return Layout(mode, mesh, cfg.param_sharding, int(cfg.fsdp_min_size))
-
-
-@functools.lru_cache(maxsize=None)
-def _default_layout(mode: str) -> Layout:
-    return Layout(mode, make_mesh() if mode == "sharded" else None)
-
-
-def as_layout(mode: "str | Layout") -> Layout:
-    """A `Layout` as is; a mode string as that mode's default layout (sharded: all
-    devices on ``'data'``, replicated parameters)."""
-    return mode if isinstance(mode, Layout) else _default_layout(mode)
-
-
-# ------------------------------------------------ the functional interface (mode or layout)
-
-
-def num_replicas(mode) -> int:
-    return jax.local_device_count() if as_layout(mode).mode == "pmap" else 1
-
-
-def compile_step(fn, mode, *, donate_state: bool = True):
-    """``fn(state, *args)`` compiled for ``mode`` (``fn`` must accept ``axis_name=``)."""
-    return as_layout(mode).compile_step(fn, donate_state=donate_state)
-
-
-def split_batch(batch: dict, mode) -> dict:
-    """A process's batch as the step's input (see `Layout.put_batch`)."""
-    return as_layout(mode).put_batch(batch)
-
-
-def replicate(tree, mode):
-    """Puts a host pytree on the devices the steps run on."""
-    return as_layout(mode).put_state(tree)
-
-
-def unreplicate(tree, mode):
-    """The single copy of a (replicated or sharded) device pytree, readable here."""
-    return as_layout(mode).host(tree)
-
-
-def replicated_rng(rng: jax.Array, mode) -> jax.Array:
-    """The same RNG key on every replica (steps fold in their own index)."""
-    return as_layout(mode).put_replicated(rng)
 
 
 # --------------------------------------------------------------------------- processes

@@ -1,142 +1,32 @@
-"""Inference: masks and attention maps of image files, and multi-scale + flip eval.
+"""``--mode=predict``: masks and attention maps of image files.
 
-* `Predictor`: a trained state and normalised images ``[B, H, W, 3]`` -> class
-  probabilities, the predicted mask and the attention weights, all at ``H x W``.
 * `predict_files` (``--mode=predict``): image files or folders in (read with PIL, no
   TensorFlow) -> per image a palette PNG mask (and, with ``eval.crf``, the mask after
   the dense CRF, `scaleattn.crf`), an overlay, one attention heat map per scale and
   the RGB composite of the merged weights (`scaleattn.viz`).
-* `ms_flip_probs` / `evaluate_ms_flip`: the usual multi-scale + flip inference. The
-  whole model (itself multi-scale: its attention merges ``model.scales``) is run on
-  the input rescaled by each of ``predict.ms_scales`` (default 0.5 ... 1.75) and on
-  its mirror image; the softmax probabilities, resized to the input size, are
-  averaged.
+
+The images are read, checked and normalised here; the network runs in
+`scaleattn.inference`.
 """
 
-import functools
 import os
 import re
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from scaleattn import config as config_lib
-from scaleattn import crf, metrics, outputs, viz
+from scaleattn import crf, inference, outputs, viz
 from scaleattn.data import errors
-from scaleattn.models import layers
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
 
 class InputError(errors.DataError):
     """An input image that cannot be read, or no images at all."""
-
-
-def variables_of(state) -> dict:
-    """The ``model.apply`` variables of a `train.TrainState`."""
-    return {"params": state.params, "batch_stats": state.batch_stats}
-
-
-# --------------------------------------------------------------------- forward ---
-
-
-def forward(variables: dict, images: jnp.ndarray, *, model) -> dict:
-    """Inference at the input size.
-
-    Args:
-      variables: ``{'params', 'batch_stats'}``.
-      images: ``float32 [B, H, W, 3]`` normalised.
-    Returns:
-      ``probs float32 [B, H, W, C]`` (softmax of the merged logits, bilinearly
-      upsampled), ``prediction int32 [B, H, W]`` and, for attention / average merges,
-      ``attention float32 [B, H, W, S]`` (the per-pixel weights over ``model.scales``,
-      upsampled the same way).
-    """
-    out = model.apply(variables, images, train=False)
-    size = images.shape[1:3]
-    probs = jax.nn.softmax(layers.resize_bilinear(out["logits"].astype(jnp.float32), size))
-    result = {"probs": probs, "prediction": jnp.argmax(probs, -1).astype(jnp.int32)}
-    if "attention" in out:
-        result["attention"] = layers.resize_bilinear(out["attention"].astype(jnp.float32),
-                                                     size)
-    return result
-
-
-class Predictor:
-    """``predictor(state, images) -> dict of numpy arrays``: jitted `forward` of a model."""
-
-    def __init__(self, model):
-        self.model = model
-        self._forward = jax.jit(functools.partial(forward, model=model))
-
-    def __call__(self, state, images: np.ndarray) -> dict:
-        return jax.device_get(self._forward(variables_of(state), jnp.asarray(images)))
-
-
-@functools.partial(jax.jit, static_argnames=("model", "scale", "flip"))
-def scale_probs(variables: dict, images: jnp.ndarray, *, model, scale: float,
-                flip: bool) -> jnp.ndarray:
-    """Sum of the softmax of the model on ``images`` rescaled by ``scale`` (and, with
-    ``flip``, on their mirror images, flipped back): ``[B, H, W, C]`` at the input size."""
-    size = images.shape[1:3]
-    x = images if scale == 1.0 else layers.resize_bilinear(
-        images, layers.scaled_size(size, scale))
-    if flip:
-        x = jnp.concatenate([x, x[:, :, ::-1]], axis=0)
-    logits = model.apply(variables, x, train=False)["logits"].astype(jnp.float32)
-    probs = jax.nn.softmax(layers.resize_bilinear(logits, size))
-    if flip:
-        half = images.shape[0]
-        probs = probs[:half] + probs[half:, :, ::-1]
-    return probs
-
-
-def ms_flip_probs(state, images: np.ndarray, *, model, scales, flip: bool) -> jnp.ndarray:
-    """``[B, H, W, C]`` class probabilities averaged over ``scales`` (x2 with ``flip``)."""
-    variables = variables_of(state)
-    total = sum(scale_probs(variables, jnp.asarray(images), model=model, scale=float(s),
-                            flip=bool(flip)) for s in scales)
-    return total / (len(scales) * (2 if flip else 1))
-
-
-def evaluate_ms_flip(config, model, state) -> dict:
-    """mIoU etc. (`metrics.scores`) of multi-scale + flip inference over the eval split.
-
-    ``state`` is a host (unreplicated) `TrainState`; each process evaluates its part
-    of the split on its first device and the confusion matrices are summed. With
-    ``eval.crf`` the averaged probabilities go through the dense CRF (`scaleattn.crf`)
-    and ``'no_crf'`` holds the scores without it.
-    """
-    from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
-    batch_size = max(1, config.eval.batch_size // jax.process_count())
-    crf_params = crf.CRFParams.from_config(config.crf) if config.eval.crf else None
-    total = np.zeros((2,) * bool(crf_params) + (config.model.num_classes,) * 2, np.int64)
-    for i, batch in enumerate(pipeline.eval_batches(config.data, batch_size=batch_size)):
-        if config.eval.max_batches and i >= config.eval.max_batches:
-            break
-        probs = ms_flip_probs(state, batch["image"], model=model,
-                              scales=tuple(config.predict.ms_scales),
-                              flip=config.predict.flip)
-        predictions = [jnp.argmax(probs, -1)]
-        if crf_params:
-            predictions.append(jnp.argmax(crf.eval_batch_marginals(
-                crf.log_probs_of(probs), batch["image"], batch["label"], crf_params,
-                mean=tuple(config.data.mean), std=tuple(config.data.std),
-                ignore_label=config.loss.ignore_label, fitted=True), -1))
-        total += np.stack([np.asarray(metrics.confusion_matrix(
-            p, jnp.asarray(batch["label"]), config.model.num_classes,
-            config.loss.ignore_label)) for p in predictions]).reshape(total.shape)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-        total = np.asarray(multihost_utils.process_allgather(total)).sum(0)
-    scores = crf.scores_with_crf(total)
-    logging.info("ms+flip eval (scales %s, flip %s): mIoU %.4f", tuple(config.predict.ms_scales),
-                 config.predict.flip, scores["miou"])
-    return scores
 
 
 # ----------------------------------------------------------------------- files ---
@@ -263,9 +153,9 @@ def normalize_and_pad(image: np.ndarray, data_config) -> np.ndarray:
     return out
 
 
-def predict_image(predictor: Predictor, state, image: np.ndarray, data_config,
+def predict_image(predictor: inference.Predictor, state, image: np.ndarray, data_config,
                   crf_params: crf.CRFParams | None = None) -> dict:
-    """`forward`'s outputs for one ``uint8 [h, w, 3]`` image, cropped to ``[h, w, ...]``.
+    """`inference.forward`'s outputs for one ``uint8 [h, w, 3]`` image, cropped to ``[h, w, ...]``.
 
     With ``crf_params`` also ``prediction_crf``: the labels after the dense CRF on the
     probabilities (run on the padded array with the padding masked out, so that images
@@ -314,24 +204,6 @@ def save_pictures(pictures: dict, output_dir: str, stem: str) -> list[str]:
     return paths
 
 
-def restore_trained(config, workdir: str, *, fallback: bool = False):
-    """``(run, host state, step)`` of the latest checkpoint in ``workdir``.
-
-    Read-only. The checkpoint's saved config must define the same model as ``config``
-    and its arrays must pass their checksums (`checkpoint.restore_latest`); a damaged
-    newest step is an error, or with ``fallback`` the newest good step is used.
-    """
-    from scaleattn import checkpoint, train  # pylint: disable=import-outside-toplevel
-    manager = checkpoint.open_for_reading(workdir)
-    run = train.setup_run(config)
-    rng = jax.random.PRNGKey(config.seed)
-    # The template only needs shapes: trace the initialisation, do not compile it.
-    template = jax.eval_shape(lambda: train.initial_state(run, rng, pretrained=False))
-    state, _, meta = checkpoint.restore_for_reading(manager, template, rng, config=config,
-                                                    fallback=fallback)
-    return run, state, int(meta["step"])
-
-
 def check_images(paths: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Decodes every image once (keeping nothing): ``(readable paths, [(path, why), ...])``."""
     good, bad = [], []
@@ -363,8 +235,8 @@ def predict_files(config, workdir: str, inputs, output_dir: str, *,
     if not paths:
         raise InputError(f"none of the {len(bad)} input image(s) can be read; the first: "
                          f"{bad[0][1]}")
-    run, state, step = restore_trained(config, workdir, fallback=fallback)
-    predictor = Predictor(run.model)
+    model, state, step = inference.restore_trained(config, workdir, fallback=fallback)
+    predictor = inference.Predictor(model)
     crf_params = crf.CRFParams.from_config(config.crf) if config.eval.crf else None
     outputs.make_dir(output_dir, "--output")
     written, stems = [], set()

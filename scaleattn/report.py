@@ -1,32 +1,19 @@
-"""Reproducibility records: ``workdir/run.json`` and a Markdown table of runs.
+"""A Markdown table of finished runs (their ``run.json``, `scaleattn.records`).
 
-A finished training run leaves ``run.json`` in its workdir (`finish_run`, called at
-the end of `train.train_and_evaluate`): the config and its name, the git commit of
-the code, the steps, the final scores (single-scale and, if asked for, multi-scale +
-flip), the wall time, the device, and a SHA-256 digest of the trained parameters.
-Two runs with the same seed and config on CPU give the same scores and the same
-digest (tested), so the digest column of the table says at a glance whether runs
-reproduced bit for bit.
-
+The digest column says at a glance whether runs reproduced bit for bit.
 ``python -m scaleattn.report WORKDIR...`` prints the table, and one row per group of
 runs that differ only in their seed (mean ± std), each next to the published number
 for the same split, CRF / MS-COCO setting and model (`PAPER`; ``--paper`` lists them).
 """
 
 import argparse
-import datetime
-import hashlib
-import json
 import os
-import subprocess
 import sys
 
 import numpy as np
-from etils import epath
 
-from scaleattn import checkpoint, outputs
-
-RUN_FILE = "run.json"
+from scaleattn import outputs
+from scaleattn.records import load_run
 
 # Published VOC 2012 numbers we could source, each with its split, CRF and MS-COCO
 # setting. A run is compared only with the rows whose `match` equals its `setting`
@@ -77,180 +64,6 @@ PAPER = (
      "crf": None, "coco": None, "miou": 56.39, "source": "DeepLab-v2 paper, Table 7",
      "match": None},
 )
-
-
-# ------------------------------------------------------------------ the record ---
-
-
-def tree_digest(tree) -> str:
-    """SHA-256 (hex) of a pytree of arrays: paths, dtypes, shapes and bytes, in order.
-
-    Equal digests mean bit-identical trees; any changed bit changes it.
-    """
-    import jax  # pylint: disable=import-outside-toplevel
-    digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(jax.tree_util.keystr(path).encode())
-        digest.update(f"{array.dtype}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
-def git_commit(path: str | None = None) -> str:
-    """HEAD of the repository holding ``path`` (this package), ``-dirty`` if edited.
-
-    ``'unknown'`` outside a git checkout.
-    """
-    path = path or os.path.dirname(os.path.abspath(__file__))
-    try:
-        head = subprocess.run(["git", "-C", path, "rev-parse", "--short=12", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", path, "status", "--porcelain",
-                                "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
-
-
-def device_description() -> str:
-    """E.g. ``'cpu x1 (2 cores)'`` or ``'NVIDIA H100 80GB HBM3 x8'``."""
-    import jax  # pylint: disable=import-outside-toplevel
-    device = jax.devices()[0]
-    text = f"{device.device_kind} x{jax.device_count()}"
-    if device.platform == "cpu":
-        text += f" ({os.cpu_count()} cores)"
-    return text
-
-
-def run_record(config, *, steps: int, scores: dict, ms_flip_scores: dict | None,
-               wall_time_s: float, params, start: str | None = None) -> dict:
-    """The JSON-able record of a finished run (see the module docstring).
-
-    ``start`` is where the run's first step started from: 'scratch' or the path of
-    the converted ImageNet file (``None``: not known).
-    """
-    from scaleattn import crf  # pylint: disable=import-outside-toplevel
-
-    def score(values, key):
-        value = (values or {}).get(key)
-        return None if value is None else float(value)
-
-    return {
-        "name": config.name,
-        "commit": git_commit(),
-        "steps": int(steps),
-        "seed": int(config.seed),
-        "start": start,
-        "miou": score(scores, "miou"),
-        "pixel_accuracy": score(scores, "pixel_accuracy"),
-        "per_class_iou": None if not scores or scores.get("per_class_iou") is None else
-        [None if np.isnan(v) else float(v) for v in np.asarray(scores["per_class_iou"])],
-        "miou_ms_flip": score(ms_flip_scores, "miou"),
-        # With eval.crf the scores above are after the dense CRF; these are without it.
-        "crf": {"applied": bool(config.eval.crf), **(
-            crf.CRFParams.from_config(config.crf).as_dict() if config.eval.crf else {})},
-        "miou_no_crf": score((scores or {}).get("no_crf"), "miou"),
-        "miou_ms_flip_no_crf": score((ms_flip_scores or {}).get("no_crf"), "miou"),
-        "wall_time_s": round(float(wall_time_s), 1),
-        "device": device_description(),
-        "params_sha256": tree_digest(params),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": json.loads(config.to_json()),
-    }
-
-
-def run_path(workdir: str) -> epath.Path:
-    """``workdir/run.json``; a local path or a bucket URL (``gs://...``) alike."""
-    return epath.Path(checkpoint.resolve_workdir(workdir)) / RUN_FILE
-
-
-def write_run(workdir: str, record: dict) -> str:
-    """Writes ``workdir/run.json`` (atomically: a temporary file, then a rename) and
-    returns its path. ``workdir`` may be a bucket URL (``gs://...``)."""
-    path = run_path(workdir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(path)
-    return str(path)
-
-
-def finish_run(config, workdir: str, run, state, scores: dict, *,
-               wall_time_s: float, start: str | None = None) -> dict | None:
-    """End-of-training hook: ms+flip eval if ``config.predict.ms_eval_at_end``, run.json.
-
-    ``state`` is the (possibly replicated) device state of ``run`` (a `train.Run`).
-    Every process takes part in the evaluation; process 0 writes the file. Returns
-    the record (``None`` on other processes).
-    """
-    import jax  # pylint: disable=import-outside-toplevel
-    from scaleattn import parallel, predict  # pylint: disable=import-outside-toplevel
-    # A collective in the sharded mode: every process takes part.
-    host_state = jax.device_get(parallel.unreplicate(state, run.layout or run.mode))
-    ms_flip = None
-    if config.predict.ms_eval_at_end:
-        ms_flip = predict.evaluate_ms_flip(config, run.model, host_state)
-    if jax.process_index() != 0:
-        return None
-    record = run_record(config, steps=int(host_state.step), scores=scores,
-                        ms_flip_scores=ms_flip, wall_time_s=wall_time_s,
-                        params=host_state.params, start=start)
-    write_run(workdir, record)
-    return record
-
-
-# ------------------------------------------------------------------ the table ---
-
-
-def load_run(workdir: str) -> dict:
-    """The record in ``workdir/run.json`` plus ``workdir``; ValueError if absent."""
-    path = run_path(workdir)
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist: is {workdir} the workdir of a finished "
-                         f"training run?")
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} cannot be read: {e}") from e
-    check_record(record, str(path))
-    return dict(record, workdir=workdir)
-
-
-# The fields of a run record the tables read: name -> (accepted JSON types, required).
-# Numbers are never booleans; scores are fractions in 0..1.
-RECORD_FIELDS = {
-    "name": ((str,), True), "steps": ((int,), True), "config": ((dict,), True),
-    "miou": ((float, int, type(None)), True), "commit": ((str,), False),
-    "seed": ((int,), False), "pixel_accuracy": ((float, int, type(None)), False),
-    "miou_ms_flip": ((float, int, type(None)), False),
-    "wall_time_s": ((float, int, type(None)), False), "device": ((str,), False),
-    "params_sha256": ((str,), False), "start": ((str, type(None)), False),
-}
-SCORE_FIELDS = ("miou", "pixel_accuracy", "miou_ms_flip")
-TYPE_NAMES = {str: "text", int: "an integer", float: "a number", dict: "an object",
-              type(None): "null"}
-
-
-def check_record(record, path: str) -> None:
-    """Raises ValueError naming ``path`` and the field unless ``record`` is a run record."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{path} holds a JSON {type(record).__name__}, not a run record (the "
-                         f"object a finished training writes); rerun the training or delete it")
-    missing = [k for k, (_, required) in RECORD_FIELDS.items() if required and k not in record]
-    if missing:
-        raise ValueError(f"{path} is not a complete run record: it lacks "
-                         f"{', '.join(map(repr, missing))}; rerun the training or delete it")
-    for key, (types, _) in RECORD_FIELDS.items():
-        value = record.get(key)
-        if key in record and (not isinstance(value, types) or isinstance(value, bool)):
-            names = " or ".join(TYPE_NAMES[t] for t in types  # int counts as a number
-                                if not (t is int and float in types))
-            raise ValueError(f"{path}: field {key!r} is {json.dumps(value)[:60]}, expected "
-                             f"{names}; rerun the training or fix the file")
-        if key in SCORE_FIELDS and value is not None and not 0 <= value <= 1:
-            raise ValueError(f"{path}: field {key!r} is {value}, expected a fraction in 0..1")
 
 
 def setting(record: dict) -> dict:

@@ -193,3 +193,36 @@ def hold(workdir: str, *, take: bool = True):
     finally:
         if lock is not None:
             lock.release()
+
+
+def hold_for_run(workdir: str):
+    """`hold` for a training run of one or several processes: process 0 takes the lock
+    and every process learns whether it got it (a `WorkdirLocked` on all of them if
+    not)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.process_count() == 1:
+        return hold(workdir)
+
+    @contextlib.contextmanager
+    def held():
+        import numpy as np  # pylint: disable=import-outside-toplevel
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        lock, error = None, None
+        if jax.process_index() == 0:
+            lock = RunLock(workdir)
+            try:
+                lock.acquire()
+            except WorkdirLocked as e:
+                error = e
+        ok = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if error is not None:
+            raise error
+        if not ok:
+            raise WorkdirLocked(f"{workdir} is in use by another training run "
+                                f"(process 0 names it)")
+        try:
+            yield lock
+        finally:
+            if lock is not None:
+                lock.release()
+    return held()

@@ -1,8 +1,8 @@
-"""Pictures of predictions: palette masks, overlays, attention heat maps, TensorBoard.
+"""Pictures of predictions: palette masks, overlays, attention heat maps.
 
 Everything here is a pure numpy function from arrays to ``uint8 [h, w, 3]`` pictures
-(or a palette `PIL.Image`), except `write_eval_images`, which runs the model on a few
-eval images and sends the pictures to TensorBoard.
+(or a palette `PIL.Image`); the training loop sends `panel` pictures to TensorBoard
+(`scaleattn.summaries`) and ``--mode=predict`` writes the others to files.
 
 * Class colours are VOC's palette (class id ``c`` gets the bit-interleaved colour of
   ``c``; 255 = ignore is (224, 224, 192)); the demo's 4 classes use its first entries.
@@ -14,8 +14,6 @@ eval images and sends the pictures to TensorBoard.
 
 import numpy as np
 from PIL import Image
-
-IGNORE_LABEL = 255
 
 # Anchors of the heat-map colour scale (perceptually ordered, like 'inferno').
 _HEAT_ANCHORS = np.array([
@@ -52,11 +50,12 @@ def colorize(mask: np.ndarray) -> np.ndarray:
     return PALETTE[np.asarray(mask, np.int64) % 256]
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5, *,
+            ignore_label: int = 255) -> np.ndarray:
     """Class colours blended into ``image`` (``uint8 [h, w, 3]``) where ``mask [h, w]``
-    is an object (not background 0, not ignore 255); ``uint8 [h, w, 3]`` out."""
+    is an object (not background 0, not ``ignore_label``); ``uint8 [h, w, 3]`` out."""
     image = np.asarray(image, np.float32)
-    objects = ((mask != 0) & (mask != IGNORE_LABEL))[..., None]
+    objects = ((mask != 0) & (mask != ignore_label))[..., None]
     blended = (1 - alpha) * image + alpha * colorize(mask).astype(np.float32)
     return np.where(objects, blended, image).round().astype(np.uint8)
 
@@ -102,39 +101,3 @@ def panel(image: np.ndarray, prediction: np.ndarray, *, label: np.ndarray | None
         if attention.shape[-1] <= 3:
             parts.append(attention_rgb(attention))
     return np.concatenate(parts, axis=1)
-
-
-def write_eval_images(writer, step: int, run, state) -> None:
-    """TensorBoard pictures (`panel`) of the first eval images at ``step``.
-
-    Args:
-      writer: `train.MetricWriter` (nothing happens where it has no writer, i.e. on
-        processes other than 0).
-      step: the training step the pictures are logged at.
-      run: the `train.Run` (its config and model).
-      state: the (possibly replicated) device `TrainState`.
-
-    Shows ``config.predict.summary_images`` images (0 = none) of the eval split, tag
-    ``eval_images/<i>``.
-    """
-    config = run.config
-    count = config.predict.summary_images
-    if getattr(writer, "writer", None) is None or count <= 0:
-        return
-    import jax  # pylint: disable=import-outside-toplevel
-    from scaleattn import parallel, predict  # pylint: disable=import-outside-toplevel
-    from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
-    host_state = jax.device_get(parallel.unreplicate(state, run.layout or run.mode))
-    batch = next(pipeline.eval_batches(config.data, batch_size=count,
-                                       process_index=0, process_count=1))
-    outputs = predict.Predictor(run.model)(host_state, batch["image"])
-    for i, (image, label) in enumerate(zip(batch["image"], batch["label"])):
-        if np.all(label == IGNORE_LABEL):  # a filler slot of the last batch
-            continue
-        picture = panel(denormalize(image, config.data.mean, config.data.std),
-                        outputs["prediction"][i], label=label,
-                        attention=None if "attention" not in outputs
-                        else outputs["attention"][i],
-                        alpha=config.predict.overlay_alpha)
-        writer.writer.add_image(f"eval_images/{i}", picture, step, dataformats="HWC")
-    writer.writer.flush()

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from scaleattn import config as config_lib
-from scaleattn import train
+from scaleattn import experiment, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CROP = 25
@@ -62,15 +62,15 @@ def fixed_batch(n: int = 8, size: int = CROP) -> dict:
 @functools.lru_cache(maxsize=None)
 def _compiled(key: tuple):
     config = tiny_config(**dict(key))
-    run = train.setup_run(config)
+    run = experiment.setup_run(config)
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    return run, jax.device_get(train.initial_state(run, init_rng)), np.asarray(train_rng)
+    return run, jax.device_get(experiment.initial_state(run, init_rng)), np.asarray(train_rng)
 
 
 def compiled_run(**kwargs):
     """``(run, host initial state, train rng)`` of ``tiny_config(**kwargs)``, cached.
 
-    The state and RNG are the ones `train.train_and_evaluate` starts from.
+    The state and RNG are the ones `loop.train_and_evaluate` starts from.
     """
     return _compiled(tuple(sorted(kwargs.items())))
 
@@ -83,7 +83,7 @@ def run_steps(run, state, batches, rng) -> tuple[object, list[float]]:
     for batch in batches:
         device_state, metrics = run.train_step(device_state, layout.put_batch(batch),
                                                device_rng)
-        losses.append(train.read_scalars(layout, metrics)["loss"])
+        losses.append(loop.read_scalars(layout, metrics)["loss"])
     return jax.device_get(layout.host(device_state)), losses
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import demo_runs
-from scaleattn import checkpoint, crf, crf_search, predict, report, train
+from scaleattn import checkpoint, crf, crf_search, experiment, predict, records, report
 from scaleattn import config as config_lib
 
 DEEPLAB = crf.CRFParams.from_config(config_lib.base_config().crf)
@@ -283,12 +283,12 @@ def tiny_run(tmp_path_factory):
                                         crop=48, fc_width=32, batch=4, steps=1, log_every=1,
                                         checkpoint_every=1)
     config.crf.iterations = 3  # the wiring, not the CRF, is tested here
-    train.prepare_data(config.data)
-    run = train.setup_run(config)
+    experiment.prepare_data(config.data)
+    run = experiment.setup_run(config)
     rng = jax.random.PRNGKey(config.seed)
     workdir = str(tmp_path_factory.mktemp("run"))
     manager = checkpoint.make_manager(workdir, 1, training=True)
-    checkpoint.save(manager, 0, train.initial_state(run, rng), rng, config)
+    checkpoint.save(manager, 0, experiment.initial_state(run, rng), rng, config)
     manager.wait_until_finished()
     return config, workdir
 
@@ -318,7 +318,7 @@ def test_eval_scores_with_and_without_the_crf_in_one_pass(tiny_run):
     config, workdir = tiny_run
     config = with_values(config, eval__crf=True, predict__ms_eval_at_end=True,
                          predict__ms_scales=(1.0,), predict__flip=False)
-    scores = train.evaluate_checkpoint(config, workdir)
+    scores = experiment.evaluate_checkpoint(config, workdir)
     ms_flip = scores["ms_flip"]
     assert set(scores["no_crf"]) == set(ms_flip["no_crf"]) == {"miou", "pixel_accuracy",
                                                                "per_class_iou"}
@@ -371,11 +371,11 @@ def test_run_record_says_whether_and_how_and_report_matches_crf_rows():
     scores = {"miou": 0.70, "pixel_accuracy": 0.9, "no_crf": {"miou": 0.65}}
     kwargs = dict(steps=1, ms_flip_scores=None, wall_time_s=1.0,
                   params={"w": np.zeros(2, np.float32)})
-    plain = report.run_record(config, scores={"miou": 0.65, "pixel_accuracy": 0.9}, **kwargs)
+    plain = records.run_record(config, scores={"miou": 0.65, "pixel_accuracy": 0.9}, **kwargs)
     assert plain["crf"] == {"applied": False} and plain["miou_no_crf"] is None
     assert report.paper_reference(plain)["crf"] is False
     config.eval.crf = True
-    record = report.run_record(config, scores=scores, **kwargs)
+    record = records.run_record(config, scores=scores, **kwargs)
     assert record["crf"] == {"applied": True, **DEEPLAB.as_dict()}   # the config's values
     assert record["miou"] == 0.70 and record["miou_no_crf"] == 0.65
     row = report.paper_reference(json.loads(json.dumps(record)))

@@ -142,15 +142,15 @@ def test_predict_and_analyze_a_hierarchical_run_on_a_wider_scale_list(tmp_path):
     """A trained hierarchical checkpoint, read with another inference scale list: predict
     writes one alpha map per inference scale and analyze relates them to object size."""
     from PIL import Image  # pylint: disable=import-outside-toplevel
-    from scaleattn import analysis, checkpoint, predict, train  # pylint: disable=import-outside-toplevel
+    from scaleattn import analysis, checkpoint, experiment, predict# pylint: disable=import-outside-toplevel
     config = tiny_config()
     config.data.data_dir = str(tmp_path / "data")
     config.data.demo_train_size, config.data.demo_val_size = 4, 4
     config.data.crop_size, config.data.eval_size = 32, 128
     config.eval.batch_size, config.parallel.mode = 4, "jit"
     workdir = str(tmp_path / "run")
-    run = train.setup_run(config)
-    state = train.initial_state(run, jax.random.PRNGKey(0))
+    run = experiment.setup_run(config)
+    state = experiment.initial_state(run, jax.random.PRNGKey(0))
     manager = checkpoint.make_manager(workdir, 1, training=True)
     checkpoint.save(manager, 0, state, jax.random.PRNGKey(0), config)
     manager.wait_until_finished()
@@ -169,7 +169,7 @@ def test_predict_and_analyze_a_hierarchical_run_on_a_wider_scale_list(tmp_path):
 def test_pmap_and_sharded_training_equal_jit_and_bf16_runs():
     """The same two steps of a hierarchical model (trained, synchronised batch norm in the
     alpha head) on one device, pmap over 8 and a 4x2 FSDP mesh; bf16 keeps close."""
-    from scaleattn import train  # pylint: disable=import-outside-toplevel
+    from scaleattn import experiment# pylint: disable=import-outside-toplevel
     from scaleout_common import fixed_batch, run_steps  # pylint: disable=import-outside-toplevel
     from scaleout_common import tiny_config as scaleout_config  # pylint: disable=import-outside-toplevel
 
@@ -181,20 +181,20 @@ def test_pmap_and_sharded_training_equal_jit_and_bf16_runs():
         return c
 
     batches = [fixed_batch()] * 2
-    reference_run = train.setup_run(config("jit"))
+    reference_run = experiment.setup_run(config("jit"))
     init_rng, rng = jax.random.split(jax.random.PRNGKey(0))
-    state = jax.device_get(train.initial_state(reference_run, init_rng))
+    state = jax.device_get(experiment.initial_state(reference_run, init_rng))
     assert "bn1" in state.params["alpha"] and "alpha" in state.batch_stats
     ref_state, ref_losses = run_steps(reference_run, state, batches, np.asarray(rng))
     for mode, mesh, sharding in [("pmap", (-1, 1), "replicated"), ("sharded", (4, 2), "fsdp")]:
-        other = train.setup_run(config(mode, mesh=mesh, param_sharding=sharding))
+        other = experiment.setup_run(config(mode, mesh=mesh, param_sharding=sharding))
         other_state, losses = run_steps(other, state, batches, np.asarray(rng))
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
         for tree in ("params", "batch_stats"):
             for x, y in zip(jax.tree_util.tree_leaves(getattr(ref_state, tree)),
                             jax.tree_util.tree_leaves(getattr(other_state, tree))):
                 np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6, err_msg=f"{mode} {tree}")
-    bf16 = train.setup_run(config("jit", dtype="bfloat16"))
+    bf16 = experiment.setup_run(config("jit", dtype="bfloat16"))
     outputs = bf16.model.apply({"params": ref_state.params, "batch_stats": ref_state.batch_stats},
                                batches[0]["image"], train=False)
     reference = reference_run.model.apply({"params": ref_state.params,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import demo_runs
-from scaleattn import checkpoint, train
+from scaleattn import checkpoint, experiment, loop
 from scaleattn import config as config_lib
-from scaleattn.weights import WeightsError
+from scaleattn.pretrained import WeightsError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +40,7 @@ def data_dir(tmp_path_factory):
 def straight_run(data_dir, tmp_path_factory):
     """A 4-step run that checkpoints at steps 2 and 4, then evaluates."""
     workdir = tmp_path_factory.mktemp("straight")
-    scores = train.train_and_evaluate(tiny_demo_config(data_dir, 4), str(workdir))
+    scores = loop.train_and_evaluate(tiny_demo_config(data_dir, 4), str(workdir))
     return workdir, scores
 
 
@@ -54,8 +54,8 @@ def test_train_checkpoints_and_evaluates(straight_run):
 def test_resume_gives_the_same_parameters(straight_run, data_dir, tmp_path):
     first_half = tiny_demo_config(data_dir, 2)
     first_half.train.eval_at_end = False
-    train.train_and_evaluate(first_half, str(tmp_path))
-    train.train_and_evaluate(tiny_demo_config(data_dir, 4), str(tmp_path))  # resumes at 2
+    loop.train_and_evaluate(first_half, str(tmp_path))
+    loop.train_and_evaluate(tiny_demo_config(data_dir, 4), str(tmp_path))  # resumes at 2
     a, b = saved_params(straight_run[0], 4), saved_params(tmp_path, 4)
     assert a.keys() == b.keys()
     for key in a:  # same batches, same dropout keys, same updates: bit-identical
@@ -70,11 +70,11 @@ def test_resume_and_eval_do_not_read_init_from(straight_run, data_dir, tmp_path)
     config = tiny_demo_config(data_dir, 4)
     config.model.init_from = str(tmp_path / "moved_away.msgpack")
     config.train.eval_at_end = False
-    train.train_and_evaluate(config, str(workdir))  # resumes at 4: nothing left to do
-    assert train.evaluate_checkpoint(config, str(workdir))["miou"] == pytest.approx(
+    loop.train_and_evaluate(config, str(workdir))  # resumes at 4: nothing left to do
+    assert experiment.evaluate_checkpoint(config, str(workdir))["miou"] == pytest.approx(
         straight_run[1]["miou"])
     with pytest.raises(WeightsError, match="model.init_from=.*does not exist"):
-        train.train_and_evaluate(config, str(tmp_path / "fresh"))
+        loop.train_and_evaluate(config, str(tmp_path / "fresh"))
 
 
 def test_checkpoint_of_another_model_is_a_clear_error(straight_run, data_dir):
@@ -82,7 +82,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(straight_run, data_dir):
     other.model.fc_width = 32
     with pytest.raises(checkpoint.CheckpointError,
                        match=r"trained with another model \(model.fc_width: saved 64, now 32\)"):
-        train.train_and_evaluate(other, str(straight_run[0]))
+        loop.train_and_evaluate(other, str(straight_run[0]))
 
 
 def run_main(*args, timeout=120):
@@ -175,4 +175,4 @@ def test_library_info_lines_are_dropped_warnings_kept():
     orbax = "/venv/lib/python3.11/site-packages/orbax/checkpoint/_src/checkpoint_manager.py"
     assert not quiet.filter(record(orbax, logging.INFO))
     assert quiet.filter(record(orbax, logging.WARNING))
-    assert quiet.filter(record("/repo/scaleattn/train.py", logging.INFO))
+    assert quiet.filter(record("/repo/scaleattn/loop.py", logging.INFO))

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from scaleattn import config as config_lib
-from scaleattn import parallel, train
+from scaleattn import experiment, parallel
 from scaleout_common import compiled_run, fixed_batch, max_differences, run_steps, tiny_config
 
 STEPS = 3
@@ -54,16 +54,16 @@ def test_mesh_shape_and_parameter_placement_rules():
 
 def test_layouts_that_cannot_work_are_config_errors():
     with pytest.raises(config_lib.ConfigError, match="mesh_shape"):
-        train.setup_run(tiny_config("sharded", mesh=(3, -1)))
+        experiment.setup_run(tiny_config("sharded", mesh=(3, -1)))
     with pytest.raises(config_lib.ConfigError, match="param_sharding"):
         config_lib.validate(tiny_config("pmap", param_sharding="fsdp"))
     config = tiny_config("sharded", mesh=(8, 1), accum=2)  # 8 / 8 devices = 1 per shard
     with pytest.raises(config_lib.ConfigError, match="grad_accum_steps"):
-        train.check_batch_sizes(config, train.setup_run(config).layout)
+        experiment.check_batch_sizes(config, experiment.setup_run(config).layout)
     config = tiny_config("pmap")
     config.batch_size = 12
     with pytest.raises(config_lib.ConfigError, match="batch_size=12"):
-        train.check_batch_sizes(config, train.setup_run(config).layout)
+        experiment.check_batch_sizes(config, experiment.setup_run(config).layout)
 
 
 def test_distributed_starts_from_flags_or_the_environment(monkeypatch):
@@ -90,7 +90,7 @@ def test_jit_pmap_and_sharded_meshes_give_the_same_training():
                                  ("sharded", (8, 1), "replicated"),
                                  ("sharded", (4, 2), "fsdp"),
                                  ("sharded", (2, 4), "model")]:
-        other = train.setup_run(tiny_config(mode, mesh=mesh, param_sharding=sharding))
+        other = experiment.setup_run(tiny_config(mode, mesh=mesh, param_sharding=sharding))
         result = run_steps(other, state, batches, rng)
         assert_same_training(reference, result, f"{mode} {mesh} {sharding}")
 
@@ -120,7 +120,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     run, state, rng = compiled_run(bn_mode="frozen")
     reference = run_steps(run, state, batches, rng)
     for mode, mesh, accum in [("jit", (-1, 1), 4), ("sharded", (4, 2), 2)]:
-        other = train.setup_run(tiny_config(mode, mesh=mesh, bn_mode="frozen", accum=accum))
+        other = experiment.setup_run(tiny_config(mode, mesh=mesh, bn_mode="frozen", accum=accum))
         result_state, losses = run_steps(other, state, batches, rng)
         np.testing.assert_allclose(losses, reference[1], rtol=RTOL)
         for x, y in zip(jax.tree_util.tree_leaves(reference[0].params),
@@ -134,7 +134,7 @@ def test_bfloat16_compute_keeps_float32_parameters_and_optimizer_state():
     batches = [fixed_batch()] * 2
     run32, state, rng = compiled_run(bn_mode="frozen")
     reference = run_steps(run32, state, batches, rng)
-    run16 = train.setup_run(tiny_config(bn_mode="frozen", dtype="bfloat16"))
+    run16 = experiment.setup_run(tiny_config(bn_mode="frozen", dtype="bfloat16"))
     result_state, losses = run_steps(run16, state, batches, rng)
     for tree in ("params", "opt_state", "batch_stats"):
         dtypes = {x.dtype for x in jax.tree_util.tree_leaves(getattr(result_state, tree))

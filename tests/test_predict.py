@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scaleattn import checkpoint, predict, train, viz
+from scaleattn import checkpoint, experiment, inference, predict, viz
 from scaleattn import config as config_lib
 
 
@@ -66,13 +66,13 @@ def trained(tmp_path_factory):
     """A workdir with a step-0 checkpoint of a tiny attention model."""
     workdir = str(tmp_path_factory.mktemp("run"))
     config = tiny_config()
-    run = train.setup_run(config)
+    run = experiment.setup_run(config)
     rng = jax.random.PRNGKey(config.seed)
-    state = train.initial_state(run, rng)
+    state = experiment.initial_state(run, rng)
     manager = checkpoint.make_manager(workdir, 1, training=True)
     checkpoint.save(manager, 0, state, rng, config)
     manager.wait_until_finished()
-    return config, workdir, run, state, predict.Predictor(run.model)
+    return config, workdir, run, state, inference.Predictor(run.model)
 
 
 def test_predict_files_writes_masks_overlays_and_heat_maps(trained, tmp_path):
@@ -124,12 +124,12 @@ def test_attention_weights_sum_to_one_at_the_input_size(trained):
 def test_ms_flip_averages_mirrored_and_rescaled_predictions(trained):
     _, _, run, state, predictor = trained
     images = np.random.default_rng(2).standard_normal((1, 40, 40, 3)).astype(np.float32)
-    flipped = predict.ms_flip_probs(state, images, model=run.model, scales=(1.0,), flip=True)
+    flipped = inference.ms_flip_probs(state, images, model=run.model, scales=(1.0,), flip=True)
     plain = predictor(state, images)["probs"]
     mirror = predictor(state, images[:, :, ::-1])["probs"][:, :, ::-1]
     np.testing.assert_allclose(np.asarray(flipped), (plain + mirror) / 2, atol=1e-6)
-    probs = predict.ms_flip_probs(state, images, model=run.model, scales=(0.5, 1.0), flip=True)
-    mirrored = predict.ms_flip_probs(state, images[:, :, ::-1], model=run.model,
+    probs = inference.ms_flip_probs(state, images, model=run.model, scales=(0.5, 1.0), flip=True)
+    mirrored = inference.ms_flip_probs(state, images[:, :, ::-1], model=run.model,
                                      scales=(0.5, 1.0), flip=True)
     np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(mirrored)[:, :, ::-1], np.asarray(probs), atol=1e-5)

@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 import demo_runs
-from scaleattn import checkpoint, outputs, predict, report, runlock, train
+from scaleattn import checkpoint, experiment, inference, loop, outputs, predict, preemption, report, runlock
 from scaleout_common import REPO, demo_config_flags, main_command, subprocess_env
 
 # --------------------------------------------------------------------- helpers ---
@@ -48,7 +48,7 @@ def trained(tmp_path_factory):
     """``(config, workdir)`` of a 4-step run with checkpoints at steps 2 and 4."""
     config = tiny_config(tmp_path_factory.mktemp("data"))
     workdir = tmp_path_factory.mktemp("trained")
-    train.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
     assert checkpoint.make_manager(str(workdir), 5).all_steps() == [2, 4]
     return config, workdir
 
@@ -191,9 +191,9 @@ def test_checksum_of_sharded_device_arrays_equals_the_host_one():
 
 
 def restore_template(config):
-    run = train.setup_run(config)
+    run = experiment.setup_run(config)
     rng = jax.random.PRNGKey(config.seed)
-    return jax.eval_shape(lambda: train.initial_state(run, rng, pretrained=False)), rng
+    return jax.eval_shape(lambda: experiment.initial_state(run, rng, pretrained_start=False)), rng
 
 
 def test_damaged_steps_stop_eval_with_one_quiet_line_and_change_nothing(trained, tmp_path):
@@ -273,9 +273,9 @@ def test_another_model_definition_stops_eval_predict_and_resume(trained, tmp_pat
     other = config.copy_and_resolve_references()
     section, name = key.split(".")
     other[section][name] = value
-    attempts = {"eval": lambda: train.evaluate_checkpoint(other, str(workdir)),
-                "predict": lambda: predict.restore_trained(other, str(workdir)),
-                "resume": lambda: train.train_and_evaluate(other, str(workdir))}
+    attempts = {"eval": lambda: experiment.evaluate_checkpoint(other, str(workdir)),
+                "predict": lambda: inference.restore_trained(other, str(workdir)),
+                "resume": lambda: loop.train_and_evaluate(other, str(workdir))}
     for entry in entry_points:
         with pytest.raises(checkpoint.CheckpointError) as error:
             attempts[entry]()
@@ -419,11 +419,11 @@ def test_a_failing_start_leaves_no_lock_and_no_new_workdir(tmp_path):
 
 def test_sigint_and_sigterm_ask_for_a_save_a_second_sigint_stops_at_once(capfd):
     before = signal.getsignal(signal.SIGINT)
-    with train.PreemptionFlag() as flag:
+    with preemption.PreemptionFlag() as flag:
         os.kill(os.getpid(), signal.SIGTERM)
         assert flag.requested and flag.signal_name == "SIGTERM"
     exits = []  # what os._exit would have been called with
-    with train.PreemptionFlag(exit_now=exits.append) as flag:
+    with preemption.PreemptionFlag(exit_now=exits.append) as flag:
         flag.on_abort.append(lambda: exits.append("lock released"))
         os.kill(os.getpid(), signal.SIGINT)
         assert flag.requested and flag.signal_name == "SIGINT" and not exits
@@ -449,7 +449,7 @@ def test_read_only_modes_fall_back_if_asked_and_never_change_the_workdir(trained
     predict.predict_files(config, str(workdir), [str(tmp_path / "x.png")],
                           str(tmp_path / "pictures"), fallback=True)
     with caplog.at_level(logging.WARNING):
-        assert 0 <= train.evaluate_checkpoint(config, str(workdir), fallback=True)["miou"] <= 1
+        assert 0 <= experiment.evaluate_checkpoint(config, str(workdir), fallback=True)["miou"] <= 1
     assert f"Using the previous good checkpoint {workdir}/checkpoints/2 (step 2)" in caplog.text
     assert "does not match the checksum" in caplog.text
     with pytest.raises(checkpoint.CheckpointError):
@@ -460,8 +460,8 @@ def test_read_only_modes_fall_back_if_asked_and_never_change_the_workdir(trained
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    for attempt in (lambda: train.evaluate_checkpoint(config, str(empty)),
-                    lambda: train.evaluate_checkpoint(config, str(tmp_path / "missing"))):
+    for attempt in (lambda: experiment.evaluate_checkpoint(config, str(empty)),
+                    lambda: experiment.evaluate_checkpoint(config, str(tmp_path / "missing"))):
         with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .*train first"):
             attempt()
     assert not os.listdir(empty) and not (tmp_path / "missing").exists()

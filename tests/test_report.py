@@ -8,7 +8,7 @@ import pytest
 
 import demo_runs
 from scaleattn import config as config_lib
-from scaleattn import report, train
+from scaleattn import loop, records, report
 
 
 def record(recipe, miou, seed=0, per_class=None, **changes):
@@ -77,7 +77,7 @@ def test_runs_that_differ_only_in_seed_become_one_row_with_mean_and_std():
 
 def test_report_command_reads_workdirs(tmp_path, capsys):
     for name, seed in (("a", 0), ("b", 1)):
-        report.write_run(str(tmp_path / name), record("demo", 0.25 + seed / 10, seed=seed))
+        records.write_run(str(tmp_path / name), record("demo", 0.25 + seed / 10, seed=seed))
     assert report.main([str(tmp_path / "a"), str(tmp_path / "b"),
                         f"--output={tmp_path / 'table.md'}"]) == 0
     printed = capsys.readouterr().out
@@ -93,10 +93,10 @@ def test_report_command_reads_workdirs(tmp_path, capsys):
 def test_tree_digest_sees_every_bit():
     tree = {"a": jnp.arange(4.0), "b": {"c": np.ones((2, 2), np.int32)}}
     same = {"a": jnp.arange(4.0), "b": {"c": np.ones((2, 2), np.int32)}}
-    assert report.tree_digest(tree) == report.tree_digest(same)
+    assert records.tree_digest(tree) == records.tree_digest(same)
     flipped = np.arange(4.0, dtype=np.float32)
     flipped.view(np.uint32)[2] ^= 1  # the last bit of one value
-    assert report.tree_digest({"a": flipped, "b": same["b"]}) != report.tree_digest(tree)
+    assert records.tree_digest({"a": flipped, "b": same["b"]}) != records.tree_digest(tree)
 
 
 def tiny_demo_config(data_dir):
@@ -130,7 +130,7 @@ def test_same_seed_and_config_give_bit_identical_runs(tmp_path, compilation_cach
     runs = []
     for name in ("first", "second"):
         workdir = tmp_path / name
-        scores = train.train_and_evaluate(tiny_demo_config(tmp_path / "data"), str(workdir))
+        scores = loop.train_and_evaluate(tiny_demo_config(tmp_path / "data"), str(workdir))
         runs.append(json.loads((workdir / "run.json").read_text()))
         assert runs[-1]["miou"] == scores["miou"]
     first, second = runs

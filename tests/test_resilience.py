@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from scaleattn import checkpoint, train
+from scaleattn import checkpoint, loop
 from scaleattn.data import pipeline
 from scaleout_common import REPO, main_command, run_main, subprocess_env, tiny_config
 
@@ -155,10 +155,10 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_
     config = run_config(data_dir, mode="jit")
     config.optim.base_lr = 1e8  # step 1 is finite, its update blows the parameters up
     config.train.steps, config.train.checkpoint_every = 4, 1
-    with pytest.raises(train.NonFiniteLossError,
+    with pytest.raises(loop.NonFiniteLossError,
                        match=r"is (nan|inf) at step 2: .*last good checkpoint \(step 1\) "
                              r"is kept"):
-        train.train_and_evaluate(config, str(tmp_path))
+        loop.train_and_evaluate(config, str(tmp_path))
     manager = checkpoint.make_manager(str(tmp_path), 5)
     assert manager.all_steps() == [1]
     tree, _ = checkpoint.read(manager, 1)

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 
 from scaleattn import config as config_lib
-from scaleattn import parallel, train
+from scaleattn import experiment, loop, parallel
 
 
 def tiny_config(mode):
@@ -29,15 +29,15 @@ def fixed_batch(n=8, size=33):
 
 
 def run_steps(config, batch, steps):
-    run = train.setup_run(config)
+    run = experiment.setup_run(config)
     rng = jax.random.PRNGKey(0)
-    state = parallel.replicate(train.initial_state(run, rng), run.mode)
-    device_rng = parallel.replicated_rng(rng, run.mode)
+    state = run.layout.put_state(experiment.initial_state(run, rng))
+    device_rng = run.layout.put_replicated(rng)
     losses = []
     for _ in range(steps):
-        state, metrics = run.train_step(state, parallel.split_batch(batch, run.mode), device_rng)
+        state, metrics = run.train_step(state, run.layout.put_batch(batch), device_rng)
         losses.append(float(np.asarray(metrics["loss"]).reshape(-1)[0]))
-    return jax.device_get(parallel.unreplicate(state, run.mode)), losses
+    return jax.device_get(run.layout.host(state)), losses
 
 
 def test_train_step_lowers_the_loss():
@@ -61,13 +61,13 @@ def test_prefetch_keeps_order_and_runs_size_batches_ahead():
         put.append(int(batch["x"][0]))
         return {"x": batch["x"] * 10}
 
-    batches = train.prefetch(source(), put_batch, size=2)
+    batches = loop.prefetch(source(), put_batch, size=2)
     first = next(batches)
     assert int(first["x"][0]) == 0
     assert pulled == [0, 1, 2] and put == [0, 1, 2]  # two batches already on their way
     rest = [int(b["x"][0]) for b in batches]
     assert rest == [10, 20, 30, 40]
-    assert [int(b["x"][0]) for b in train.prefetch(source(), put_batch, size=0)] == [
+    assert [int(b["x"][0]) for b in loop.prefetch(source(), put_batch, size=0)] == [
         0, 10, 20, 30, 40]
 
 

@@ -1,0 +1,105 @@
+"""What a training run shows a person: scalars and pictures in TensorBoard, progress
+in the log.
+
+Written with tensorboardX's event writer (no TensorFlow needed: the GPU machines
+have none; clu's metric writers import TensorFlow). Process 0 only.
+"""
+
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from scaleattn import inference, viz
+
+
+class MetricWriter:
+    """Scalars and images to ``workdir/tensorboard``, on process 0 (a no-op elsewhere)."""
+
+    def __init__(self, workdir: str):
+        self.writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.writer is not None
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, float(value), step)
+            self.writer.flush()
+
+    def image(self, step: int, tag: str, picture: np.ndarray) -> None:
+        """``picture``: ``uint8 [h, w, 3]``."""
+        if self.writer is not None:
+            self.writer.add_image(tag, picture, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Progress:
+    """Throughput and time left, measured over the steps since the last report."""
+
+    def __init__(self, total_steps: int, images_per_step: int):
+        self.total_steps = total_steps
+        self.images_per_step = images_per_step
+        self.window_start, self.window_steps = time.time(), 0
+
+    def step(self) -> None:
+        self.window_steps += 1
+
+    def report(self, done: int) -> tuple[float, str]:
+        """``(images per second, 'ETA 0h01m02s')`` over the window; starts a new one."""
+        elapsed = max(time.time() - self.window_start, 1e-9)
+        steps = max(self.window_steps, 1)
+        left = int(max(0, (self.total_steps - done) * elapsed / steps))
+        self.window_start, self.window_steps = time.time(), 0
+        return (steps * self.images_per_step / elapsed,
+                f"{left // 3600}h{left % 3600 // 60:02d}m{left % 60:02d}s")
+
+
+def log_progress(writer: MetricWriter, progress: Progress, done: int, scalars: dict) -> None:
+    """One log line of a training step's scalars (plus img/s and ETA) and the same
+    scalars in TensorBoard."""
+    scalars["images_per_second"], eta = progress.report(done)
+    logging.info("step %d/%d  loss %.4f  lr %.2e  %.1f img/s  ETA %s", done,
+                 progress.total_steps, scalars["loss"], scalars["learning_rate"],
+                 scalars["images_per_second"], eta)
+    writer.scalars(done, scalars)
+
+
+def write_eval_images(writer: MetricWriter, step: int, config, model, host_state) -> None:
+    """TensorBoard pictures (`viz.panel`) of the first eval images at ``step``.
+
+    Args:
+      writer: nothing happens where it is disabled (processes other than 0).
+      step: the training step the pictures are logged at.
+      config, model: the run's config and model.
+      host_state: a `TrainState` this process can read (`parallel.Layout.host`).
+
+    Shows ``config.predict.summary_images`` images (0 = none) of the eval split, tag
+    ``eval_images/<i>``.
+    """
+    count = config.predict.summary_images
+    if not writer.enabled or count <= 0:
+        return
+    from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
+    batch = next(pipeline.eval_batches(config.data, batch_size=count,
+                                       process_index=0, process_count=1))
+    outputs = inference.Predictor(model)(jax.device_get(host_state), batch["image"])
+    for i, (image, label) in enumerate(zip(batch["image"], batch["label"])):
+        if np.all(label == config.loss.ignore_label):  # a filler slot of the last batch
+            continue
+        writer.image(step, f"eval_images/{i}", viz.panel(
+            viz.denormalize(image, config.data.mean, config.data.std),
+            outputs["prediction"][i], label=label,
+            attention=outputs["attention"][i] if "attention" in outputs else None,
+            alpha=config.predict.overlay_alpha))
+    writer.writer.flush()
