@@ -19,6 +19,8 @@ setup(
         "pillow>=9.0",
         "scipy>=1.10",
         "tensorboardX>=2.6",
+        # .safetensors weight files (scaleattn.pretrained); tested with 0.8, bfloat16 included.
+        "safetensors>=0.8",
         # The data modules (and only they) need TensorFlow; a CPU build is enough.
         "tensorflow-cpu>=2.15",
         "tensorflow-datasets>=4.9.4",
@@ -27,7 +29,8 @@ setup(
         "importlib_resources",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # pytest-xdist: the suite runs on every core (`-n auto`), see README.
+        "test": ["pytest>=7", "pytest-xdist>=3.5"],
         # Krähenbühl's C++ dense CRF, only to compare scaleattn.crf against
         # (tests/test_crf.py, benchmarks/crf_bench.py); a source package: needs a C++ compiler.
         "crf": ["pydensecrf2>=1.1"],
