@@ -1,12 +1,12 @@
 """ImageNet weights -> Flax: safe readers, torchvision/Keras mappings, parity, init_from.
 
 The foreign files are written here without PyTorch: `save_torch_zip` / `save_torch_legacy`
-emit the pickle opcodes torch.save emits (protocol 2, storages as persistent ids) and
-`save_safetensors` the safetensors layout, independently of the readers under test.
+emit the pickle opcodes torch.save emits (protocol 2, storages as persistent ids),
+independently of the readers under test; `.safetensors` files are written by the
+safetensors package itself (`safetensors.numpy.save_file`).
 Keras files come from keras.applications itself (random weights, no download).
 """
 
-import json
 import pickle
 import struct
 import zipfile
@@ -16,11 +16,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import traverse_util
+from safetensors import numpy as safetensors_numpy
 
 from scaleattn import config as config_lib
-from scaleattn import convert, train, weights
+from scaleattn import convert, experiment, pretrained
 from scaleattn.models import build_model, heads, layers, resnet, vgg
-from scaleattn.weights import UnsafePickleError, WeightsError
+from scaleattn.pretrained import UnsafePickleError, WeightsError
 
 CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)   # keras 'caffe' mean, in RGB order
 
@@ -135,22 +137,11 @@ def save_torch_legacy(path, state, storages=None):
             f.write(struct.pack("<q", storages[key].size) + storages[key].tobytes())
 
 
-SAFETENSORS_NAMES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16",
-                     np.dtype("int64"): "I64", np.dtype(ml_dtypes.bfloat16): "BF16"}
-
-
 def save_safetensors(path, state):
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, value in state.items():
-        raw = np.ascontiguousarray(value).tobytes()
-        header[name] = {"dtype": SAFETENSORS_NAMES[value.dtype], "shape": list(value.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+    """``{name: array}`` -> a ``.safetensors`` file written by the safetensors package,
+    with the ``{'format': 'pt'}`` metadata torch's own writer adds."""
+    safetensors_numpy.save_file({k: np.array(v, order="C") for k, v in state.items()},
+                                str(path), metadata={"format": "pt"})
 
 
 # ============================================================ torchvision's layout (spec)
@@ -247,10 +238,10 @@ def test_full_size_torchvision_state_dicts_map_onto_the_models(arch, count):
               else torchvision_resnet_shapes(arch))
     assert sum(int(np.prod(s)) for k, s in shapes.items() if "running" not in k and
                "tracked" not in k) == count
-    tree, report = convert.convert(free_state(shapes), source="torchvision", arch=arch)
-    targets = convert.target_shapes(arch)
-    got = jax.tree_util.tree_flatten_with_path({k: tree[k] for k in ("params", "batch_stats")})
-    assert {convert._keys(p): v.shape for p, v in got[0]} == targets
+    tree, report = pretrained.convert(free_state(shapes), source="torchvision", arch=arch)
+    targets = pretrained.target_shapes(arch)
+    got = traverse_util.flatten_dict({k: tree[k] for k in ("params", "batch_stats")})
+    assert {p: v.shape for p, v in got.items()} == targets
     ignored = {k for k in report["ignored"] if "tracked" not in k}
     assert ignored == ({"classifier.6.weight", "classifier.6.bias"} if arch == "vgg16"
                        else {"fc.weight", "fc.bias"})
@@ -261,17 +252,17 @@ def test_full_size_torchvision_state_dicts_map_onto_the_models(arch, count):
 
 
 def test_name_tables():
-    assert convert.vgg_feature_indices() == {
+    assert pretrained.vgg_feature_indices() == {
         "conv1_1": 0, "conv1_2": 2, "conv2_1": 5, "conv2_2": 7, "conv3_1": 10, "conv3_2": 12,
         "conv3_3": 14, "conv4_1": 17, "conv4_2": 19, "conv4_3": 21, "conv5_1": 24,
         "conv5_2": 26, "conv5_3": 28}
-    tv = convert.torchvision_name
+    tv = pretrained.torchvision_name
     assert tv(("params", "backbone", "layer3_22", "downsample_conv", "kernel")) == \
         "layer3.22.downsample.0.weight"
     assert tv(("batch_stats", "backbone", "layer1_0", "bn_downsample", "var")) == \
         "layer1.0.downsample.1.running_var"
     assert tv(("params", "largefov", "fc7", "bias")) == "classifier.3.bias"
-    kn = convert.keras_name
+    kn = pretrained.keras_name
     assert kn(("params", "backbone", "conv5_3", "kernel")) == "block5_conv3/kernel"
     assert kn(("params", "backbone", "bn1", "scale")) == "conv1_bn/gamma"
     assert kn(("batch_stats", "backbone", "layer4_2", "bn3", "mean")) == \
@@ -300,7 +291,7 @@ def test_torch_formats_and_safetensors_read_back_exactly(tmp_path):
     save_torch_legacy(tmp_path / "b.pth", tensors, storages)
     save_safetensors(tmp_path / "c.safetensors", expected)
     for name in ("a.pth", "b.pth", "c.safetensors"):
-        got = weights.read_torch(str(tmp_path / name))
+        got = pretrained.read_torch(str(tmp_path / name))
         assert set(got) == set(expected), name
         for k, v in expected.items():
             assert got[k].dtype == v.dtype and got[k].shape == v.shape, (name, k)
@@ -316,13 +307,13 @@ def test_pickles_with_other_globals_are_refused(tmp_path, module, name):
     path = tmp_path / "evil.pth"
     save_torch_zip(path, {}, {}, pickle_bytes=evil)
     with pytest.raises(UnsafePickleError, match=rf"{path}.*{module}\.{name}"):
-        weights.read_torch(str(path))
+        pretrained.read_torch(str(path))
     # The same global where torch puts _rebuild_tensor_v2, in both containers.
     tensors, storages = as_storages({"w": np.ones(2, np.float32)})
     sneaky = TorchPickle(legacy=False, globals_override=(module, name)).dumps(tensors, storages)
     save_torch_zip(path, tensors, storages, pickle_bytes=sneaky)
     with pytest.raises(UnsafePickleError, match=rf"{module}\.{name}"):
-        weights.read_torch(str(path))
+        pretrained.read_torch(str(path))
     assert not marker.exists()
 
 
@@ -336,14 +327,39 @@ def test_truncated_and_unknown_files_are_named(tmp_path):
         blob = path.read_bytes()
         path.write_bytes(blob[:len(blob) - 40])
         with pytest.raises(WeightsError, match=rf"{path}.*(truncated|corrupt)"):
-            weights.read_torch(str(path))
+            pretrained.read_torch(str(path))
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"hello, not weights")
     with pytest.raises(WeightsError, match=rf"{junk}: unknown weight format"):
-        weights.read_torch(str(junk))
+        pretrained.read_torch(str(junk))
     save_safetensors(tmp_path / "ok.safetensors", state)
     with pytest.raises(WeightsError, match="not Keras weights"):
-        weights.read_keras(str(tmp_path / "ok.safetensors"))
+        pretrained.read_keras(str(tmp_path / "ok.safetensors"))
+
+
+def test_safetensors_reader_reads_files_of_the_safetensors_package(tmp_path):
+    """A file written by ``safetensors.numpy.save_file`` comes back with its names,
+    dtypes, shapes and values (compared element by element with the arrays written),
+    through `read_safetensors` and through the ``--from=torchvision`` reader."""
+    rng = np.random.default_rng(3)
+    state = {"layer1.0.conv1.weight": rng.normal(size=(8, 4, 1, 1)).astype(np.float32),
+             "bn1.running_var": rng.uniform(0.5, 1.5, 4).astype(np.float64),
+             "scalar": np.array(-7, np.int32),
+             "mask": np.array([True, False, True]),
+             "brain": rng.normal(size=(2, 2)).astype(ml_dtypes.bfloat16),
+             "empty": np.zeros((0, 3), np.float16)}
+    path = str(tmp_path / "w.safetensors")
+    safetensors_numpy.save_file(state, path, metadata={"format": "pt"})
+    assert pretrained.sniff(path) == "safetensors"
+    for got in (pretrained.read_safetensors(path), pretrained.read_weights(path, "torchvision")):
+        assert sorted(got) == sorted(state)                  # no '__metadata__' entry
+        for k, v in state.items():
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+            np.testing.assert_array_equal(got[k], v, err_msg=k)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", 8) + b'{"a": 1}')
+    with pytest.raises(WeightsError, match=f"{bad}: truncated or corrupt safetensors"):
+        pretrained.read_safetensors(str(bad))
 
 
 # ============================================================ numpy reference (NCHW)
@@ -411,7 +427,7 @@ def test_torchvision_resnet_matches_numpy_reference(tmp_path, arch, width, conta
         path = str(tmp_path / name)
         {"w.pth": save_torch_zip, "old.pth": save_torch_legacy,
          "w.safetensors": save_safetensors}[name](path, sd)
-        trees.append(convert.convert(weights.read_torch(path), source="torchvision",
+        trees.append(pretrained.convert(pretrained.read_torch(path), source="torchvision",
                                      arch=arch, width=width, depth=depth, name=path)[0])
         jax.tree.map(np.testing.assert_array_equal, trees[-1]["params"], trees[0]["params"])
     tree = trees[0]
@@ -438,7 +454,7 @@ def test_torchvision_vgg16_convs_and_largefov_surgery(tmp_path):
     sd = random_state(torchvision_vgg16_shapes(width))
     path = str(tmp_path / "vgg16.pth")
     save_torch_zip(path, sd)
-    tree, _ = convert.convert(weights.read_torch(path), source="torchvision", arch="vgg16",
+    tree, _ = pretrained.convert(pretrained.read_torch(path), source="torchvision", arch="vgg16",
                               width=width, name=path)
     backbone = tree["params"]["backbone"]
     for name, index in zip(
@@ -477,16 +493,16 @@ def test_input_normalisation_is_folded_into_the_first_conv():
     pixels = rng.uniform(0, 255, size=(1, 3, 12, 12))               # RGB, NCHW
     mean, std = np.array([120.0, 110.0, 100.0]), np.array([60.0, 55.0, 50.0])
     ours = (pixels - mean[:, None, None]) / std[:, None, None]
-    for name, conv in convert.INPUT_CONVENTIONS.items():
+    for name, conv in pretrained.INPUT_CONVENTIONS.items():
         order = [2, 1, 0] if conv.bgr else [0, 1, 2]
         theirs = ((pixels[:, order] - np.array(conv.mean)[:, None, None]) /
                   np.array(conv.std)[:, None, None])
-        folded, shift = convert.fold_input_convention(kernel, conv, mean, std)
+        folded, shift = pretrained.fold_input_convention(kernel, conv, mean, std)
         ref = np_conv(theirs, kernel.transpose(3, 2, 0, 1))
         got = np_conv(ours, folded.transpose(3, 2, 0, 1)) + shift[None, :, None, None]
         assert rel_error(got, ref) < 1e-6, name
-    folded, shift = convert.fold_input_convention(
-        kernel, convert.INPUT_CONVENTIONS["torchvision"], config_lib.IMAGENET_MEAN,
+    folded, shift = pretrained.fold_input_convention(
+        kernel, pretrained.INPUT_CONVENTIONS["torchvision"], config_lib.IMAGENET_MEAN,
         config_lib.IMAGENET_STD)
     np.testing.assert_array_equal(folded, kernel)                    # identity
     assert not shift.any()
@@ -498,25 +514,25 @@ def test_wrong_arch_missing_and_misshapen_keys_are_named():
     with pytest.raises(WeightsError, match=r"w.pth: key 'layer3.6.bn1.running_mean' \(for "
                                            r"batch_stats/backbone/layer3_6/bn1/mean\) is "
                                            r"missing, and 254 more keys resnet101 needs"):
-        convert.convert(free_state(r50), arch="resnet101", **kw)
+        pretrained.convert(free_state(r50), arch="resnet101", **kw)
     with pytest.raises(WeightsError, match=r"w.pth: .*keys are not used by resnet50.*"
                                            r"'layer3.10.bn1.bias'"):
-        convert.convert(free_state(r101), arch="resnet50", **kw)
+        pretrained.convert(free_state(r101), arch="resnet50", **kw)
     with pytest.raises(WeightsError, match=r"w.pth: key 'layer1.0.bn1.running_mean' has shape "
                                            r"\(256,\), but resnet101's batch_stats/backbone/"
                                            r"layer1_0/bn1/mean needs \(64,\)"):
-        convert.convert(free_state(torchvision_resnet_shapes("resnext101_32x8d")),
+        pretrained.convert(free_state(torchvision_resnet_shapes("resnext101_32x8d")),
                         arch="resnet101", **kw)
     broken = free_state(r50)
     del broken["layer2.0.downsample.1.running_var"]
     with pytest.raises(WeightsError, match=r"'layer2.0.downsample.1.running_var' \(for "
                                            r"batch_stats/backbone/layer2_0/bn_downsample/var"):
-        convert.convert(broken, arch="resnet50", **kw)
+        pretrained.convert(broken, arch="resnet50", **kw)
     with pytest.raises(WeightsError, match="'bn1.running_mean'.* is missing.*none of the "
                                            "keys resnet50 needs"):
-        convert.convert(free_state(torchvision_vgg16_shapes()), arch="resnet50", **kw)
+        pretrained.convert(free_state(torchvision_vgg16_shapes()), arch="resnet50", **kw)
     with pytest.raises(WeightsError, match="keras.applications has no resnext101_32x8d"):
-        convert.convert({}, source="keras", arch="resnext101_32x8d")
+        pretrained.convert({}, source="keras", arch="resnext101_32x8d")
     with pytest.raises(SystemExit):
         convert.parse_args(["--from=caffe", "--arch=vgg16", "a", "b"])
 
@@ -602,7 +618,7 @@ def test_keras_vgg16_parity(tmp_path, keras):
             group.attrs["weight_names"] = [n.encode() for n in new]
             for old_name, new_name in zip(names, new):
                 group[new_name] = f[layer][old_name][()]
-    read = {n: weights.read_keras(str(tmp_path / n))
+    read = {n: pretrained.read_keras(str(tmp_path / n))
             for n in ("vgg16.h5", "vgg16.keras", "vgg16_notop.h5", "vgg16_keras1.h5")}
     assert len(read["vgg16.h5"]) == 26 and "block5_conv3/kernel" in read["vgg16.h5"]
     for name, arrays in read.items():
@@ -617,8 +633,8 @@ def test_keras_vgg16_parity(tmp_path, keras):
     assert convert.main(["--from=keras", "--arch=vgg16",
                          f"--mean={','.join(map(str, CAFFE_MEAN_RGB))}",
                          str(tmp_path / "vgg16.keras"), dst]) == 0
-    trees = {"caffe": weights.read_pretrained(dst),
-             "imagenet": convert.convert(read["vgg16.h5"], source="keras", arch="vgg16")[0]}
+    trees = {"caffe": pretrained.read_pretrained(dst),
+             "imagenet": pretrained.convert(read["vgg16.h5"], source="keras", arch="vgg16")[0]}
     errors = {}
     for label, mean in (("caffe", CAFFE_MEAN_RGB), ("imagenet", config_lib.IMAGENET_MEAN)):
         assert "largefov" not in trees[label]["params"]    # include_top=False: no fc layers
@@ -643,12 +659,12 @@ def test_keras_resnet_parity(tmp_path, keras, arch, container):
     if container:
         path = str(tmp_path / f"{arch}.{container}")
         app.save(path)
-        arrays = weights.read_keras(path)
+        arrays = pretrained.read_keras(path)
     else:
         path, arrays = arch, {w.path: np.asarray(w) for w in app.weights}
     rgb = pixels()
     ref = np.asarray(app(keras.applications.resnet.preprocess_input(rgb.copy())))
-    tree, report = convert.convert(arrays, source="keras", arch=arch, mean=CAFFE_MEAN_RGB,
+    tree, report = pretrained.convert(arrays, source="keras", arch=arch, mean=CAFFE_MEAN_RGB,
                                    name=path)
     assert tree["meta"]["stride_in_1x1"] is True and not report["ignored"]
     model = resnet.resnet(arch, output_stride=32, stride_in_1x1=True)
@@ -671,11 +687,11 @@ def test_keras_dense_and_torch_linear_are_the_7x7_convs(keras):
                               keras.layers.Dense(5)])
     ref = np.asarray(dense(x))[0] - dense.layers[-1].get_weights()[1]
     conv = lambda k: np.einsum("hwc,hwco->o", x[0], k)  # noqa: E731
-    kernel = convert.fc_as_conv_from_keras(dense.layers[-1].get_weights()[0], 7)
+    kernel = pretrained.fc_as_conv_from_keras(dense.layers[-1].get_weights()[0], 7)
     assert rel_error(conv(kernel), ref) < 1e-5
     w = rng.normal(size=(5, 6 * 49)).astype(np.float32)               # torch Linear
     ref = w @ x[0].transpose(2, 0, 1).reshape(-1)
-    assert rel_error(conv(convert.fc_as_conv_from_torch(w, 7)), ref) < 1e-5
+    assert rel_error(conv(pretrained.fc_as_conv_from_torch(w, 7)), ref) < 1e-5
 
 
 # ============================================================ init_from: a run
@@ -693,30 +709,23 @@ def tiny_vgg_file(tmp_path, config):
     """A reduced VGG16 in torchvision's layout, converted for ``config``'s pipeline."""
     depth = tuple(config.model.depth)
     sd = random_state(torchvision_vgg16_shapes(config.model.width, depth))
-    tree, _ = convert.convert(sd, source="torchvision", arch="vgg16", width=config.model.width,
+    tree, _ = pretrained.convert(sd, source="torchvision", arch="vgg16", width=config.model.width,
                               depth=depth, mean=config.data.mean, std=config.data.std)
     path = str(tmp_path / "tiny_vgg16.msgpack")
-    weights.save_pretrained(path, tree)
+    pretrained.save_pretrained(path, tree)
     return path, tree
 
 
-def test_init_from_loads_backbone_and_fc6_fc7_and_keeps_the_heads(tmp_path, monkeypatch):
-    """`train.initial_state` with model.init_from: the file's arrays replace the fresh
-    backbone and fc6/fc7; fc8 and the attention head keep their initialisation."""
+def test_init_from_loads_backbone_and_fc6_fc7_and_keeps_the_heads(tmp_path):
+    """`experiment.initial_state` with model.init_from: the file's arrays replace the fresh
+    backbone and fc6/fc7; fc8 and the attention head keep their initialisation (the
+    fresh state of the same key, built without the file)."""
     config = tiny_config()
     path, tree = tiny_vgg_file(tmp_path, config)
     config.model.init_from = path
-    seen = {}
-
-    def spy(state, cfg, *args):           # remembers the fresh state initial_state built
-        seen["fresh"] = state
-        return load_pretrained(state, cfg, *args)
-
-    load_pretrained = weights.load_pretrained
-    monkeypatch.setattr(weights, "load_pretrained", spy)
-    run = train.Run(config, "jit", build_model(config.model), 1, None, None, None)
-    state = train.initial_state(run, jax.random.PRNGKey(0))
-    fresh = seen["fresh"]
+    run = experiment.setup_run(config)
+    state = experiment.initial_state(run, jax.random.PRNGKey(0))
+    fresh = experiment.initial_state(run, jax.random.PRNGKey(0), pretrained_start=False)
     flat = lambda t: dict(jax.tree_util.tree_flatten_with_path(t)[0])  # noqa: E731
     loaded = flat({"backbone": tree["params"]["backbone"],
                    "largefov": tree["params"]["largefov"]})
@@ -728,11 +737,11 @@ def test_init_from_loads_backbone_and_fc6_fc7_and_keeps_the_heads(tmp_path, monk
             np.testing.assert_array_equal(v, flat(fresh.params["net"])[p])
     jax.tree.map(np.testing.assert_array_equal, state.params["attention"],
                  fresh.params["attention"])
-    _, report = weights.merge_pretrained({"params": fresh.params}, tree, path)
+    _, report = pretrained.merge_pretrained({"params": fresh.params}, tree, path)
     assert len(report["loaded"]) == len(loaded) and not report["unused"]
-    assert weights.summarise(report["loaded"]) == (
+    assert pretrained.summarise(report["loaded"]) == (
         "net/backbone (10 arrays), net/largefov/fc6 (2 arrays), net/largefov/fc7 (2 arrays)")
-    assert sorted(weights.summarise(report["fresh"]).split(", ")) == [
+    assert sorted(pretrained.summarise(report["fresh"]).split(", ")) == [
         "attention/conv1 (2 arrays)", "attention/conv2 (2 arrays)", "net/largefov/fc8 (2 arrays)"]
 
 
@@ -742,7 +751,7 @@ def test_init_from_errors_name_the_key(tmp_path):
     model = build_model(config.model)
     variables = jax.eval_shape(lambda: model.init(
         jax.random.key(0), jnp.zeros((1, 33, 33, 3)), train=False))
-    check = lambda c: weights.check_meta(tree["meta"], c, path)  # noqa: E731
+    check = lambda c: pretrained.check_meta(tree["meta"], c, path)  # noqa: E731
     check(config)
     other = tiny_config()
     other.model.backbone = "resnet50"
@@ -755,7 +764,7 @@ def test_init_from_errors_name_the_key(tmp_path):
     keras_meta = dict(tree["meta"], arch="resnet50", source="keras", stride_in_1x1=True)
     other.model.backbone, other.data.mean = "resnet50", config.data.mean
     with pytest.raises(WeightsError, match="stride_in_1x1=True"):
-        weights.check_meta(keras_meta, other, path)
+        pretrained.check_meta(keras_meta, other, path)
 
     wide = tiny_config()
     wide.model.width = 1 / 8
@@ -763,17 +772,17 @@ def test_init_from_errors_name_the_key(tmp_path):
         jax.random.key(0), jnp.zeros((1, 33, 33, 3)), train=False))
     with pytest.raises(WeightsError, match=r"key params/backbone/conv1_1/bias has shape \(4,\)"
                                            r" but the model's params/net/backbone/conv1_1/bias"):
-        weights.merge_pretrained(wide_vars, tree, path)
+        pretrained.merge_pretrained(wide_vars, tree, path)
     partial = {"params": {"backbone": dict(tree["params"]["backbone"])}}
     del partial["params"]["backbone"]["conv3_1"]
     with pytest.raises(WeightsError, match="params/net/backbone/conv3_1/.* is missing from"):
-        weights.merge_pretrained(variables, partial, path)
-    weights.merge_pretrained(variables, tree, path)         # the intact file fits
+        pretrained.merge_pretrained(variables, partial, path)
+    pretrained.merge_pretrained(variables, tree, path)         # the intact file fits
 
     with pytest.raises(WeightsError, match="does not exist; convert ImageNet weights"):
-        weights.read_pretrained(str(tmp_path / "nope.msgpack"))
+        pretrained.read_pretrained(str(tmp_path / "nope.msgpack"))
     blob = open(path, "rb").read()
     cut = tmp_path / "cut.msgpack"
     cut.write_bytes(blob[:len(blob) // 2])
     with pytest.raises(WeightsError, match=f"{cut}: not a converted weight file or truncated"):
-        weights.read_pretrained(str(cut))
+        pretrained.read_pretrained(str(cut))
