@@ -13,3 +13,9 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # XLA's CPU compiler is slow on threefry's unrolled hash: the counter-based 'rbg'
 # generator (the default of `config.prng_impl`) compiles model inits 5x faster.
 os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: end-to-end (training runs in subprocesses, several processes, "
+        "signals); left out of the fast lane `pytest -m 'not slow'`")

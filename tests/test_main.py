@@ -13,6 +13,8 @@ from scaleattn import checkpoint, experiment, loop
 from scaleattn import config as config_lib
 from scaleattn.pretrained import WeightsError
 
+pytestmark = pytest.mark.slow  # end-to-end: see conftest.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -12,12 +12,15 @@ import socket
 import subprocess
 
 import numpy as np
+import pytest
 import flax
 
 from scaleattn import checkpoint
 from scaleattn.data import pipeline
 from scaleout_common import REPO, compiled_run, main_command, run_steps, subprocess_env
 from scaleout_common import tiny_config
+
+pytestmark = pytest.mark.slow  # end-to-end: see conftest.py
 
 
 def free_port() -> int:

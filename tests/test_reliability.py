@@ -32,6 +32,8 @@ import demo_runs
 from scaleattn import checkpoint, experiment, inference, loop, outputs, predict, preemption, report, runlock
 from scaleout_common import REPO, demo_config_flags, main_command, subprocess_env
 
+pytestmark = pytest.mark.slow  # end-to-end: see conftest.py
+
 # --------------------------------------------------------------------- helpers ---
 
 

@@ -20,6 +20,8 @@ from scaleattn import checkpoint, loop
 from scaleattn.data import pipeline
 from scaleout_common import REPO, main_command, run_main, subprocess_env, tiny_config
 
+pytestmark = pytest.mark.slow  # end-to-end: see conftest.py
+
 STEPS, EVERY = 24, 8
 
 
