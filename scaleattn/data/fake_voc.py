@@ -12,7 +12,7 @@ or to `NO_MD5_CHECK`.
 
 Two levels:
 
-* Primitives (`voc_palette`, `png_bytes`, `jpeg_bytes`, `mat_bytes`,
+* Primitives (`png_bytes`, `jpeg_bytes`, `mat_bytes`,
   `list_bytes`, the member paths `voc_jpeg` ... `sbd_list`, `archive_contents`,
   `pack`, `write_tree`): the tests' tiny hand-made trees (tests/test_voc.py)
   use these with their own ids, colours and masks, and break single members.
@@ -44,8 +44,10 @@ import PIL.Image
 import PIL.ImageDraw
 import scipy.io
 
+from scaleattn import viz
+from scaleattn.config import VOC_IGNORE_LABEL
 from scaleattn.data import voc
-from scaleattn.data.voc import (IGNORE_LABEL, NUM_CLASSES, SBD_ARCHIVE, SBD_LISTS, SBD_ROOT,
+from scaleattn.data.voc import (NUM_CLASSES, SBD_ARCHIVE, SBD_LISTS, SBD_ROOT,
                                 VOC_ARCHIVE, VOC_LISTS, VOC_ROOT)
 
 VOC_SIZE = (500, 375)  # (width, height) of most VOC 2012 images
@@ -63,25 +65,10 @@ Contents = dict[str, dict[str, Member]]
 # ---------------------------------------------------------------------------
 
 
-def voc_palette(num_colors: int = 256) -> np.ndarray:
-    """VOC colour map: the bits of the class id, interleaved into R, G, B."""
-    palette = np.zeros((num_colors, 3), np.uint8)
-    for class_id in range(num_colors):
-        value, shift = class_id, 7
-        while value:
-            for channel in range(3):
-                palette[class_id, channel] |= ((value >> channel) & 1) << shift
-            value >>= 3
-            shift -= 1
-    return palette
-
-
 def png_bytes(mask: np.ndarray) -> bytes:
     """A VOC ``SegmentationClass`` PNG: palette ("P") image whose indices are ``mask``."""
-    img = PIL.Image.fromarray(np.asarray(mask, np.uint8), mode="P")
-    img.putpalette(voc_palette().flatten().tolist())
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    viz.mask_image(mask).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -270,7 +257,7 @@ def synthetic_masks(image_id: str, height: int, width: int, *, seed: int = 0,
     """(VOC mask with 255 borders, SBD label without them) of an id, uint8 ``[H, W]``."""
     classes, edges = object_layout(_rng(seed, image_id, 0), height, width, border=border)
     voc_mask = classes.copy()
-    voc_mask[edges] = IGNORE_LABEL
+    voc_mask[edges] = VOC_IGNORE_LABEL
     return voc_mask, classes
 
 
