@@ -16,8 +16,8 @@ Kept: the last ``train.keep_checkpoints`` steps, plus (``train.keep_best``) the 
 with the best eval mIoU (saved with ``metrics={'miou': ...}``).
 
 Integrity. `save` computes a checksum of every array (`tree_checksums`: two 32-bit
-position-weighted sums of its bytes, the same value from a numpy copy, a device array
-or the shards of a global array) from the very copy handed to Orbax, and writes them,
+position-weighted sums of its bytes, `scaleattn.checksums`: the same value from a numpy
+copy, a device array or the shards of a global array) from the very copy handed to Orbax, and writes them,
 with a SHA-256 of the config, into ``meta``, which Orbax commits together with the
 arrays. `restore_latest` recomputes them from what it read: a step whose bytes changed
 after it was written (same size or not), whose files are missing or truncated, or that
@@ -44,23 +44,25 @@ import time
 
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from scaleattn import outputs
+from scaleattn.checksums import CHECKSUM_FORMAT, tree_checksums
+
 TMP_MARKER = ".orbax-checkpoint-tmp"
 UNREADABLE_DIR = "checkpoints_unreadable"
-CHECKSUM_FORMAT = "sum32x2-v1"
 
 # ``model.*`` keys that do not change the function a checkpoint computes: regularisers
 # and training-only settings, the compute dtype, exact rewrites of the same maths, and
 # where a fresh run took its first weights from. Every other ``model.*`` key defines it.
 NOT_MODEL_DEFINING = ("model.dropout", "model.attention_dropout", "model.gsag_dropout",
                       "model.bn_mode", "model.sync_bn", "model.dtype", "model.dilated_conv",
-                      "model.remat", "model.init_from", "model.pretrained_dir",
+                      "model.remat", "model.fold_frozen_bn", "model.init_from",
+                      "model.pretrained_dir",
                       # hierarchical attention runs the same parameters on any scale list
                       "model.inference_scales")
 # Outside ``model``: the input normalisation the weights were trained with.
@@ -137,109 +139,6 @@ def open_for_reading(workdir: str) -> ocp.CheckpointManager:
 
 def step_path(manager: ocp.CheckpointManager, step: int) -> str:
     return str(epath.Path(manager.directory) / str(step))
-
-
-# --------------------------------------------------------------------- checksums ---
-
-_MIX = (0x9E3779B1, 0x7F4A7C15, 0x85EBCA6B, 0xC2B2AE35)
-_CHUNK = 1 << 22  # elements per numpy pass (bounded temporary memory)
-_WORD = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}
-
-
-def _position_hash(index, xp):
-    """A mixed odd-ish 32-bit value per element position (``index`` uint32)."""
-    h = index * xp.uint32(_MIX[0]) + xp.uint32(_MIX[1])
-    h = h ^ (h >> 16)
-    h = h * xp.uint32(_MIX[2])
-    return h ^ (h >> 13)
-
-
-def _sums(words, index, xp):
-    """``(sum w*(h|1), sum (w^h)*c)`` mod 2**32 of uint32 ``words`` at positions ``index``.
-
-    Any change of one word changes the first sum (an odd factor); the second, with
-    other factors, makes a coincidence of several changes a 2**-64 event.
-    """
-    h = _position_hash(index, xp)
-    return (xp.sum(words * (h | xp.uint32(1)), dtype=xp.uint64 if xp is np else xp.uint32),
-            xp.sum((words ^ h) * xp.uint32(_MIX[3]),
-                   dtype=xp.uint64 if xp is np else xp.uint32))
-
-
-def _numpy_checksum(array: np.ndarray) -> tuple[int, int]:
-    """`_sums` of an array's bytes read as words of its item size (8 bytes: 2 words)."""
-    flat = np.ascontiguousarray(array).reshape(-1)
-    words = flat.view(_WORD[flat.dtype.itemsize])
-    first = second = 0
-    for start in range(0, words.size, _CHUNK):
-        chunk = words[start:start + _CHUNK].astype(np.uint32)
-        a, b = _sums(chunk, np.arange(start, start + chunk.size, dtype=np.uint32), np)
-        first, second = first + int(a), second + int(b)
-    return first & 0xFFFFFFFF, second & 0xFFFFFFFF
-
-
-def _device_words(x: jax.Array) -> jax.Array:
-    if x.dtype == jnp.bool_:
-        x = x.astype(jnp.uint8)
-    word = _WORD[jnp.dtype(x.dtype).itemsize]
-    if x.dtype != word:
-        x = jax.lax.bitcast_convert_type(x, word)
-    return x.reshape(-1).astype(jnp.uint32)
-
-
-@jax.jit
-def _device_checksums(arrays: list) -> list:
-    """`_numpy_checksum` of global arrays, on their devices (``[2] uint32`` each)."""
-    out = []
-    for x in arrays:
-        words = _device_words(x)
-        out.append(jnp.stack(_sums(words, jnp.arange(words.size, dtype=jnp.uint32), jnp)))
-    return out
-
-
-def _key_name(key) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def flat_leaves(tree) -> dict[str, object]:
-    """``{'state/params/...': leaf}`` of a pytree (empty nodes and ``None`` skipped)."""
-    return {"/".join(_key_name(k) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def tree_checksums(tree, dtypes: dict[str, str] | None = None) -> dict[str, str]:
-    """``{'state/params/net/...': 'float32[3, 3, 8, 4]:<16 hex digits>'}`` of every array.
-
-    The digits depend only on the array's values (its bytes in C order): a numpy
-    array, a device array and a global array sharded over the devices of several
-    processes give the same string. The last case is computed on the devices (every
-    process must call this with the same tree), all others on the host. ``dtypes``
-    (``{name: 'int64'}``) are the types the values are checked in: Orbax casts a value
-    to the restore template's type (a step saved from a Python int comes back as int32
-    or a Python int), and the cast back is exact.
-    """
-    leaves = flat_leaves(tree)
-    sums, distributed = {}, []
-    for name, leaf in leaves.items():
-        dtype = (dtypes or {}).get(name)
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            leaves[name] = leaf.astype(dtype) if dtype and leaf.dtype != dtype else leaf
-            distributed.append(name)
-        else:
-            leaves[name] = leaf = np.asarray(leaf)
-            if dtype and leaf.dtype != dtype:
-                leaves[name] = leaf = leaf.astype(dtype)
-            sums[name] = _numpy_checksum(leaf)
-    if distributed:
-        results = _device_checksums([leaves[n] for n in distributed])
-        for name, value in zip(distributed, results):
-            a, b = np.asarray(value)
-            sums[name] = (int(a), int(b))
-    return {name: f"{np.dtype(leaves[name].dtype).name}{list(leaves[name].shape)}:"
-                  f"{sums[name][0]:08x}{sums[name][1]:08x}" for name in leaves}
 
 
 def config_digest(config_json: str) -> str:
@@ -388,14 +287,10 @@ def quiet_failed_reads() -> None:
 
 
 def first_line(error: BaseException) -> str:
-    """One line about a read error: its message up to where libraries dump internals."""
-    text = str(error).split("See full TensorStore details")[0].strip()
-    text = " ".join(text.split())
-    if not text:
-        text = type(error).__name__
-    elif not isinstance(error, CheckpointError):
-        text = f"{type(error).__name__}: {text}"
-    return text[:300]
+    """One line about a read error: its message up to where TensorStore dumps internals
+    (with the error's type unless it is one of ours)."""
+    return outputs.error_line(error, with_type=not isinstance(error, CheckpointError),
+                              cut_at="See full TensorStore details")
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:

@@ -29,7 +29,8 @@ import pytest
 from PIL import Image
 
 import demo_runs
-from scaleattn import checkpoint, experiment, inference, loop, outputs, predict, preemption, report, runlock
+from scaleattn import (checkpoint, checksums, experiment, inference, loop, outputs, predict,
+                       preemption, report, runlock)
 from scaleout_common import REPO, demo_config_flags, main_command, subprocess_env
 
 pytestmark = pytest.mark.slow  # end-to-end: see conftest.py
@@ -146,7 +147,7 @@ def read_only_dir(tmp_path) -> str:
 
 
 def reference_checksum(array: np.ndarray) -> str:
-    """`checkpoint._sums` written out with Python integers, element by element."""
+    """`checksums._sums` written out with Python integers, element by element."""
     flat = np.ascontiguousarray(array).reshape(-1)
     word = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[flat.dtype.itemsize]
     mask = 0xFFFFFFFF
@@ -168,14 +169,14 @@ def test_checksum_matches_a_python_reference_and_sees_every_change():
             "b": rng.standard_normal(7).astype(ml_dtypes.bfloat16),
             "i": np.arange(-3, 4, dtype=np.int64), "t": np.array([True, False, True]),
             "s": np.array(7, np.int32)}
-    sums = checkpoint.tree_checksums(tree)
+    sums = checksums.tree_checksums(tree)
     assert sums == {k: reference_checksum(v) for k, v in tree.items()}
     flipped = tree["f"].copy()
     flipped.view(np.uint32)[1, 2] ^= 1 << 7  # one bit
     swapped = tree["f"].copy()
     swapped[0, [0, 1]] = swapped[0, [1, 0]]  # two values trade places
     for changed in (flipped, swapped):
-        assert checkpoint.tree_checksums({"f": changed})["f"] != sums["f"]
+        assert checksums.tree_checksums({"f": changed})["f"] != sums["f"]
 
 
 def test_checksum_of_sharded_device_arrays_equals_the_host_one():
@@ -183,10 +184,10 @@ def test_checksum_of_sharded_device_arrays_equals_the_host_one():
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a", "b"))
     host = np.random.default_rng(1).standard_normal((8, 6)).astype(np.float32)
     device = jax.device_put(host, sharding)
-    (on_device,) = checkpoint._device_checksums([device])  # pylint: disable=protected-access
+    (on_device,) = checksums._device_checksums([device])  # pylint: disable=protected-access
     expected = reference_checksum(host).split(":")[1]
     assert f"{int(on_device[0]):08x}{int(on_device[1]):08x}" == expected
-    assert checkpoint.tree_checksums({"x": device})["x"] == reference_checksum(host)
+    assert checksums.tree_checksums({"x": device})["x"] == reference_checksum(host)
 
 
 # ---------------------------------------------------------- damaged checkpoints ---
