@@ -16,7 +16,7 @@ and query have ``dk = C / 8`` channels, values ``dv = C / 2``.
 |     |                                |                            |                              |
 | 0.2 | GSAG captures global features  | the whole model trains end | 'Different layers' is read   |
 |     | of different layers and can be | to end                     | as the group's own three     |
-|     | fine-tuned end to end,         | (`train.train_step`);      | layers; the head reads one   |
+|     | fine-tuned end to end,         | (`steps.train_step`);      | layers; the head reads one   |
 |     | extracting both global and     | backbone from ImageNet     | backbone stage, not several. |
 |     | local information.             | (`model.init_from`)        |                              |
 |     |                                |                            |                              |
@@ -369,15 +369,16 @@ class VectorMapping(nn.Module):
     bn_mode: str = "frozen"
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
+    fold_bn: bool = True
 
     @nn.compact
     def __call__(self, key_query: jnp.ndarray, context: jnp.ndarray, *,
                  train: bool) -> jnp.ndarray:
         x = jnp.concatenate([key_query, context.astype(key_query.dtype)], axis=-1)
         x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="dense")(x))
-        x = layers.conv(self.features, 1, dtype=self.dtype, name="conv")(x)
-        x = layers.batch_norm(train=train, bn_mode=self.bn_mode, axis_name=self.bn_axis_name,
-                              dtype=self.dtype, name="bn")(x)
+        x = layers.conv_bn(x, self.features, 1, train=train, bn_mode=self.bn_mode,
+                           axis_name=self.bn_axis_name, fold=self.fold_bn, conv_name="conv",
+                           bn_name="bn", dtype=self.dtype)
         return nn.relu(x)
 
 
@@ -416,6 +417,8 @@ class GSAGHead(nn.Module):
       dropout: rate of the dropout before the classifier (0 = none; needs a 'dropout'
         rng when training).
       bn_mode, bn_axis_name: see `layers.batch_norm`.
+      fold_bn: fold the batch norms into their convolutions where exact
+        (`layers.conv_bn`).
     """
     num_classes: int
     variant: str = "hybrid"
@@ -427,6 +430,7 @@ class GSAGHead(nn.Module):
     bn_mode: str = "frozen"
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
+    fold_bn: bool = True
 
     @nn.compact
     def __call__(self, features: jnp.ndarray, *, train: bool) -> dict:
@@ -441,9 +445,9 @@ class GSAGHead(nn.Module):
 
         # Key layer: conv3x3-BN-ReLU, then (when a query layer reads them) key, query
         # and value from its key-query and value linear layers.
-        x = layers.conv(c, 3, dtype=self.dtype, name="key_conv")(features)
-        x = layers.batch_norm(train=train, bn_mode=self.bn_mode, axis_name=self.bn_axis_name,
-                              dtype=self.dtype, name="bn_key")(x)
+        x = layers.conv_bn(features, c, 3, train=train, bn_mode=self.bn_mode,
+                           axis_name=self.bn_axis_name, fold=self.fold_bn,
+                           conv_name="key_conv", bn_name="bn_key", dtype=self.dtype)
         x = nn.relu(x)
 
         # Query layer: pointwise (windowed) self-attention, added back to the map; the
@@ -463,8 +467,8 @@ class GSAGHead(nn.Module):
                                              name="global_qkv")(x)
             context = attention_context(key_query, value, self.global_attention)
             x = x + VectorMapping(c, c, bn_mode=self.bn_mode, bn_axis_name=self.bn_axis_name,
-                                  dtype=self.dtype, name="vector_mapping")(key_query, context,
-                                                                           train=train)
+                                  dtype=self.dtype, fold_bn=self.fold_bn,
+                                  name="vector_mapping")(key_query, context, train=train)
             x = GatedPooling(self.window, dtype=self.dtype, name="gated_pooling")(x)
 
         penultimate = x
