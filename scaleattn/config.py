@@ -80,8 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
     m.inference_scales = ()      # hierarchical: the scales chained at inference (eval,
                                  # ms+flip, predict, analyze); () = model.scales
     m.dtype = "float32"          # compute dtype: 'float32' | 'bfloat16'
-    m.dilated_conv = "native"    # how dilated convs run: 'native' | 'space_to_batch' |
+    m.dilated_conv = "auto"      # how dilated convs run: 'native' | 'space_to_batch' |
                                  # 'taps' (exact rewrites, same params; `layers.DilatedConv`)
+                                 # | 'auto' (per platform, `layers.DILATED_CONV_AUTO`)
+    m.fold_frozen_bn = True      # fold batch norm into the conv before it where its
+                                 # statistics are constants (`layers.conv_bn`); same params
     m.remat = False              # recompute backbone blocks in the backward pass (less memory)
     m.init_from = "imagenet"     # the start of a fresh run: 'imagenet' (the converted file
                                  # for the backbone in `pretrained_dir`, see `pretrained_file`),
@@ -257,7 +260,7 @@ CHOICES = {
     "model.merge": ("attention", "avg", "max", "hierarchical"),
     "model.bn_mode": ("frozen", "train"),
     "model.dtype": ("float32", "bfloat16"),
-    "model.dilated_conv": ("native", "space_to_batch", "taps"),
+    "model.dilated_conv": ("auto", "native", "space_to_batch", "taps"),
     "model.gsag_variant": ("basic", "incremental", "hybrid"),
     "model.gsag_global_attention": ("pooled", "non_local"),
     "loss.label_resize": ("nearest", "upsample_logits"),

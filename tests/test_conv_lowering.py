@@ -197,3 +197,167 @@ def test_remat_puts_the_blocks_behind_optimization_barriers():
 
     assert "optimization_barrier" not in lowered_gradient(False)
     assert lowered_gradient(True).count("optimization_barrier") >= 5
+
+
+# ------------------------------------------------------- 'auto' and folded batch norm ---
+
+
+def test_auto_resolves_per_platform_from_the_table():
+    assert config_lib.base_config().model.dilated_conv == "auto"
+    assert config_lib.recipe("voc_r101_s3").model.dilated_conv == "auto"
+    assert layers.resolve_dilated_conv("auto", "cpu") == "native"
+    assert jax.default_backend() == "cpu"
+    assert layers.resolve_dilated_conv("auto") == "native"
+    for platform, (impl, source) in layers.DILATED_CONV_AUTO.items():
+        assert impl in layers.DILATED_CONV_IMPLS and source, platform
+        assert layers.resolve_dilated_conv("auto", platform) == impl
+    assert layers.resolve_dilated_conv("auto", "some_new_chip") == "native"
+    assert layers.resolve_dilated_conv("taps", "cpu") == "taps"
+    with pytest.raises(ValueError, match="dilated_conv"):
+        layers.resolve_dilated_conv("im2col")
+
+
+def test_auto_builds_the_native_model_on_cpu():
+    """The model built from 'auto' is the native one: same lowered computation (a
+    ResNet-ASPP with dilated convs in the backbone and the head)."""
+    x = jax.ShapeDtypeStruct((1, 33, 33, 3), jnp.float32)
+
+    def lowered(impl):
+        model = models.build_model(tiny_model_config("resnet50", "aspp_v2", dilated_conv=impl))
+        variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
+        return str(jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x))
+
+    assert lowered("auto") == lowered("native") != lowered("space_to_batch")
+
+
+@pytest.mark.parametrize("impl, k, stride, rate, groups", [
+    ("native", 3, 1, 1, 1), ("native", 3, 2, 1, 2), ("native", 3, 1, 3, 1),
+    ("native", 1, 2, 1, 1), ("space_to_batch", 3, 1, 3, 2), ("taps", 3, 1, 4, 1)])
+def test_a_scale_multiplies_the_kernel(impl, k, stride, rate, groups):
+    """``scale`` given to a conv's call: ``(conv(x) + bias) * scale`` (numpy), the
+    parameters those of `nn.Conv`."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 9, 7, 4)).astype(np.float32)
+    scale = rng.normal(size=(6,)).astype(np.float32)
+    module = layers.conv(6, k, stride=stride, dilation=rate, groups=groups, use_bias=True,
+                         dilated_conv=impl, scalable=True)
+    reference = layers.conv(6, k, stride=stride, dilation=rate, groups=groups, use_bias=True)
+    variables = init(module, x)
+    for a, b in zip(jax.tree.leaves(init(reference, x)), jax.tree.leaves(variables)):
+        np.testing.assert_array_equal(a, b)
+    variables = jax.tree.map(lambda v: v + 0.1 if v.ndim == 1 else v, variables)
+    p = jax.tree.map(np.asarray, variables["params"])
+    expected = (np_conv(x.astype(np.float64), p["kernel"].astype(np.float64), stride, rate,
+                        groups) + p["bias"]) * scale
+    got = jax.jit(module.apply)(variables, x, scale)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(module.apply)(variables, x),
+                               jax.jit(reference.apply)(variables, x), rtol=1e-6, atol=1e-6)
+
+
+def random_batch_norm_statistics(variables, seed=5):
+    """Non-trivial batch-norm variables: scale, bias, mean ~ N, var ~ U(0.5, 2)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        name = jax.tree_util.keystr(path)
+        if "'bn" not in name:
+            return x
+        if name.endswith("['var']"):
+            return jnp.asarray(rng.uniform(0.5, 2.0, x.shape), x.dtype)
+        return jnp.asarray(rng.normal(0.0, 0.5, x.shape) + (name.endswith("['scale']")),
+                           x.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, variables)
+
+
+def folded_and_unfolded(bn_mode, train, with_grads):
+    """(unfolded, folded) ``(variables, outputs, gradients)`` of a tiny ResNet-50 +
+    GSAG hybrid head + hierarchical merge (every kind of conv + BN pair) with random
+    batch-norm variables; ``gradients`` of a loss on the logits (None without)."""
+    rng = np.random.default_rng(6)
+    images = jnp.asarray(rng.normal(size=(2, 33, 33, 3)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(2, 5, 5, 5)), jnp.float32)  # the logits' shape
+
+    def run(fold):
+        config = tiny_model_config("resnet50", "gsag", fold_frozen_bn=fold, bn_mode=bn_mode,
+                                   merge="hierarchical", gsag_window=3, gsag_dropout=0.0)
+        model = models.build_model(config)
+        variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(images)
+        variables = random_batch_norm_statistics(variables)
+
+        def loss(params):
+            out = model.apply({**variables, "params": params}, images, train=train)
+            return jnp.sum(out["logits"] * weights), out
+
+        if not with_grads:
+            return variables, jax.jit(loss)(variables["params"])[1], None
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+        return variables, out, grads
+
+    return run(False), run(True)
+
+
+def assert_same_model(unfolded, folded):
+    (variables, out, _), (folded_variables, folded_out, _) = unfolded, folded
+    assert jax.tree.structure(folded_variables) == jax.tree.structure(variables)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(folded_variables)):
+        np.testing.assert_array_equal(a, b)
+    for key in ("logits", "attention"):
+        np.testing.assert_allclose(folded_out[key], out[key], rtol=1e-4, atol=1e-5)
+
+
+def test_folded_frozen_batch_norm_is_the_batch_norm():
+    """Frozen batch norm folded into the conv before it (ResNet backbone, GSAG head,
+    hierarchical alpha head) gives the model of separate `nn.BatchNorm` layers: the
+    same parameter tree, train-mode outputs and gradients of a loss with respect to
+    every parameter, the batch-norm ones included."""
+    unfolded, folded = folded_and_unfolded("frozen", train=True, with_grads=True)
+    assert_same_model(unfolded, folded)
+    grads, folded_grads = unfolded[2], folded[2]
+    assert np.abs(np.asarray(grads["net"]["backbone"]["bn1"]["scale"])).max() > 0
+    assert jax.tree.structure(folded_grads) == jax.tree.structure(grads)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads),
+                            jax.tree.leaves(folded_grads)):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_trained_batch_norm_is_folded_at_inference():
+    assert_same_model(*folded_and_unfolded("train", train=False, with_grads=False))
+
+
+def activation_ops(jaxpr, batch):
+    """Names of the equations (nested ones included) whose output is a 4-D array with
+    ``batch`` rows: the passes over activations (kernels have 1, 3 or 7 rows)."""
+    names = []
+    for eqn in jaxpr.eqns:
+        for out in eqn.outvars:
+            shape = getattr(out.aval, "shape", ())
+            if len(shape) == 4 and shape[0] == batch:
+                names.append(eqn.primitive.name)
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                names += activation_ops(inner, batch)
+    return names
+
+
+def test_folded_model_has_no_normalisation_pass():
+    """Folded, a frozen ResNet's forward has no subtract or multiply over activations:
+    each batch norm became a rescaled kernel and one add (unfolded: x - mean, times
+    the scale, plus the offset, for each of its 13 batch norms)."""
+    from scaleattn.models import resnet  # pylint: disable=import-outside-toplevel
+    x = jax.ShapeDtypeStruct((2, 17, 17, 3), jnp.float32)
+
+    def ops(fold):
+        model = resnet.resnet("resnet50", depth=(1, 1, 1, 1), width=1 / 16, fold_bn=fold)
+        variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
+        jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=True))(variables, x)
+        names = activation_ops(jaxpr.jaxpr, 2)
+        return {op: names.count(op) for op in ("sub", "mul", "add")}
+
+    unfolded, folded = ops(False), ops(True)
+    assert unfolded["sub"] >= 13 and unfolded["mul"] >= 13
+    assert folded["sub"] == folded["mul"] == 0
+    assert folded["add"] == unfolded["add"]

@@ -10,7 +10,7 @@ import functools
 import jax.numpy as jnp
 import ml_collections
 
-from scaleattn.models import heads, scale_attention, vgg
+from scaleattn.models import heads, layers, scale_attention, vgg
 
 BACKBONES = ("vgg16", "resnet50", "resnet101", "resnext101_32x4d", "resnext101_32x8d")
 HEADS = ("largefov", "aspp_v2", "gsag")
@@ -24,20 +24,31 @@ def compute_dtype(name: str):
     return dtypes[name]
 
 
+def dilated_conv_impl(cfg: ml_collections.ConfigDict) -> str:
+    """The concrete lowering of ``cfg.dilated_conv`` on this platform ('auto' resolved
+    by `layers.resolve_dilated_conv`)."""
+    return layers.resolve_dilated_conv(cfg.dilated_conv)
+
+
+def fold_bn(cfg: ml_collections.ConfigDict) -> bool:
+    """``cfg.fold_frozen_bn`` (True where a config predates the key)."""
+    return bool(cfg.get("fold_frozen_bn", True))
+
+
 def backbone_factory(cfg: ml_collections.ConfigDict, bn_axis_name: str | None, dtype):
     """A factory ``(name=...) -> backbone module`` for ``cfg.backbone``."""
     if cfg.backbone == "vgg16":
         return functools.partial(vgg.VGG16, width=cfg.width, depth=tuple(cfg.depth),
                                  output_stride=cfg.output_stride, dtype=dtype,
-                                 dilated_conv=cfg.dilated_conv)
+                                 dilated_conv=dilated_conv_impl(cfg))
     if cfg.backbone in BACKBONES:
         from scaleattn.models import resnet  # pylint: disable=import-outside-toplevel
         return functools.partial(
             resnet.resnet, cfg.backbone, width=cfg.width, depth=tuple(cfg.depth),
             output_stride=cfg.output_stride, multi_grid=tuple(cfg.multi_grid),
             stride_in_1x1=cfg.stride_in_1x1, bn_mode=cfg.bn_mode,
-            bn_axis_name=bn_axis_name, dtype=dtype, dilated_conv=cfg.dilated_conv,
-            remat=cfg.remat)
+            bn_axis_name=bn_axis_name, dtype=dtype, dilated_conv=dilated_conv_impl(cfg),
+            fold_bn=fold_bn(cfg), remat=cfg.remat)
     raise ValueError(f"model.backbone must be one of {BACKBONES}, got {cfg.backbone!r}")
 
 
@@ -47,11 +58,11 @@ def head_factory(cfg: ml_collections.ConfigDict, bn_axis_name: str | None, dtype
         return functools.partial(heads.LargeFOVHead, cfg.num_classes, fc_width=cfg.fc_width,
                                  fc6_dilation=cfg.fc6_dilation, dropout=cfg.dropout,
                                  width=cfg.width, dtype=dtype,
-                                 dilated_conv=cfg.dilated_conv)
+                                 dilated_conv=dilated_conv_impl(cfg))
     if cfg.head == "aspp_v2":
         return functools.partial(heads.ASPPv2Head, cfg.num_classes,
                                  rates=tuple(cfg.aspp_rates), dtype=dtype,
-                                 dilated_conv=cfg.dilated_conv)
+                                 dilated_conv=dilated_conv_impl(cfg))
     if cfg.head == "gsag":
         from scaleattn.models import self_attention  # pylint: disable=import-outside-toplevel
         return functools.partial(self_attention.GSAGHead, num_classes=cfg.num_classes,
@@ -59,7 +70,8 @@ def head_factory(cfg: ml_collections.ConfigDict, bn_axis_name: str | None, dtype
                                  width=cfg.width, window=cfg.gsag_window,
                                  global_attention=cfg.gsag_global_attention,
                                  dropout=cfg.gsag_dropout, bn_mode=cfg.bn_mode,
-                                 bn_axis_name=bn_axis_name, dtype=dtype)
+                                 bn_axis_name=bn_axis_name, dtype=dtype,
+                                 fold_bn=fold_bn(cfg))
     raise ValueError(f"model.head must be one of {HEADS}, got {cfg.head!r}")
 
 
@@ -70,6 +82,9 @@ def build_model(cfg: ml_collections.ConfigDict, *, bn_axis_name: str | None = No
       cfg: the ``model`` section of a config (see `scaleattn.config`).
       bn_axis_name: the pmap axis over which trained batch norm synchronises its
         statistics (``None`` under plain/sharded `jit`, where batches are global).
+
+    ``cfg.dilated_conv='auto'`` is resolved here, for the platform this process runs
+    on (`layers.resolve_dilated_conv`): the modules hold a concrete lowering.
 
     Returns:
       A `MultiScaleSegmenter`; ``model.apply(variables, images, train=...)`` gives
@@ -86,4 +101,4 @@ def build_model(cfg: ml_collections.ConfigDict, *, bn_axis_name: str | None = No
         attention_dropout=cfg.attention_dropout,
         alpha_hidden=max(1, int(cfg.alpha_width * cfg.width)),
         inference_scales=tuple(cfg.inference_scales), bn_mode=cfg.bn_mode,
-        bn_axis_name=axis, dtype=dtype)
+        bn_axis_name=axis, dtype=dtype, fold_bn=fold_bn(cfg))

@@ -13,6 +13,12 @@ Conventions every model in `scaleattn.models` follows (other modules rely on the
   `DilatedConv`): XLA's native dilated convolution, space-to-batch, or one 1x1
   convolution over all taps followed by shifted adds. All give the same parameters
   (``kernel`` ``[k, k, Cin / groups, Cout]``, ``bias``) under the same names.
+  ``'auto'`` picks one per platform (`resolve_dilated_conv`, `DILATED_CONV_AUTO`).
+* A convolution followed by batch norm goes through `conv_bn`. Where the statistics
+  are constants in the call (frozen batch norm, or any batch norm at inference) and
+  ``fold`` is set, the normalisation is folded into the convolution: ``conv(x, kernel
+  * s) + t`` with ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``, the
+  parameters unchanged (`BatchNormConstants`).
 * Resizing is done with interpolation matrices (`resize_bilinear`): two einsums
   that run on the MXU / tensor cores, with DeepLab's ``align_corners=True``
   geometry (corner pixels map onto corner pixels).
@@ -26,11 +32,38 @@ import jax.numpy as jnp
 import numpy as np
 
 BN_MODES = ("frozen", "train")
+BN_EPSILON = 1e-5
 DILATED_CONV_IMPLS = ("native", "space_to_batch", "taps")
+
+# model.dilated_conv='auto': per platform (`jax.default_backend()`), the lowering that
+# measured fastest, with the measurement that decided it. A platform that is not here
+# gets 'native'.
+DILATED_CONV_AUTO = {
+    "cpu": ("native", "README, 'Where the time goes': fp32 train and eval img/s of "
+                      "VGG16-LargeFOV and ResNet-101-ASPP, native / space_to_batch / taps, "
+                      "2-core CPU, commit 9129f0c; native fastest except ResNet eval (taps)"),
+    "gpu": ("native", "not measured yet: XLA's own lowering until benchmarks/gpu_bench.sh "
+                      "has timed the three on a GPU"),
+    "tpu": ("native", "not measured yet: XLA's own lowering until the three are timed "
+                      "(--config.bench.dilated_convs) on a TPU"),
+}
 POINTWISE_CONV_IMPLS = ("matmul", "conv")
 
 # He-normal on fan_out, as torchvision initialises ResNet/VGG convolutions.
 he_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def resolve_dilated_conv(name: str, platform: str | None = None) -> str:
+    """A concrete lowering for ``model.dilated_conv``: ``'auto'`` becomes the entry of
+    `DILATED_CONV_AUTO` for ``platform`` (default ``jax.default_backend()``), any
+    other value is returned as it is (after a check)."""
+    if name == "auto":
+        platform = platform or jax.default_backend()
+        return DILATED_CONV_AUTO.get(platform, ("native", ""))[0]
+    if name not in DILATED_CONV_IMPLS:
+        raise ValueError(f"dilated_conv must be one of {DILATED_CONV_IMPLS + ('auto',)}, "
+                         f"got {name!r}")
+    return name
 
 
 def same_padding(kernel_size: int, dilation: int = 1):
@@ -42,18 +75,23 @@ def same_padding(kernel_size: int, dilation: int = 1):
 def conv(features: int, kernel_size: int = 3, *, stride: int = 1, dilation: int = 1,
          groups: int = 1, use_bias: bool = False, dtype: Any = jnp.float32,
          kernel_init=he_normal, dilated_conv: str = "native",
-         pointwise_conv: str = "matmul", name: str | None = None) -> nn.Module:
+         pointwise_conv: str = "matmul", scalable: bool = False,
+         name: str | None = None) -> nn.Module:
     """A 2-D convolution with symmetric ('Caffe/PyTorch') padding.
 
     Input ``[B, H, W, Cin]`` -> output ``[B, ceil(H / stride), ceil(W / stride), features]``
     for odd kernel sizes. A dilated one (``dilation > 1``) is lowered as
-    ``dilated_conv`` says (`DilatedConv`); an ungrouped 1x1 one as a matrix product
-    (`PointwiseConv`) with ``pointwise_conv='matmul'``, else as a convolution. The
-    parameters are the same either way.
+    ``dilated_conv`` says (`DilatedConv`; ``'auto'``: `resolve_dilated_conv`); an
+    ungrouped 1x1 one as a matrix product (`PointwiseConv`) with
+    ``pointwise_conv='matmul'``, else as a convolution. The parameters are the same
+    either way. With ``scalable`` the module's call takes an optional per-channel
+    ``scale [features]`` that multiplies its kernel and bias (`conv_bn`); the
+    lowerings other than XLA's native one always take it.
     """
     if pointwise_conv not in POINTWISE_CONV_IMPLS:
         raise ValueError(f"pointwise_conv must be one of {POINTWISE_CONV_IMPLS}, "
                          f"got {pointwise_conv!r}")
+    dilated_conv = resolve_dilated_conv(dilated_conv)
     if kernel_size == 1 and groups == 1 and pointwise_conv == "matmul":
         return PointwiseConv(features, stride=stride, use_bias=use_bias, dtype=dtype,
                              kernel_init=kernel_init, name=name)
@@ -63,19 +101,26 @@ def conv(features: int, kernel_size: int = 3, *, stride: int = 1, dilation: int 
         return DilatedConv(features, kernel_size, dilation=dilation, groups=groups,
                            use_bias=use_bias, dtype=dtype, kernel_init=kernel_init,
                            impl=dilated_conv, name=name)
-    return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
-                   padding=same_padding(kernel_size, dilation),
-                   kernel_dilation=(dilation, dilation), feature_group_count=groups,
-                   use_bias=use_bias, dtype=dtype, kernel_init=kernel_init, name=name)
+    return (Conv if scalable else nn.Conv)(
+        features, (kernel_size, kernel_size), strides=(stride, stride),
+        padding=same_padding(kernel_size, dilation), kernel_dilation=(dilation, dilation),
+        feature_group_count=groups, use_bias=use_bias, dtype=dtype, kernel_init=kernel_init,
+        name=name)
 
 
-def conv_parameters(module: nn.Module, x: jnp.ndarray, kernel_shape: Sequence[int]):
+def conv_parameters(module: nn.Module, x: jnp.ndarray, kernel_shape: Sequence[int],
+                    scale: jnp.ndarray | None = None):
     """Declares ``kernel`` (``module.kernel_init``) and, with ``module.use_bias``, a zero
     ``bias`` as `nn.Conv` does (same names, order, float32), and returns ``(x, kernel,
-    bias)`` promoted to ``module.dtype`` (``bias`` None without one)."""
+    bias)`` promoted to ``module.dtype`` (``bias`` None without one). A ``scale
+    [Cout]`` multiplies kernel and bias per output channel first (in float32), so that
+    the convolution computes ``conv(x) * scale``."""
     kernel = module.param("kernel", module.kernel_init, tuple(kernel_shape), jnp.float32)
     bias = (module.param("bias", nn.initializers.zeros_init(), (kernel_shape[-1],),
                          jnp.float32) if module.use_bias else None)
+    if scale is not None:
+        kernel = kernel * scale
+        bias = None if bias is None else bias * scale
     return nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
 
 
@@ -100,11 +145,42 @@ class PointwiseConv(nn.Module):
     kernel_init: Callable = he_normal
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        x, kernel, bias = conv_parameters(self, x, (1, 1, x.shape[-1], self.features))
+    def __call__(self, x: jnp.ndarray, scale: jnp.ndarray | None = None) -> jnp.ndarray:
+        x, kernel, bias = conv_parameters(self, x, (1, 1, x.shape[-1], self.features), scale)
         if self.stride > 1:
             x = x[:, ::self.stride, ::self.stride]
         return add_bias(jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0]), bias)
+
+
+class Conv(nn.Conv):
+    """`nn.Conv` (its attributes, parameters and initial values) whose call also takes
+    an optional per-channel ``scale [features]`` that multiplies the kernel and bias
+    before the convolution (`conv_bn` folds a batch norm with it): ``[B, H, W, Cin] ->
+    [B, H', W', features]``. Without ``scale`` it computes what `nn.Conv` does. For the
+    convolutions `conv` builds: a 2-D kernel, explicit padding pairs, strides, kernel
+    dilation, groups, optional bias.
+    """
+
+    @nn.compact
+    def __call__(self, inputs: jnp.ndarray, scale: jnp.ndarray | None = None) -> jnp.ndarray:
+        if (isinstance(self.padding, str) or np.any(np.asarray(self.input_dilation or 1) != 1)
+                or self.mask is not None):
+            raise ValueError("layers.Conv takes explicit padding pairs, no input dilation "
+                             "and no mask")
+        kernel_shape = (*self.kernel_size, inputs.shape[-1] // self.feature_group_count,
+                        self.features)
+        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+        bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
+        if scale is not None:
+            kernel = kernel * scale
+            bias = None if bias is None else bias * scale
+        inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = jax.lax.conv_general_dilated(
+            inputs, kernel, self.strides, self.padding, rhs_dilation=self.kernel_dilation,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.feature_group_count, precision=self.precision)
+        return add_bias(y, bias)
 
 
 def space_to_batch(x: jnp.ndarray, rate: int) -> jnp.ndarray:
@@ -167,15 +243,15 @@ class DilatedConv(nn.Module):
     impl: str = "space_to_batch"
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, scale: jnp.ndarray | None = None) -> jnp.ndarray:
         k, d = self.kernel_size, self.dilation
         if self.impl not in DILATED_CONV_IMPLS[1:]:
             raise ValueError(f"dilated_conv must be one of {DILATED_CONV_IMPLS}, "
                              f"got {self.impl!r}")
         if k % 2 != 1:
             raise ValueError(f"DilatedConv needs an odd kernel size, got {k}")
-        x, kernel, bias = conv_parameters(self, x,
-                                          (k, k, x.shape[-1] // self.groups, self.features))
+        x, kernel, bias = conv_parameters(
+            self, x, (k, k, x.shape[-1] // self.groups, self.features), scale)
         if self.impl == "space_to_batch":
             y = jax.lax.conv_general_dilated(
                 space_to_batch(x, d), kernel, (1, 1), same_padding(k),
@@ -223,9 +299,61 @@ def batch_norm(*, train: bool, bn_mode: str, axis_name: str | None = None,
     if not name.startswith("bn"):
         raise ValueError(f"batch-norm module names must start with 'bn', got {name!r}")
     use_batch_stats = train and bn_mode == "train"
-    return nn.BatchNorm(use_running_average=not use_batch_stats, momentum=0.9, epsilon=1e-5,
-                        axis_name=axis_name if use_batch_stats else None, dtype=dtype,
-                        name=name)
+    return nn.BatchNorm(use_running_average=not use_batch_stats, momentum=0.9,
+                        epsilon=BN_EPSILON, axis_name=axis_name if use_batch_stats else None,
+                        dtype=dtype, name=name)
+
+
+class BatchNormConstants(nn.Module):
+    """The variables of a `batch_norm` layer (`nn.BatchNorm`'s names, shapes, float32
+    and initial values: ``scale`` ones and ``bias`` zeros in ``params``, ``mean`` zeros
+    and ``var`` ones in ``batch_stats``) as the affine map it applies with its running
+    statistics: ``features -> (s, t)``, both ``[features]`` float32, with ``s = scale /
+    sqrt(var + eps)`` and ``t = bias - mean * s``, so that ``BN(y) = y * s + t``.
+    Gradients reach ``scale`` and ``bias`` through ``s`` and ``t``.
+    """
+    epsilon: float = BN_EPSILON
+
+    @nn.compact
+    def __call__(self, features: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+        shape = (features,)
+        mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(shape, jnp.float32))
+        var = self.variable("batch_stats", "var", lambda: jnp.ones(shape, jnp.float32))
+        scale = self.param("scale", nn.initializers.ones_init(), shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), shape, jnp.float32)
+        s = scale * jax.lax.rsqrt(var.value + self.epsilon)
+        return s, bias - mean.value * s
+
+
+def conv_bn(x: jnp.ndarray, features: int, kernel_size: int = 3, *, train: bool,
+            bn_mode: str, axis_name: str | None = None, fold: bool = True,
+            conv_name: str, bn_name: str, stride: int = 1, dilation: int = 1,
+            groups: int = 1, use_bias: bool = False, dtype: Any = jnp.float32,
+            kernel_init=he_normal, dilated_conv: str = "native") -> jnp.ndarray:
+    """``[B, H, W, Cin] -> [B, ceil(H / stride), ceil(W / stride), features]``: the
+    convolution `conv` (submodule ``conv_name``) followed by `batch_norm` (``bn_name``),
+    to be called inside a compact module.
+
+    When the batch norm uses its running statistics in this call (``bn_mode ==
+    'frozen'``, or ``train=False``) and ``fold`` is set, it is folded into the
+    convolution: ``conv(x, kernel * s) + t`` (`BatchNormConstants`), one product with
+    a rescaled kernel instead of a normalisation pass over the activations. Same
+    function, same parameters and gradients (up to rounding); ``fold=False`` keeps the
+    separate `nn.BatchNorm`.
+    """
+    kwargs = dict(stride=stride, dilation=dilation, groups=groups, use_bias=use_bias,
+                  dtype=dtype, kernel_init=kernel_init, dilated_conv=dilated_conv)
+    if fold and not (train and bn_mode == "train"):
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        if not bn_name.startswith("bn"):
+            raise ValueError(f"batch-norm module names must start with 'bn', got {bn_name!r}")
+        s, t = BatchNormConstants(name=bn_name)(features)
+        y = conv(features, kernel_size, scalable=True, name=conv_name, **kwargs)(x, s)
+        return y + t.astype(y.dtype)
+    y = conv(features, kernel_size, name=conv_name, **kwargs)(x)
+    return batch_norm(train=train, bn_mode=bn_mode, axis_name=axis_name, dtype=dtype,
+                      name=bn_name)(y)
 
 
 def interpolation_matrix(in_size: int, out_size: int) -> np.ndarray:

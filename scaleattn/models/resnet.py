@@ -112,29 +112,27 @@ class Bottleneck(nn.Module):
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
     dilated_conv: str = "native"
+    fold_bn: bool = True
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        def bn(name):
-            return layers.batch_norm(train=train, bn_mode=self.bn_mode,
-                                     axis_name=self.bn_axis_name, dtype=self.dtype, name=name)
+        def conv_bn(y, features, kernel_size, conv_name, bn_name, **kwargs):
+            return layers.conv_bn(y, features, kernel_size, train=train, bn_mode=self.bn_mode,
+                                  axis_name=self.bn_axis_name, fold=self.fold_bn,
+                                  conv_name=conv_name, bn_name=bn_name, dtype=self.dtype,
+                                  **kwargs)
 
         stride_1x1, stride_3x3 = ((self.stride, 1) if self.stride_in_1x1 else (1, self.stride))
-        y = layers.conv(self.inner_channels, 1, stride=stride_1x1, dtype=self.dtype,
-                        name="conv1")(x)
-        y = nn.relu(bn("bn1")(y))
-        y = layers.conv(self.inner_channels, 3, stride=stride_3x3, dilation=self.dilation,
-                        groups=self.groups, dtype=self.dtype, dilated_conv=self.dilated_conv,
-                        name="conv2")(y)
-        y = nn.relu(bn("bn2")(y))
-        y = layers.conv(self.out_channels, 1, dtype=self.dtype, name="conv3")(y)
-        y = bn("bn3")(y)
+        y = nn.relu(conv_bn(x, self.inner_channels, 1, "conv1", "bn1", stride=stride_1x1))
+        y = nn.relu(conv_bn(y, self.inner_channels, 3, "conv2", "bn2", stride=stride_3x3,
+                            dilation=self.dilation, groups=self.groups,
+                            dilated_conv=self.dilated_conv))
+        y = conv_bn(y, self.out_channels, 1, "conv3", "bn3")
 
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.out_channels:
-            shortcut = layers.conv(self.out_channels, 1, stride=self.stride, dtype=self.dtype,
-                                   name="downsample_conv")(x)
-            shortcut = bn("bn_downsample")(shortcut)
+            shortcut = conv_bn(x, self.out_channels, 1, "downsample_conv", "bn_downsample",
+                               stride=self.stride)
         return nn.relu(y + shortcut)
 
 
@@ -161,6 +159,8 @@ class ResNet(nn.Module):
         ``train``); see `layers.batch_norm`.
       bn_axis_name: pmap axis over which batch statistics are averaged, or None.
       dilated_conv: how the dilated 3x3 convs run (`layers.conv`).
+      fold_bn: fold each batch norm into the convolution before it where its
+        statistics are constants (`layers.conv_bn`); same function and parameters.
       remat: recompute each bottleneck block's activations in the backward pass
         instead of keeping them (``nn.remat``): less memory, about one more forward.
       num_classes: None for segmentation (feature map out), else classifier logits.
@@ -176,16 +176,17 @@ class ResNet(nn.Module):
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
     dilated_conv: str = "native"
+    fold_bn: bool = True
     remat: bool = False
     num_classes: int | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         layout = stage_layout(self.stage_sizes, self.output_stride, self.multi_grid)
-        x = layers.conv(scaled(STEM_CHANNELS, self.width), 7, stride=2, dtype=self.dtype,
-                        name="conv1")(x)
-        x = layers.batch_norm(train=train, bn_mode=self.bn_mode, axis_name=self.bn_axis_name,
-                              dtype=self.dtype, name="bn1")(x)
+        x = layers.conv_bn(x, scaled(STEM_CHANNELS, self.width), 7, stride=2, train=train,
+                           bn_mode=self.bn_mode, axis_name=self.bn_axis_name,
+                           fold=self.fold_bn, conv_name="conv1", bn_name="bn1",
+                           dtype=self.dtype)
         x = nn.relu(x)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -198,7 +199,7 @@ class ResNet(nn.Module):
                               groups=self.groups, stride=stride, dilation=dilation,
                               stride_in_1x1=self.stride_in_1x1, bn_mode=self.bn_mode,
                               bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                              dilated_conv=self.dilated_conv,
+                              dilated_conv=self.dilated_conv, fold_bn=self.fold_bn,
                               name=f"layer{stage}_{b}")(x, train)
 
         if self.num_classes is None:

@@ -123,16 +123,15 @@ class ScaleAlphaHead(nn.Module):
     bn_mode: str = "frozen"
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
+    fold_bn: bool = True
 
     @nn.compact
     def __call__(self, features: jnp.ndarray, *, train: bool) -> jnp.ndarray:
         x = features
         for i in (1, 2):
-            x = layers.conv(self.hidden, 3, use_bias=False, dtype=self.dtype,
-                            name=f"conv{i}")(x)
-            x = layers.batch_norm(train=train, bn_mode=self.bn_mode,
-                                  axis_name=self.bn_axis_name, dtype=self.dtype,
-                                  name=f"bn{i}")(x)
+            x = layers.conv_bn(x, self.hidden, 3, train=train, bn_mode=self.bn_mode,
+                               axis_name=self.bn_axis_name, fold=self.fold_bn,
+                               conv_name=f"conv{i}", bn_name=f"bn{i}", dtype=self.dtype)
             x = nn.relu(x)
         scores = layers.conv(1, 1, use_bias=True, dtype=self.dtype,
                              kernel_init=nn.initializers.normal(0.01), name="conv3")(x)
@@ -181,6 +180,7 @@ class MultiScaleSegmenter(nn.Module):
     bn_mode: str = "frozen"
     bn_axis_name: str | None = None
     dtype: Any = jnp.float32
+    fold_bn: bool = True
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, *, train: bool) -> dict:
@@ -208,7 +208,7 @@ class MultiScaleSegmenter(nn.Module):
 
         if self.merge == "hierarchical":
             alpha_head = ScaleAlphaHead(self.alpha_hidden, self.bn_mode, self.bn_axis_name,
-                                        dtype=self.dtype, name="alpha")
+                                        dtype=self.dtype, fold_bn=self.fold_bn, name="alpha")
             alphas = [alpha_head(b["features"], train=train) for b in branches]
             return {"logits": hierarchical_merge(branch_logits, alphas, scales),
                     "scale_logits": scale_logits, "branch_logits": branch_logits,
