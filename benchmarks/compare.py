@@ -10,8 +10,9 @@ time, they would share the cores) as child processes of this one; with ``--round
 they alternate that many times and each keeps its best round (`best_of`). Their JSON reports
 are joined per dtype into ``compare.json`` and a Markdown table (``compare.md``, also
 printed): train and eval images/s of both, the JAX/PyTorch ratio, compile (first
-step) times, and MFU of both computed with the same FLOP count (XLA's cost analysis
-of the JAX step; n/a on a device without a known peak).
+step) times, and MFU of both computed with the same FLOP count: the model FLOPs of
+the step (`scaleattn.flops`, in the JAX report; the same model, so the same count
+for the peer), n/a on a device without a known peak.
 """
 
 import argparse
@@ -28,8 +29,10 @@ def ratio(a, b):
 
 
 def peer_mfu(jax_row: dict, torch_row: dict, peak: float | None) -> float | None:
-    """The peer's MFU with JAX's FLOP count of the same step (None without a peak)."""
-    flops = jax_row.get("train_flops")
+    """The peer's MFU with the FLOP count of JAX's MFU for the same step: the model
+    FLOPs (``train_model_flops``; reports from before that key: ``train_flops``, XLA's
+    count, which their MFU used). None without a peak."""
+    flops = jax_row.get("train_model_flops", jax_row.get("train_flops"))
     if flops is None or peak is None:
         return None
     return flops / torch_row["train_step_s"] / peak

@@ -12,10 +12,14 @@ default the model's own):
 * compile time: ``jit(...).lower(...).compile()`` wall time, train and eval step;
 * step time: after ``bench.warmup`` untimed steps, the median of ``bench.steps``
   steps, each ended by ``block_until_ready``; images/s = batch / step time;
-* FLOPs: XLA's cost analysis of the compiled step (``compiled.cost_analysis()
-  ['flops']``; XLA counts only the multiply-adds of valid, non-padded taps);
-* MFU = FLOPs / step time / the device's peak (`PEAK_FLOPS`: bf16 dense, used for
-  fp32 runs too; unknown devices such as CPUs have none, MFU is n/a);
+* model FLOPs (`flops.step_flops`): the convolutions and matrix products of the
+  model at their true tap counts, 2 per multiply-add, one count for every lowering
+  of the dilated convolutions; a train step is 3 forward passes, eval one;
+* executed FLOPs: XLA's cost analysis of the compiled step (``compiled.cost_analysis()
+  ['flops']``), what this lowering on this backend computes (e.g. space-to-batch's
+  padded sub-images);
+* MFU = model FLOPs / step time / the device's peak (`PEAK_FLOPS`: bf16 dense, used
+  for fp32 runs too; unknown devices such as CPUs have none, MFU is n/a);
 * memory: the device's peak bytes in use (``device.memory_stats()``, cumulative
   over the process; n/a on CPU) and XLA's own estimate for the compiled step
   (arguments + outputs + temporaries - aliased).
@@ -41,7 +45,9 @@ import numpy as np
 from absl import logging
 
 from scaleattn import config as config_lib
+from scaleattn import flops as flops_lib
 from scaleattn import outputs, train
+from scaleattn.models import layers
 
 # Dense bf16 peak FLOP/s by device kind (lower-case substring of `device_kind`, first
 # match wins: 'tpu v5 lite' (v5e) before 'tpu v5' (v5p)).
@@ -70,7 +76,8 @@ def peak_flops(device_kind: str) -> float | None:
 
 
 def compiled_flops(compiled) -> float | None:
-    """FLOPs of one call of a compiled XLA computation (its cost analysis), or None."""
+    """Executed FLOPs of one call of a compiled XLA computation (its cost analysis), or
+    None."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
         analysis = analysis[0] if analysis else {}
@@ -79,7 +86,8 @@ def compiled_flops(compiled) -> float | None:
 
 
 def mfu(flops: float | None, seconds: float, peak: float | None) -> float | None:
-    """Model FLOPs utilisation: ``flops / seconds / peak`` (None if either is unknown)."""
+    """Model FLOPs utilisation: ``flops / seconds / peak`` (None if either is unknown);
+    ``flops`` are the model FLOPs (`flops.step_flops`)."""
     if flops is None or peak is None or seconds <= 0:
         return None
     return flops / seconds / peak
@@ -212,6 +220,7 @@ def benchmark_dtype(config, dtype: str, dilated_conv: str | None = None) -> dict
     """Compile and time the train and eval steps of ``config`` in ``dtype`` with its
     dilated convs lowered as ``dilated_conv`` (None: the config's) (one row)."""
     cfg = bench_config(config, dtype, dilated_conv)
+    lowering = layers.resolve_dilated_conv(cfg.model.dilated_conv)  # 'auto': this platform's
     run = train.setup_run(cfg)
     device = jax.local_devices()[0]
     rng = jax.random.PRNGKey(cfg.seed)
@@ -236,7 +245,7 @@ def benchmark_dtype(config, dtype: str, dilated_conv: str | None = None) -> dict
     jax.block_until_ready(train_call())  # the first step may allocate
     profile = None
     if cfg.bench.profile_dir:
-        trace_dir = os.path.join(cfg.bench.profile_dir, f"{dtype}_{cfg.model.dilated_conv}")
+        trace_dir = os.path.join(cfg.bench.profile_dir, f"{dtype}_{lowering}")
         with jax.profiler.trace(trace_dir):
             train_times = time_calls(train_call, steps=cfg.bench.steps, warmup=cfg.bench.warmup)
         profile = op_time_summary(trace_dir, cfg.bench.steps + cfg.bench.warmup)
@@ -246,9 +255,10 @@ def benchmark_dtype(config, dtype: str, dilated_conv: str | None = None) -> dict
     peak = peak_flops(device.device_kind)
     train_s, eval_s = statistics.median(train_times), statistics.median(eval_times)
     train_flops, eval_flops = compiled_flops(train_compiled), compiled_flops(eval_compiled)
+    model_flops = flops_lib.step_flops(cfg.model, cfg.batch_size, cfg.data.crop_size)
     return {
         "dtype": dtype,
-        "dilated_conv": cfg.model.dilated_conv,
+        "dilated_conv": lowering,
         "num_params": int(num_params),
         "compile_train_s": train_compile_s,
         "compile_eval_s": eval_compile_s,
@@ -257,11 +267,16 @@ def benchmark_dtype(config, dtype: str, dilated_conv: str | None = None) -> dict
         "eval_step_s": eval_s,
         "train_images_per_s": cfg.batch_size / train_s,
         "eval_images_per_s": cfg.batch_size / eval_s,
+        # model FLOPs (the MFU's numerator) and XLA's executed FLOPs ("train_flops",
+        # "eval_flops": the keys older reports have, with the same meaning)
+        "train_model_flops": model_flops["train"],
+        "eval_model_flops": model_flops["eval"],
         "train_flops": train_flops,
         "eval_flops": eval_flops,
-        "train_tflops_per_s": None if train_flops is None else train_flops / train_s / 1e12,
-        "train_mfu": mfu(train_flops, train_s, peak),
-        "eval_mfu": mfu(eval_flops, eval_s, peak),
+        "train_tflops_per_s": model_flops["train"] / train_s / 1e12,
+        "train_mfu": mfu(model_flops["train"], train_s, peak),
+        "eval_mfu": mfu(model_flops["eval"], eval_s, peak),
+        "train_executed_mfu": mfu(train_flops, train_s, peak),
         "train_step_memory_bytes": compiled_memory_bytes(train_compiled),
         "peak_memory_bytes": device_peak_memory(device),
         "train_convolutions": convolution_windows(train_compiled.as_text()),
@@ -285,6 +300,7 @@ def benchmark(config) -> dict:
         "width": cfg.model.width, "depth": list(cfg.model.depth),
         "scales": list(cfg.model.scales), "merge": cfg.model.merge,
         "num_classes": cfg.model.num_classes, "remat": cfg.model.remat,
+        "bn_mode": cfg.model.bn_mode, "fold_frozen_bn": cfg.model.fold_frozen_bn,
         "steps": cfg.bench.steps, "warmup": cfg.bench.warmup,
     }
     impls = config_lib.comma_list(config.bench.dilated_convs)
@@ -313,17 +329,19 @@ def table(report: dict) -> str:
              f"host cores), jax {s['jax']}",
              "",
              "| dtype | dilated convs | compile train / eval (s) | train step (ms) "
-             "| train img/s | eval step (ms) | eval img/s | train GFLOP/step | MFU train "
-             "| MFU eval | step memory (MiB) | peak memory (MiB) |",
-             "|" + "---|" * 12]
+             "| train img/s | eval step (ms) | eval img/s | train GFLOP/step (model) "
+             "| MFU train | MFU eval | executed train GFLOP/step (XLA) "
+             "| step memory (MiB) | peak memory (MiB) |",
+             "|" + "---|" * 13]
     for r in report["results"]:
         lines.append("| " + " | ".join([
             r["dtype"], r.get("dilated_conv", "native"),
             f"{r['compile_train_s']:.1f} / {r['compile_eval_s']:.1f}",
             fmt(r["train_step_s"], 1e3, 1), fmt(r["train_images_per_s"], 1, 2),
             fmt(r["eval_step_s"], 1e3, 1), fmt(r["eval_images_per_s"], 1, 2),
-            fmt(r["train_flops"], 1e-9, 2), fmt(r["train_mfu"], 100, 1, "%"),
-            fmt(r["eval_mfu"], 100, 1, "%"), fmt(r["train_step_memory_bytes"], 2**-20, 1),
+            fmt(r.get("train_model_flops"), 1e-9, 2), fmt(r["train_mfu"], 100, 1, "%"),
+            fmt(r["eval_mfu"], 100, 1, "%"), fmt(r["train_flops"], 1e-9, 2),
+            fmt(r["train_step_memory_bytes"], 2**-20, 1),
             fmt(r["peak_memory_bytes"], 2**-20, 1)]) + " |")
     for r in report["results"]:
         if r.get("train_profile"):

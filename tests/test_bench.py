@@ -91,6 +91,15 @@ def test_bench_mode_runs_without_tensorflow(tmp_path):
     assert row["dtype"] == "float32" and row["train_flops"] > row["eval_flops"] > 0
     assert row["train_images_per_s"] == pytest.approx(1 / row["train_step_s"])
     assert row["train_mfu"] is None  # CPU: no peak
+    # Model FLOPs, by hand: one 17 x 17 image through conv1_1..conv5_1 (3x3; widths 4,
+    # 8, 16, 32, 32 at 17, 9, 5, 3, 3 pixels), fc6 (3x3, 32 -> 2), fc7 (2 -> 2) and fc8
+    # (2 -> 21 classes) at 3 x 3; 2 FLOPs per multiply-add; a train step is 3 forwards.
+    forward = 2 * (17 * 17 * 3 * 4 * 9 + 9 * 9 * 4 * 8 * 9 + 5 * 5 * 8 * 16 * 9
+                   + 3 * 3 * 16 * 32 * 9 + 3 * 3 * 32 * 32 * 9 + 3 * 3 * 32 * 2 * 9
+                   + 3 * 3 * 2 * 2 + 3 * 3 * 2 * 21)
+    for r in (row, taps_row):  # the same for both lowerings; XLA's counts differ
+        assert (r["train_model_flops"], r["eval_model_flops"]) == (3 * forward, forward)
+    assert row["train_flops"] != taps_row["train_flops"]
     assert row["num_params"] == taps_row["num_params"]
     # VGG's conv5 and fc6 are dilated: 'taps' leaves no dilated kernel behind
     assert row["train_convolutions"]["rhs_dilated"] > 0
@@ -102,9 +111,11 @@ def test_bench_mode_runs_without_tensorflow(tmp_path):
         (p["ms_per_call"] for p in profile), reverse=True)
     assert "| float32 | native |" in result.stdout and "| float32 | taps |" in result.stdout
     assert "n/a" in result.stdout and "where the time went" in result.stdout
+    assert "train GFLOP/step (model)" in result.stdout and "(XLA)" in result.stdout
 
 
-def fake_report(framework, train_s, eval_s, params=1000, flops=None, peak=None):
+def fake_report(framework, train_s, eval_s, params=1000, flops=None, peak=None,
+                model_flops=None):
     setup = {"config": "c", "backbone": "resnet101", "head": "aspp_v2", "width": 0.25,
              "depth": [1, 1, 2, 1], "scales": [1.0, 0.75, 0.5], "merge": "attention",
              "batch_size": 2, "crop_size": 65, "num_classes": 21, "device": "cpu",
@@ -115,6 +126,8 @@ def fake_report(framework, train_s, eval_s, params=1000, flops=None, peak=None):
            "eval_step_s": eval_s, "train_images_per_s": 2 / train_s,
            "eval_images_per_s": 2 / eval_s, "compile_train_s": 3.0, "compile_eval_s": 1.0,
            "train_flops": flops, "train_mfu": None if peak is None else flops / train_s / peak}
+    if model_flops is not None:  # reports since model FLOPs: MFU on them
+        row.update(train_model_flops=model_flops, train_mfu=model_flops / train_s / peak)
     return {"setup": setup, "results": [row]}
 
 
@@ -129,6 +142,11 @@ def test_compare_gives_the_ratio_and_the_peer_mfu_from_the_same_flops():
     assert "| float32 | native | 4.00 | 2.00 | 2.00× | 10.00 | 20.00 | 0.50× |" in text
     other = fake_report("torch", 1.0, 0.1, params=999)
     assert not compare.compare_rows(jax_report, other)[0]["params_match"]
+    # a report with model FLOPs: both MFUs on them, not on XLA's executed count
+    jax_report = fake_report("jax", 0.5, 0.2, flops=1e12, peak=989e12, model_flops=6e11)
+    (row,) = compare.compare_rows(jax_report, torch_report)
+    assert row["jax_train_mfu"] == pytest.approx(6e11 / 0.5 / 989e12)
+    assert row["torch_train_mfu"] == pytest.approx(6e11 / 1.0 / 989e12)
 
 
 @pytest.mark.parametrize("backbone", ["vgg16", "resnet101"])
