@@ -1,4 +1,5 @@
-"""Install scaleattn: `pip install -e .` (add `[test]` for the test suite)."""
+"""Install scaleattn: `pip install -e .` (add `[test]` for the test suite, `[cuda]` for
+NVIDIA GPUs, `[tpu]` for Cloud TPUs)."""
 from setuptools import find_packages, setup
 
 setup(
@@ -34,5 +35,9 @@ setup(
         # Krähenbühl's C++ dense CRF, only to compare scaleattn.crf against
         # (tests/test_crf.py, benchmarks/crf_bench.py); a source package: needs a C++ compiler.
         "crf": ["pydensecrf2>=1.1"],
+        # Accelerators: JAX with its CUDA 12 plugin and CUDA libraries (needs an NVIDIA
+        # driver on the machine), or with libtpu. Without either, JAX runs on the CPU.
+        "cuda": ["jax[cuda12]>=0.4.30"],
+        "tpu": ["jax[tpu]>=0.4.30"],
     },
 )
