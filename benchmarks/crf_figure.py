@@ -36,7 +36,8 @@ def main(argv):
     predictor = inference.Predictor(run.model)
     params = crf.CRFParams.from_config(config.crf)
     rows = []
-    for index, batch in enumerate(pipeline.eval_batches(config.data, batch_size=1)):
+    for index, batch in enumerate(pipeline.eval_batches(config.data, batch_size=1,
+                                                        ignore_label=config.loss.ignore_label)):
         if index > wanted[-1]:
             break
         if index not in wanted:

@@ -32,7 +32,6 @@ from PIL import Image, ImageDraw, ImageFont
 from scaleattn import config as config_lib
 from scaleattn.models import layers
 
-IGNORE_LABEL = 255
 BACKGROUND = 0
 # One colour per scale in the plot (then repeats).
 SCALE_COLOURS = ((214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14),
@@ -42,7 +41,7 @@ SCALE_COLOURS = ((214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14),
 # ------------------------------------------------------------------- objects ---
 
 
-def object_components(label: np.ndarray, *, ignore_label: int = IGNORE_LABEL,
+def object_components(label: np.ndarray, *, ignore_label: int = config_lib.VOC_IGNORE_LABEL,
                       background: int = BACKGROUND) -> list[tuple[int, np.ndarray]]:
     """The objects of a ground-truth map: ``[(class id, bool mask [H, W]), ...]``,
     one per 4-connected component of each class, ordered by class then scan order."""
@@ -64,7 +63,7 @@ def resize_attention(attention: np.ndarray, size) -> np.ndarray:
 
 
 def object_rows(label: np.ndarray, attention: np.ndarray, *, image: int = 0,
-                ignore_label: int = IGNORE_LABEL) -> list[dict]:
+                ignore_label: int = config_lib.VOC_IGNORE_LABEL) -> list[dict]:
     """One row per object of ``label [H, W]``: image, object, class, area (pixels),
     ``weight_<s>`` = mean of ``attention [H, W, S]`` (or smaller: resized) over it."""
     if attention.shape[:2] != label.shape:
@@ -218,12 +217,13 @@ def analyze(config, workdir: str, output_dir: str, *, fallback: bool = False) ->
     rows, image = [], 0
     for i, batch in enumerate(pipeline.eval_batches(config.data,
                                                     batch_size=config.eval.batch_size,
+                                                    ignore_label=config.loss.ignore_label,
                                                     process_index=0, process_count=1)):
         if config.eval.max_batches and i >= config.eval.max_batches:
             break
         attention = predictor(state, batch["image"])["attention"]
         for label, weights in zip(batch["label"], attention):
-            if np.all(label == IGNORE_LABEL):  # filler slot
+            if np.all(label == config.loss.ignore_label):  # filler slot
                 continue
             rows += object_rows(label, weights, image=image,
                                 ignore_label=config.loss.ignore_label)

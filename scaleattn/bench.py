@@ -60,7 +60,6 @@ PEAK_FLOPS = (
     ("tpu v5p", 459e12),
     ("tpu v5", 459e12),
 )
-IGNORE_LABEL = 255
 
 
 # ------------------------------------------------------------------ arithmetic ---
@@ -134,12 +133,13 @@ def device_peak_memory(device) -> int | None:
 # ------------------------------------------------------------------ the timing ---
 
 
-def synthetic_batch(batch_size: int, size: int, num_classes: int, seed: int = 0) -> dict:
+def synthetic_batch(batch_size: int, size: int, num_classes: int, seed: int = 0,
+                    ignore_label: int = config_lib.VOC_IGNORE_LABEL) -> dict:
     """``image float32 [B, size, size, 3]`` ~ N(0, 1), ``label int32 [B, size, size]``
-    uniform over the classes with a 255 (ignore) border of 2 pixels."""
+    uniform over the classes with an ``ignore_label`` border of 2 pixels."""
     rng = np.random.default_rng(seed)
     label = rng.integers(0, num_classes, (batch_size, size, size), dtype=np.int32)
-    label[:, :2], label[:, -2:], label[:, :, :2], label[:, :, -2:] = (IGNORE_LABEL,) * 4
+    label[:, :2], label[:, -2:], label[:, :, :2], label[:, :, -2:] = (ignore_label,) * 4
     image = rng.standard_normal((batch_size, size, size, 3), dtype=np.float32)
     return {"image": image, "label": label}
 
@@ -226,7 +226,8 @@ def benchmark_dtype(config, dtype: str, dilated_conv: str | None = None) -> dict
     rng = jax.random.PRNGKey(cfg.seed)
     state = jax.device_put(train.initial_state(run, rng, pretrained=False), device)
     batch = jax.device_put(synthetic_batch(cfg.batch_size, cfg.data.crop_size,
-                                           cfg.model.num_classes, cfg.seed), device)
+                                           cfg.model.num_classes, cfg.seed,
+                                           cfg.loss.ignore_label), device)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
 
     eval_compiled, eval_compile_s = compile_timed(run.eval_step, state, batch)

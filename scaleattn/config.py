@@ -19,6 +19,9 @@ import ml_collections
 # ImageNet mean / std in 0..255 RGB (torchvision's values, scaled).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
+# The "ignore" value the VOC / SBD label files (and the demo set) store on object
+# boundaries. The pipeline maps it to `loss.ignore_label` (this value by default).
+VOC_IGNORE_LABEL = 255
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -40,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.flip = True
     d.mean = IMAGENET_MEAN       # pixel mean (0..255 RGB); padding uses it
     d.std = IMAGENET_STD
-    d.eval_size = 513            # eval images are padded (label 255) to this square
+    d.eval_size = 513            # eval images are padded (label loss.ignore_label) to this square
     d.shuffle_buffer = 1024
     d.prefetch = 2               # tf.data batches prepared ahead on the host
     d.device_prefetch = 2        # batches copied to the device(s) ahead of their step
@@ -98,7 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
     l.scale_loss_size = "branch"  # per-scale losses on each branch's own score map with the
                                  # labels shrunk to it (paper) | 'merged': after the resize
     l.label_resize = "nearest"   # 'nearest' (labels -> logits size, paper) | 'upsample_logits'
-    l.ignore_label = 255
+    l.ignore_label = VOC_IGNORE_LABEL  # label of pixels no loss or metric counts (padding,
+                                 # boundaries: the files' 255 is mapped to it); num_classes..255
     l.type = "ce"                # 'ce' | 'ohem' (online hard example mining, GSAG)
     l.ohem_threshold = 0.7       # OHEM: keep pixels whose true-class probability is below
     l.ohem_min_kept = 100_000    # ... and at least this many per device's batch, counted at
@@ -304,6 +308,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "model.num_classes"):
         if lookup(config, key) <= 0:
             raise ConfigError(f"config.{key}={lookup(config, key)} must be positive")
+    ignore = config.loss.ignore_label
+    if not config.model.num_classes <= ignore <= 255:
+        raise ConfigError(f"config.loss.ignore_label={ignore} must be in "
+                          f"model.num_classes={config.model.num_classes}..255 (not a class id, "
+                          f"and it must fit the uint8 labels of the pipeline)")
     low, high = config.data.scale_range
     if not 0 < low <= high:
         raise ConfigError(f"config.data.scale_range={tuple(config.data.scale_range)} must be "

@@ -65,7 +65,8 @@ def scored_batches(config, model, state, limit: int) -> list[ScoredBatch]:
     forward = jax.jit(lambda s, images: model.apply(variables_of(s), images,
                                                     train=False)["logits"])
     batches, seen = [], 0
-    for batch in pipeline.eval_batches(config.data, batch_size=config.eval.batch_size):
+    for batch in pipeline.eval_batches(config.data, batch_size=config.eval.batch_size,
+                                       ignore_label=config.loss.ignore_label):
         keep = min(len(batch["image"]), limit - seen)
         image, label = batch["image"][:keep], batch["label"][:keep]
         valid = np.asarray(crf.padded_image_mask(image, label, config.loss.ignore_label))

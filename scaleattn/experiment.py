@@ -165,6 +165,7 @@ def evaluate(run: Run, state, split: str | None = None) -> dict:
     eval_batch = per_process_batch(cfg.eval.batch_size)
     total = np.zeros((2,) * bool(cfg.eval.crf) + (cfg.model.num_classes,) * 2, np.int64)
     for i, batch in enumerate(pipeline.eval_batches(cfg.data, batch_size=eval_batch,
+                                                    ignore_label=cfg.loss.ignore_label,
                                                     split=split)):
         if cfg.eval.max_batches and i >= cfg.eval.max_batches:
             break

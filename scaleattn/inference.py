@@ -100,7 +100,8 @@ def evaluate_ms_flip(config, model, state) -> dict:
     batch_size = max(1, config.eval.batch_size // jax.process_count())
     crf_params = crf.CRFParams.from_config(config.crf) if config.eval.crf else None
     total = np.zeros((2,) * bool(crf_params) + (config.model.num_classes,) * 2, np.int64)
-    for i, batch in enumerate(pipeline.eval_batches(config.data, batch_size=batch_size)):
+    for i, batch in enumerate(pipeline.eval_batches(config.data, batch_size=batch_size,
+                                                    ignore_label=config.loss.ignore_label)):
         if config.eval.max_batches and i >= config.eval.max_batches:
             break
         probs = ms_flip_probs(state, batch["image"], model=model,

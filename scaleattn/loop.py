@@ -189,6 +189,7 @@ class Trainer:
         return prefetch(pipeline.train_batches(self.config.data,
                                                batch_size=self.run.local_batch,
                                                seed=self.config.seed,
+                                               ignore_label=self.config.loss.ignore_label,
                                                start_step=self.start_step),
                         self.layout.put_batch, self.config.data.device_prefetch)
 

@@ -92,6 +92,7 @@ def write_eval_images(writer: MetricWriter, step: int, config, model, host_state
         return
     from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
     batch = next(pipeline.eval_batches(config.data, batch_size=count,
+                                       ignore_label=config.loss.ignore_label,
                                        process_index=0, process_count=1))
     outputs = inference.Predictor(model)(jax.device_get(host_state), batch["image"])
     for i, (image, label) in enumerate(zip(batch["image"], batch["label"])):

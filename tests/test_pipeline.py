@@ -78,7 +78,7 @@ def test_ensure_prepared_builds_once(data_dir):
 
 def test_unprepared_dataset_is_reported(tmp_path):
     with pytest.raises(pipeline.DatasetNotFoundError, match="ensure_prepared"):
-        pipeline.train_batches(make_config(tmp_path), batch_size=2, seed=0,
+        pipeline.train_batches(make_config(tmp_path), batch_size=2, ignore_label=255, seed=0,
                                process_index=0, process_count=1)
 
 
@@ -96,7 +96,7 @@ def test_voc_not_prepared_says_what_to_do(tmp_path):
 def test_identity_augmentation_gives_each_image_once_per_epoch(data_dir):
     known = reference("train", TRAIN)
     batches = take(pipeline.train_batches(
-        identity(data_dir), batch_size=4, seed=0, process_index=0,
+        identity(data_dir), batch_size=4, ignore_label=255, seed=0, process_index=0,
         process_count=1), 8)
     assert batches[0]["image"].dtype == np.float32
     assert batches[0]["image"].shape == (4, 128, 128, 3)
@@ -120,7 +120,7 @@ def test_flip_moves_image_and_label_together(data_dir):
                     (shapes.generate_example("train", i), i)
                     for i in range(TRAIN))}
     batch = next(pipeline.train_batches(
-        identity(data_dir, flip=True), batch_size=TRAIN, seed=1,
+        identity(data_dir, flip=True), batch_size=TRAIN, ignore_label=255, seed=1,
         process_index=0, process_count=1))
     plain, flipped = which(batch, known), which(batch, mirrored)
     assert all((p is None) != (f is None) for p, f in zip(plain, flipped))
@@ -140,7 +140,7 @@ def test_downscale_pads_with_the_mean_and_ignore(data_dir):
         known_labels[label[1::2, 1::2].tobytes()] = normalized(small)
     config = make_config(data_dir, scale_range=(0.5, 0.5), crop_size=96,
                          flip=False)
-    batch = next(pipeline.train_batches(config, batch_size=TRAIN, seed=2,
+    batch = next(pipeline.train_batches(config, batch_size=TRAIN, ignore_label=255, seed=2,
                                         process_index=0, process_count=1))
     offsets = set()
     for image, label in zip(batch["image"], batch["label"]):
@@ -177,7 +177,8 @@ def test_augment_keeps_image_and_label_aligned():
         out_image, out_label = pipeline.augment(
             tf.constant(image), tf.constant(label[..., None]),
             tf.constant([7, k], tf.int64), crop_size=64,
-            scale_range=(0.5, 2.0), flip=True, mean=MEAN, std=STD)
+            scale_range=(0.5, 2.0), flip=True, mean=MEAN, std=STD,
+            ignore_label=255)
         out_image, out_label = out_image.numpy(), out_label.numpy()
         assert out_image.shape == (64, 64, 3) and out_label.shape == (64, 64)
         pad = np.all(out_image == 0, axis=-1)
@@ -201,7 +202,7 @@ def test_stream_is_deterministic_and_resumes_exactly(data_dir):
     config = make_config(data_dir, scale_range=(0.5, 2.0))
 
     def stream(start_step, seed=0):
-        return pipeline.train_batches(config, batch_size=3, seed=seed,
+        return pipeline.train_batches(config, batch_size=3, ignore_label=255, seed=seed,
                                       start_step=start_step, process_index=0,
                                       process_count=1)
 
@@ -225,7 +226,7 @@ def test_process_shards_are_disjoint_and_cover_the_split(data_dir):
     seen = []
     for index, local in zip(range(3), (6, 5, 5)):   # 16 = 6 + 5 + 5
         batches = take(pipeline.train_batches(
-            identity(data_dir), batch_size=local, seed=0,
+            identity(data_dir), batch_size=local, ignore_label=255, seed=0,
             process_index=index, process_count=3), 2)
         first, second = (which(b, known) for b in batches)
         assert sorted(first) == sorted(second), "an epoch is the shard"
@@ -244,7 +245,7 @@ def check_eval_batch(batch, size, batch_size):
 
 def test_eval_pads_images_and_the_last_batch(data_dir):
     known = reference("val", VAL)
-    batches = list(pipeline.eval_batches(make_config(data_dir), batch_size=3,
+    batches = list(pipeline.eval_batches(make_config(data_dir), batch_size=3, ignore_label=255,
                                          process_index=0, process_count=1))
     assert len(batches) == 3                         # 8 = 3 + 3 + 2 (+1 filler)
     found = []
@@ -270,7 +271,7 @@ def test_eval_shards_have_equal_batch_counts(data_dir):
     seen, counts = [], []
     for index in range(3):                           # 8 = 3 + 3 + 2
         batches = list(pipeline.eval_batches(
-            make_config(data_dir, eval_size=128), batch_size=2,
+            make_config(data_dir, eval_size=128), batch_size=2, ignore_label=255,
             process_index=index, process_count=3))
         counts.append(len(batches))
         ids = sum((which(b, known) for b in batches), [])
@@ -283,12 +284,48 @@ def test_eval_shards_have_equal_batch_counts(data_dir):
 
 
 def test_eval_defaults_to_the_jax_process(data_dir):
-    batches = list(pipeline.eval_batches(make_config(data_dir), batch_size=4))
+    batches = list(pipeline.eval_batches(make_config(data_dir), batch_size=4,
+                                         ignore_label=255))
     assert len(batches) == 2
 
 
 def test_eval_image_larger_than_eval_size_is_an_error(data_dir):
     with pytest.raises(ValueError, match="eval_size=100"):
         list(pipeline.eval_batches(make_config(data_dir, eval_size=100),
-                                   batch_size=2, process_index=0,
+                                   batch_size=2, ignore_label=255, process_index=0,
                                    process_count=1))
+
+
+def test_configured_ignore_label_marks_boundaries_and_padding(data_dir):
+    """loss.ignore_label=254: the files' 255 becomes 254, padding is 254, no 255 left."""
+    train_labels = {lab.tobytes(): lab for _, lab in
+                    (shapes.generate_example("train", i) for i in range(TRAIN))}
+    val_labels = {i: shapes.generate_example("val", i)[1] for i in range(VAL)}
+
+    def check(label, source, window):
+        assert (label != 255).all()
+        inside = label[window]
+        expected = np.where(source == 255, 254, source)
+        np.testing.assert_array_equal(inside, expected)
+        outside = np.ones(label.shape, bool)
+        outside[window] = False
+        assert (label[outside] == 254).all()
+
+    as_255 = {np.where(lab == 255, 254, lab).tobytes(): lab for lab in train_labels.values()}
+    window = (slice(0, 128), slice(0, 128))
+    # Eval: padded to 160.
+    batches = list(pipeline.eval_batches(make_config(data_dir), batch_size=4, ignore_label=254,
+                                         process_index=0, process_count=1))
+    labels = np.concatenate([b["label"] for b in batches])
+    assert len(labels) == VAL
+    for label in labels:
+        source = next(v for v in val_labels.values()
+                      if np.array_equal(np.where(v == 255, 254, v), label[window]))
+        check(label, source, window)
+    assert any((lab == 255).any() for lab in val_labels.values())
+    # Host augmentation: an image smaller than the crop is padded.
+    config = make_config(data_dir, scale_range=(0.5, 0.5), crop_size=96, flip=False)
+    batch = next(pipeline.train_batches(config, batch_size=4, ignore_label=254, seed=0,
+                                        process_index=0, process_count=1))
+    for label in batch["label"]:
+        assert (label != 255).all() and (label == 254).sum() >= 96 * 96 - 64 * 64

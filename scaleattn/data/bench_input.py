@@ -51,6 +51,7 @@ import tempfile
 import time
 from typing import Iterator
 
+from scaleattn import config as config_lib
 from scaleattn import outputs
 
 IMAGE_SIZE = (500, 375)  # width, height of the synthetic images (the usual VOC size)
@@ -181,6 +182,7 @@ def _measure(counts: Iterator[int], *, seconds: float, warmup_seconds: float,
 def _train_counts(data_config, batch_size: int, seed: int) -> Iterator[int]:
     from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
     batches = pipeline.train_batches(data_config, batch_size=batch_size, seed=seed,
+                                     ignore_label=config_lib.VOC_IGNORE_LABEL,
                                      process_index=0, process_count=1)
     for batch in batches:
         yield len(batch["image"])
@@ -192,6 +194,7 @@ def _eval_counts(data_config, batch_size: int) -> Iterator[int]:
     total = pipeline.num_examples(data_config, data_config.eval_split)
     while True:
         batches = pipeline.eval_batches(data_config, batch_size=batch_size,
+                                        ignore_label=config_lib.VOC_IGNORE_LABEL,
                                         process_index=0, process_count=1)
         for index, batch in enumerate(batches):
             assert len(batch["image"]) == batch_size

@@ -1,7 +1,8 @@
 """tf.data input pipeline for any segmentation TFDS dataset of this project.
 
 Works on every builder with the features `image` (RGB uint8), `segmentation`
-(single-channel uint8 class indices, 255 = ignore) and `image_id`: the demo
+(single-channel uint8 class indices, `config.VOC_IGNORE_LABEL` = 255 on
+boundaries) and `image_id`: the demo
 `scale_shapes` (`scaleattn.data.shapes`) and `voc2012` (`scaleattn.data.voc`).
 Batches are dicts of numpy arrays, `image` float32 [b, H, W, 3] normalised with
 data.mean / data.std and `label` int32 [b, H, W] (docs/design.md, "One training step").
@@ -22,12 +23,16 @@ Design choices:
   batches of a fresh stream would be. (tf.data mixes TensorFlow's global seed
   into the shuffle seed; nothing in this project sets it, and TensorFlow is
   imported only here.)
+* **Ignore label.** The label files mark boundaries with 255
+  (`config.VOC_IGNORE_LABEL`); every batch carries the caller's `ignore_label`
+  (`config.loss.ignore_label`, a required argument) there and in all padding, so
+  the loss, the metrics and the padding always agree.
 * **Augmentation.** Random rescale in data.scale_range
   (bilinear image, nearest label), pad to the crop with the mean pixel (0 after
-  normalisation) and label 255, random crop, random horizontal flip. An image
-  smaller than the crop is placed at a random offset inside it.
+  normalisation) and the ignore label, random crop, random horizontal flip. An
+  image smaller than the crop is placed at a random offset inside it.
 * **Evaluation.** One pass; each image sits at the top-left of a
-  data.eval_size square (mean pixel / label 255 around it). Every process
+  data.eval_size square (mean pixel / ignore label around it). Every process
   yields the same number of full batches (collectives need that): the tail is
   filled with all-ignore examples, which no metric counts.
 * **TensorFlow stays here.** Only `scaleattn.data` imports TensorFlow; JAX is
@@ -44,9 +49,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from scaleattn import config as config_lib
 from scaleattn.data import errors, shapes
 
-IGNORE_LABEL = 255
 _EVAL_SIZE_ERROR = "image larger than data.eval_size"
 
 
@@ -156,11 +161,22 @@ def _read_encoded(builder, split) -> tf.data.Dataset:
     return ds.with_options(options)
 
 
-def _decode(features, example) -> tuple[tf.Tensor, tf.Tensor]:
-    """Encoded example -> image uint8 [h, w, 3], label uint8 [h, w, 1]."""
+def _decode(features, example, ignore_label: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Encoded example -> image uint8 [h, w, 3], label uint8 [h, w, 1].
+
+    The files' boundary value `VOC_IGNORE_LABEL` becomes `ignore_label`.
+    """
     image = features["image"].decode_example(example["image"])
     label = features["segmentation"].decode_example(example["segmentation"])
-    return image, label
+    return image, remap_ignore(label, ignore_label)
+
+
+def remap_ignore(label: tf.Tensor, ignore_label: int) -> tf.Tensor:
+    """`label` (uint8, any shape) with VOC_IGNORE_LABEL replaced by `ignore_label`."""
+    if ignore_label == config_lib.VOC_IGNORE_LABEL:
+        return label
+    return tf.where(label == config_lib.VOC_IGNORE_LABEL,
+                    tf.constant(ignore_label, label.dtype), label)
 
 
 # ------------------------------------------------------------ augmentation ---
@@ -181,7 +197,7 @@ def _randint(key: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
 
 def augment(image: tf.Tensor, label: tf.Tensor, key: tf.Tensor, *,
             crop_size: int, scale_range: tuple[float, float], flip: bool,
-            mean, std) -> tuple[tf.Tensor, tf.Tensor]:
+            mean, std, ignore_label: int) -> tuple[tf.Tensor, tf.Tensor]:
     """Random scale, pad, crop and flip of one example.
 
     A pure function of its inputs: `key` ([2] int64, a stateless RNG seed)
@@ -189,15 +205,16 @@ def augment(image: tf.Tensor, label: tf.Tensor, key: tf.Tensor, *,
 
     Args:
       image: [h, w, 3] uint8 RGB.
-      label: [h, w, 1] uint8 class indices, 255 = ignore.
+      label: [h, w, 1] uint8 class indices, `ignore_label` = ignore.
       key: [2] int seed.
       crop_size: side of the square output.
       scale_range: (low, high) of the uniform random rescale factor.
       flip: whether to flip horizontally with probability 1/2.
       mean, std: per-channel pixel statistics (0..255 RGB).
+      ignore_label: the label of the padding.
     Returns:
       image [crop, crop, 3] float32 normalised (padding = 0, the mean pixel),
-      label [crop, crop] int32 (padding = 255).
+      label [crop, crop] int32 (padding = `ignore_label`).
     """
     keys = tf.random.experimental.stateless_split(key, 7)
     low, high = scale_range
@@ -215,7 +232,7 @@ def augment(image: tf.Tensor, label: tf.Tensor, key: tf.Tensor, *,
     top, left = _randint(keys[1], pad[0]), _randint(keys[2], pad[1])
     paddings = [[top, pad[0] - top], [left, pad[1] - left]]
     image = tf.pad(image, paddings + [[0, 0]])
-    label = tf.pad(label, paddings, constant_values=IGNORE_LABEL)
+    label = tf.pad(label, paddings, constant_values=ignore_label)
 
     # Random crop.
     y0 = _randint(keys[3], size[0] + pad[0] - crop_size)
@@ -257,7 +274,7 @@ def _example_stream(records: tf.data.Dataset, num_records: int, base_key,
     return epochs.flat_map(one_epoch).skip(offset)
 
 
-def train_batches(data_config, *, batch_size: int, seed: int,
+def train_batches(data_config, *, batch_size: int, seed: int, ignore_label: int,
                   start_step: int = 0, process_index: int | None = None,
                   process_count: int | None = None
                   ) -> Iterator[dict[str, np.ndarray]]:
@@ -267,6 +284,7 @@ def train_batches(data_config, *, batch_size: int, seed: int,
       data_config: the config's `data` section.
       batch_size: examples per batch of this process.
       seed: the run's seed; with the process index it fixes the whole stream.
+      ignore_label: `config.loss.ignore_label`: boundaries and padding.
       start_step: batches to skip: the result's first batch is batch number
         `start_step` (0-based) of a fresh stream.
       process_index, process_count: default to JAX's.
@@ -289,12 +307,13 @@ def train_batches(data_config, *, batch_size: int, seed: int,
     features = builder.info.features
 
     def prepare(position, example):
-        image, label = _decode(features, example)
+        image, label = _decode(features, example, ignore_label)
         key = tf.random.experimental.stateless_fold_in(augment_key, position)
         image, label = augment(
             image, label, key, crop_size=data_config.crop_size,
             scale_range=tuple(data_config.scale_range), flip=data_config.flip,
-            mean=data_config.mean, std=data_config.std)
+            mean=data_config.mean, std=data_config.std,
+            ignore_label=ignore_label)
         return {"image": image, "label": label}
 
     ds = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
@@ -308,7 +327,7 @@ def train_batches(data_config, *, batch_size: int, seed: int,
 
 
 def pad_for_eval(image: tf.Tensor, label: tf.Tensor, *, eval_size: int, mean,
-                 std) -> tuple[tf.Tensor, tf.Tensor]:
+                 std, ignore_label: int) -> tuple[tf.Tensor, tf.Tensor]:
     """Normalises and pads one example to the eval square (image top-left).
 
     Args:
@@ -316,30 +335,32 @@ def pad_for_eval(image: tf.Tensor, label: tf.Tensor, *, eval_size: int, mean,
       label: [h, w, 1] uint8.
     Returns:
       image [S, S, 3] float32 (padding 0 = mean pixel), label [S, S] int32
-      (padding 255).
+      (padding `ignore_label`).
     """
     shape = tf.shape(image)[:2]
     paddings = [[0, eval_size - shape[0]], [0, eval_size - shape[1]]]
     image = tf.pad(normalize(image, mean, std), paddings + [[0, 0]])
     label = tf.pad(tf.cast(label[..., 0], tf.int32), paddings,
-                   constant_values=IGNORE_LABEL)
+                   constant_values=ignore_label)
     image.set_shape([eval_size, eval_size, 3])
     label.set_shape([eval_size, eval_size])
     return image, label
 
 
-def eval_batches(data_config, *, batch_size: int, split: str | None = None,
-                 process_index: int | None = None,
+def eval_batches(data_config, *, batch_size: int, ignore_label: int,
+                 split: str | None = None, process_index: int | None = None,
                  process_count: int | None = None
                  ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over this process's part of the eval split, in full batches.
 
     Every process yields ceil(ceil(N / process_count) / batch_size) batches;
-    slots without an example hold an all-ignore example (label 255, image 0).
+    slots without an example hold an all-ignore example (label `ignore_label`,
+    image 0).
 
     Args:
       data_config: the config's `data` section.
       batch_size: examples per batch of this process.
+      ignore_label: `config.loss.ignore_label`: boundaries and padding.
       split: TFDS split; default data.eval_split.
     Yields:
       {'image': float32 [b, S, S, 3], 'label': int32 [b, S, S]},
@@ -358,17 +379,18 @@ def eval_batches(data_config, *, batch_size: int, split: str | None = None,
     features = builder.info.features
 
     def prepare(example):
-        image, label = _decode(features, example)
+        image, label = _decode(features, example, ignore_label)
         tf.debugging.Assert(
             tf.reduce_all(tf.shape(image)[:2] <= size),
             [f"{_EVAL_SIZE_ERROR}={size}: image", example["image_id"],
              "of shape", tf.shape(image)])
         image, label = pad_for_eval(image, label, eval_size=size,
-                                    mean=data_config.mean, std=data_config.std)
+                                    mean=data_config.mean, std=data_config.std,
+                                    ignore_label=ignore_label)
         return {"image": image, "label": label}
 
     filler = {"image": tf.zeros([size, size, 3], tf.float32),
-              "label": tf.fill([size, size], tf.constant(IGNORE_LABEL))}
+              "label": tf.fill([size, size], tf.constant(ignore_label))}
     ds = _read_encoded(builder, local_split).map(
         prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(filler).repeat(

@@ -49,6 +49,8 @@ import zlib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from scaleattn.config import VOC_IGNORE_LABEL
+
 # TFDS 4.9 imports `importlib_resources` when it prepares a dataset but declares
 # it only for Python < 3.9 (tensorflow/datasets#11212). The standard library's
 # `importlib.resources` has everything it uses; stand it in if the backport is
@@ -62,7 +64,6 @@ except ImportError:
 
 NUM_CLASSES = 4          # background + 3 shapes
 CLASS_NAMES = ("background", "circle", "square", "triangle")
-IGNORE_LABEL = 255
 IMAGE_SIZE = 128         # default image side
 TRAIN_SIZE = 2000        # default number of images per split
 VAL_SIZE = 300
@@ -235,7 +236,7 @@ def render(objects: list[ShapeSpec], background: np.ndarray
         colour = obj.color + obj.shading * ramp[..., None]
         image[y0:y1, x0:x1][inside] = colour[inside]
         box = label[y0:y1, x0:x1]
-        box[grown & ~core] = IGNORE_LABEL
+        box[grown & ~core] = VOC_IGNORE_LABEL
         box[core] = obj.label
     return image, label
 

@@ -69,10 +69,10 @@ import PIL.Image
 import scipy.io
 import tensorflow_datasets as tfds
 
+from scaleattn.config import VOC_IGNORE_LABEL
 from scaleattn.data import errors
 
 NUM_CLASSES = 21
-IGNORE_LABEL = 255
 
 VOC_ARCHIVE = "VOCtrainval_11-May-2012.tar"
 SBD_ARCHIVE = "benchmark.tgz"
@@ -361,11 +361,11 @@ def check_label(label: np.ndarray, image_size: tuple[int, int], where: str,
             f"{image_where} is {image_size[1]}x{image_size[0]}",
             "restore the original mask and image; they must have the same size")
     values = np.unique(label)
-    bad = values[((values < 0) | (values >= NUM_CLASSES)) & (values != IGNORE_LABEL)]
+    bad = values[((values < 0) | (values >= NUM_CLASSES)) & (values != VOC_IGNORE_LABEL)]
     if bad.size:
         raise _error(
             f"mask {where} has label values {bad[:5].tolist()} outside "
-            f"0..{NUM_CLASSES - 1} and {IGNORE_LABEL}",
+            f"0..{NUM_CLASSES - 1} and {VOC_IGNORE_LABEL}",
             "restore the original mask (values are class ids 0..20 and 255 = ignore)")
     return label.astype(np.uint8)[..., None]
 

@@ -10,18 +10,14 @@ import functools
 import jax.numpy as jnp
 import ml_collections
 
+from scaleattn import config as config_lib
 from scaleattn.models import heads, layers, scale_attention, vgg
-
-BACKBONES = ("vgg16", "resnet50", "resnet101", "resnext101_32x4d", "resnext101_32x8d")
-HEADS = ("largefov", "aspp_v2", "gsag")
 
 
 def compute_dtype(name: str):
     """'float32' | 'bfloat16' -> the jnp dtype."""
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if name not in dtypes:
-        raise ValueError(f"model.dtype must be one of {sorted(dtypes)}, got {name!r}")
-    return dtypes[name]
+    config_lib.check_choice("model.dtype", name)
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 def dilated_conv_impl(cfg: ml_collections.ConfigDict) -> str:
@@ -37,23 +33,23 @@ def fold_bn(cfg: ml_collections.ConfigDict) -> bool:
 
 def backbone_factory(cfg: ml_collections.ConfigDict, bn_axis_name: str | None, dtype):
     """A factory ``(name=...) -> backbone module`` for ``cfg.backbone``."""
+    config_lib.check_choice("model.backbone", cfg.backbone)
     if cfg.backbone == "vgg16":
         return functools.partial(vgg.VGG16, width=cfg.width, depth=tuple(cfg.depth),
                                  output_stride=cfg.output_stride, dtype=dtype,
                                  dilated_conv=dilated_conv_impl(cfg))
-    if cfg.backbone in BACKBONES:
-        from scaleattn.models import resnet  # pylint: disable=import-outside-toplevel
-        return functools.partial(
-            resnet.resnet, cfg.backbone, width=cfg.width, depth=tuple(cfg.depth),
-            output_stride=cfg.output_stride, multi_grid=tuple(cfg.multi_grid),
-            stride_in_1x1=cfg.stride_in_1x1, bn_mode=cfg.bn_mode,
-            bn_axis_name=bn_axis_name, dtype=dtype, dilated_conv=dilated_conv_impl(cfg),
-            fold_bn=fold_bn(cfg), remat=cfg.remat)
-    raise ValueError(f"model.backbone must be one of {BACKBONES}, got {cfg.backbone!r}")
+    from scaleattn.models import resnet  # pylint: disable=import-outside-toplevel
+    return functools.partial(
+        resnet.resnet, cfg.backbone, width=cfg.width, depth=tuple(cfg.depth),
+        output_stride=cfg.output_stride, multi_grid=tuple(cfg.multi_grid),
+        stride_in_1x1=cfg.stride_in_1x1, bn_mode=cfg.bn_mode,
+        bn_axis_name=bn_axis_name, dtype=dtype, dilated_conv=dilated_conv_impl(cfg),
+        fold_bn=fold_bn(cfg), remat=cfg.remat)
 
 
 def head_factory(cfg: ml_collections.ConfigDict, bn_axis_name: str | None, dtype):
     """A factory ``(name=...) -> head module`` for ``cfg.head``."""
+    config_lib.check_choice("model.head", cfg.head)
     if cfg.head == "largefov":
         return functools.partial(heads.LargeFOVHead, cfg.num_classes, fc_width=cfg.fc_width,
                                  fc6_dilation=cfg.fc6_dilation, dropout=cfg.dropout,
@@ -63,16 +59,14 @@ def head_factory(cfg: ml_collections.ConfigDict, bn_axis_name: str | None, dtype
         return functools.partial(heads.ASPPv2Head, cfg.num_classes,
                                  rates=tuple(cfg.aspp_rates), dtype=dtype,
                                  dilated_conv=dilated_conv_impl(cfg))
-    if cfg.head == "gsag":
-        from scaleattn.models import self_attention  # pylint: disable=import-outside-toplevel
-        return functools.partial(self_attention.GSAGHead, num_classes=cfg.num_classes,
-                                 variant=cfg.gsag_variant, channels=cfg.gsag_channels,
-                                 width=cfg.width, window=cfg.gsag_window,
-                                 global_attention=cfg.gsag_global_attention,
-                                 dropout=cfg.gsag_dropout, bn_mode=cfg.bn_mode,
-                                 bn_axis_name=bn_axis_name, dtype=dtype,
-                                 fold_bn=fold_bn(cfg))
-    raise ValueError(f"model.head must be one of {HEADS}, got {cfg.head!r}")
+    from scaleattn.models import self_attention  # pylint: disable=import-outside-toplevel
+    return functools.partial(self_attention.GSAGHead, num_classes=cfg.num_classes,
+                             variant=cfg.gsag_variant, channels=cfg.gsag_channels,
+                             width=cfg.width, window=cfg.gsag_window,
+                             global_attention=cfg.gsag_global_attention,
+                             dropout=cfg.gsag_dropout, bn_mode=cfg.bn_mode,
+                             bn_axis_name=bn_axis_name, dtype=dtype,
+                             fold_bn=fold_bn(cfg))
 
 
 def build_model(cfg: ml_collections.ConfigDict, *, bn_axis_name: str | None = None):

@@ -31,9 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-BN_MODES = ("frozen", "train")
+from scaleattn import config as config_lib
+
 BN_EPSILON = 1e-5
-DILATED_CONV_IMPLS = ("native", "space_to_batch", "taps")
+# The concrete lowerings ('auto' resolves to one of them).
+DILATED_CONV_IMPLS = tuple(c for c in config_lib.CHOICES["model.dilated_conv"] if c != "auto")
 
 # model.dilated_conv='auto': per platform (`jax.default_backend()`), the lowering that
 # measured fastest, with the measurement that decided it. A platform that is not here
@@ -47,7 +49,7 @@ DILATED_CONV_AUTO = {
     "tpu": ("native", "not measured yet: XLA's own lowering until the three are timed "
                       "(--config.bench.dilated_convs) on a TPU"),
 }
-POINTWISE_CONV_IMPLS = ("matmul", "conv")
+POINTWISE_CONV_IMPLS = ("matmul", "conv")  # not a config key: chosen per layer in code
 
 # He-normal on fan_out, as torchvision initialises ResNet/VGG convolutions.
 he_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -60,9 +62,7 @@ def resolve_dilated_conv(name: str, platform: str | None = None) -> str:
     if name == "auto":
         platform = platform or jax.default_backend()
         return DILATED_CONV_AUTO.get(platform, ("native", ""))[0]
-    if name not in DILATED_CONV_IMPLS:
-        raise ValueError(f"dilated_conv must be one of {DILATED_CONV_IMPLS + ('auto',)}, "
-                         f"got {name!r}")
+    config_lib.check_choice("model.dilated_conv", name)
     return name
 
 
@@ -246,8 +246,9 @@ class DilatedConv(nn.Module):
     def __call__(self, x: jnp.ndarray, scale: jnp.ndarray | None = None) -> jnp.ndarray:
         k, d = self.kernel_size, self.dilation
         if self.impl not in DILATED_CONV_IMPLS[1:]:
-            raise ValueError(f"dilated_conv must be one of {DILATED_CONV_IMPLS}, "
-                             f"got {self.impl!r}")
+            raise ValueError(f"DilatedConv implements model.dilated_conv in "
+                             f"{DILATED_CONV_IMPLS[1:]} (native "
+                             f"convolutions use nn.Conv), got {self.impl!r}")
         if k % 2 != 1:
             raise ValueError(f"DilatedConv needs an odd kernel size, got {k}")
         x, kernel, bias = conv_parameters(
@@ -294,8 +295,7 @@ def batch_norm(*, train: bool, bn_mode: str, axis_name: str | None = None,
     synchronised over ``axis_name`` (the pmap axis) when one is given; under `jit` on
     global (sharded) arrays they are global already. ``name`` must start with ``bn``.
     """
-    if bn_mode not in BN_MODES:
-        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    config_lib.check_choice("model.bn_mode", bn_mode)
     if not name.startswith("bn"):
         raise ValueError(f"batch-norm module names must start with 'bn', got {name!r}")
     use_batch_stats = train and bn_mode == "train"
@@ -344,8 +344,7 @@ def conv_bn(x: jnp.ndarray, features: int, kernel_size: int = 3, *, train: bool,
     kwargs = dict(stride=stride, dilation=dilation, groups=groups, use_bias=use_bias,
                   dtype=dtype, kernel_init=kernel_init, dilated_conv=dilated_conv)
     if fold and not (train and bn_mode == "train"):
-        if bn_mode not in BN_MODES:
-            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        config_lib.check_choice("model.bn_mode", bn_mode)
         if not bn_name.startswith("bn"):
             raise ValueError(f"batch-norm module names must start with 'bn', got {bn_name!r}")
         s, t = BatchNormConstants(name=bn_name)(features)

@@ -30,9 +30,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from scaleattn import config as config_lib
 from scaleattn.models import layers
 
-MERGES = ("attention", "avg", "max", "hierarchical")
+MERGES = config_lib.CHOICES["model.merge"]
 
 
 def merge_scales(scale_logits: jnp.ndarray, merge: str,
@@ -188,8 +189,7 @@ class MultiScaleSegmenter(nn.Module):
         if 1.0 not in scales:
             raise ValueError(f"model.scales must contain 1.0 (the reference size), "
                              f"got {scales}")
-        if self.merge not in MERGES:
-            raise ValueError(f"model.merge must be one of {MERGES}, got {self.merge!r}")
+        config_lib.check_choice("model.merge", self.merge)
         if scales != tuple(self.scales) and self.merge != "hierarchical":
             raise ValueError(f"only the hierarchical merge runs on scales {scales} it was not "
                              f"trained on ({tuple(self.scales)})")

@@ -198,10 +198,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scaleattn import config as config_lib
 from scaleattn.models import layers
 
-VARIANTS = ("basic", "incremental", "hybrid")
-GLOBAL_ATTENTIONS = ("pooled", "non_local")
+VARIANTS = config_lib.CHOICES["model.gsag_variant"]
+GLOBAL_ATTENTIONS = config_lib.CHOICES["model.gsag_global_attention"]
 
 # DeepLab initialises its new classifiers with N(0, 0.01).
 classifier_init = nn.initializers.normal(0.01)
@@ -434,11 +435,8 @@ class GSAGHead(nn.Module):
 
     @nn.compact
     def __call__(self, features: jnp.ndarray, *, train: bool) -> dict:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"GSAG variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.global_attention not in GLOBAL_ATTENTIONS:
-            raise ValueError(f"GSAG global_attention must be one of {GLOBAL_ATTENTIONS}, "
-                             f"got {self.global_attention!r}")
+        config_lib.check_choice("model.gsag_variant", self.variant)
+        config_lib.check_choice("model.gsag_global_attention", self.global_attention)
         _check_window(self.window)
         c = max(1, int(self.channels * self.width))
         key_channels, value_channels = max(1, c // 8), max(1, c // 2)
