@@ -1,6 +1,6 @@
 """scaleattn (JAX) against its PyTorch peer: same config, same process tree, one table.
 
-    python benchmarks/compare.py --config=configs/voc_r101_s3.py \\
+    python -m benchmarks.compare --config=configs/voc_r101_s3.py \\
         [--config.model.width=0.25 --config.bench.batch_size=2 ...] \\
         [--peer_args="--compile"] [--rounds=3] [--cpus=0] [--output_dir=bench_out]
 
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         torch_json = os.path.join(out, f"torch_{r}.json")
         run([sys.executable, "-m", "scaleattn.main", "--mode=bench", *config_args,
              f"--output={jax_json}"])
-        run([sys.executable, os.path.join("benchmarks", "torch_peer.py"), *config_args,
+        run([sys.executable, "-m", "benchmarks.torch_peer", *config_args,
              *args.peer_args.split(), f"--output={torch_json}"])
         for path, reports in ((jax_json, jax_reports), (torch_json, torch_reports)):
             with open(path, encoding="utf-8") as f:

@@ -1,6 +1,6 @@
 """Time the dense CRF (`scaleattn.crf`) on one image, and pydensecrf2 if installed.
 
-    python benchmarks/crf_bench.py [--size=513] [--classes=21] [--iterations=10]
+    python -m benchmarks.crf_bench [--size=513] [--classes=21] [--iterations=10]
         [--repeats=3] [--output=FILE.json]
 
 The image is the synthetic VOC-like photo of `scaleattn.data.fake_voc` (smooth

@@ -1,6 +1,6 @@
 """Picture of the dense CRF on eval images: image | ground truth | mask | mask after the CRF.
 
-    python benchmarks/crf_figure.py --config=configs/demo.py --workdir=RUN \\
+    python -m benchmarks.crf_figure --config=configs/demo.py --workdir=RUN \\
         --output=docs/crf_demo.png [--images=0,1,2] [--config.crf.bilateral_weight=...]
 
 Reads the chosen examples of ``data.eval_split`` (their index in the split), predicts

@@ -11,7 +11,7 @@
 # Further arguments go to compare.py after the script's own (a later --config.* wins);
 # PEER_ARGS replaces the peer's flags (default --compile).
 #
-# Runs benchmarks/compare.py on the setting (ResNet-101-ASPP, 3 scales with
+# Runs benchmarks.compare on the target setting (ResNet-101-ASPP, 3 scales with
 # attention, crop 321, batch 8 on one device) for one dtype, with the three lowerings of
 # the dilated convolutions and a profile of each, against the PyTorch peer with
 # torch.compile. Writes compare.md / compare.json and the JAX/PyTorch reports to OUT.
@@ -33,7 +33,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" || true
-python3 benchmarks/compare.py --config=configs/voc_r101_s3.py \
+python3 -m benchmarks.compare --config=configs/voc_r101_s3.py \
   --config.bench.dtypes="$dtype" --config.bench.batch_size=8 --config.data.crop_size=321 \
   --config.bench.dilated_convs=native,space_to_batch,taps \
   --config.bench.profile_dir=/tmp/scaleattn_profile --config.bench.steps=10 --config.bench.warmup=3 \

@@ -1,6 +1,6 @@
 """Parameters and forward FLOPs of the full-size GSAG configs, as a table.
 
-    python benchmarks/gsag_table.py [--size=513] [--variants=basic,incremental,hybrid]
+    python -m benchmarks.gsag_table [--size=513] [--variants=basic,incremental,hybrid]
 
 One row per shipped ``configs/gsag_<variant>_<backbone>.py``. FLOPs are XLA's cost
 analysis of the lowered (not compiled) inference forward pass of one ``size x size``

@@ -1,6 +1,6 @@
 """The PyTorch peer of scaleattn's model, timed the way ``--mode=bench`` times JAX.
 
-    python benchmarks/torch_peer.py --config=configs/voc_r101_s3.py \\
+    python -m benchmarks.torch_peer --config=configs/voc_r101_s3.py \\
         [--config.model.width=0.25 ...] [--compile] [--output=peer.json]
 
 Reads the same config files and ``--config.*`` overrides as ``scaleattn.main`` (only
@@ -39,8 +39,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scaleattn import config as config_lib  # noqa: E402  (no JAX needed)
+from scaleattn import config as config_lib  # no JAX needed
 
 FLAGS = flags.FLAGS
 

@@ -13,8 +13,7 @@ import pytest
 from scaleattn import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-import compare  # pylint: disable=wrong-import-position
+from benchmarks import compare
 
 
 def conv(x, w):
@@ -197,3 +196,23 @@ def test_convolution_windows_show_kernel_dilation():
     text = jax.jit(f).lower(jnp.ones((1, 9, 9, 2)), jnp.ones((3, 3, 2, 2))).compile().as_text()
     assert bench.convolution_windows(text) == {"count": 1, "rhs_dilated": 1,
                                                "windows": {"size=3x3 rhs_dilate=4x4": 1}}
+
+
+def test_fold_frozen_bn_sweep_config_and_column():
+    from scaleattn import config as config_lib  # pylint: disable=import-outside-toplevel
+    config = config_lib.recipe("voc_r101_s3")
+    assert bench.bench_config(config, "float32").model.fold_frozen_bn is True
+    assert bench.bench_config(config, "float32", None, False).model.fold_frozen_bn is False
+    config.bench.fold_frozen_bn = "true,false"
+    config_lib.validate(config)
+    config.bench.fold_frozen_bn = "true,no"
+    with pytest.raises(config_lib.ConfigError, match="bench.fold_frozen_bn"):
+        config_lib.validate(config)
+    report = fake_report("jax", 0.5, 0.2)
+    report["setup"].update(cpus_allowed=2)
+    row = dict(report["results"][0], dilated_conv="native", fold_frozen_bn=False,
+               eval_mfu=None, train_step_memory_bytes=None, peak_memory_bytes=None)
+    report["results"] = [row, dict(row, fold_frozen_bn=True)]
+    text = bench.table(report)
+    assert "| float32 | native | no | 3.0 / 1.0 |" in text
+    assert "| float32 | native | yes | 3.0 / 1.0 |" in text

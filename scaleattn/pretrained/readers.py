@@ -16,8 +16,6 @@ reader gets a message that says what it is.
 import zipfile
 
 import numpy as np
-import safetensors
-from safetensors import numpy as safetensors_numpy
 
 from scaleattn.pretrained import keras_files, torch_files
 from scaleattn.pretrained.our_format import WeightsError
@@ -65,8 +63,10 @@ def sniff(path: str) -> str:
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """A ``.safetensors`` file -> ``{name: array}`` (the ``safetensors`` package's numpy
     loader; the header's dtype and shape per tensor, ``__metadata__`` left out)."""
+    # Imported when used: a machine that only benchmarks needs no safetensors.
+    import safetensors.numpy  # pylint: disable=import-outside-toplevel
     try:
-        return safetensors_numpy.load_file(path)
+        return safetensors.numpy.load_file(path)
     except (safetensors.SafetensorError, OSError, AttributeError, TypeError) as e:
         # AttributeError / TypeError: a dtype numpy has no type for (e.g. F8_E4M3).
         raise WeightsError(f"{path}: truncated or corrupt safetensors file, or a dtype numpy "
