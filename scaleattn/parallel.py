@@ -43,6 +43,7 @@ from typing import Any, Callable, Sequence
 
 import flax.jax_utils
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -78,6 +79,12 @@ class Replicas:
     def mean(self, tree):
         """``tree`` averaged over the replicas (leaf-wise)."""
         return tree if self.axis_name is None else jax.lax.pmean(tree, self.axis_name)
+
+    def index(self) -> jax.Array:
+        """This replica's position along the replicas (0 with a single replica)."""
+        if self.axis_name is None:
+            return jnp.zeros((), jnp.int32)
+        return jax.lax.axis_index(self.axis_name)
 
     def fold_in(self, key: jax.Array) -> jax.Array:
         """``key`` made distinct per replica (unchanged with a single replica)."""
