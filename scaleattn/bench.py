@@ -5,9 +5,10 @@ The steps timed are the production ones (`train.setup_run` with ``parallel.mode 
 (``bench.batch_size`` x ``bench.crop_size``², ``model.num_classes`` labels, 255 = ignore
 on a few pixels): no input pipeline and no TensorFlow.
 
-For every dtype of ``bench.dtypes`` (``model.dtype``; default fp32 and bf16) and every
+For every dtype of ``bench.dtypes`` (``model.dtype``; default fp32 and bf16), every
 lowering of the dilated convolutions in ``bench.dilated_convs`` (``model.dilated_conv``;
-default the model's own):
+default the model's own) and every batch-norm folding of ``bench.fold_frozen_bn``
+(``model.fold_frozen_bn``; default the model's own):
 
 * compile time: ``jit(...).lower(...).compile()`` wall time, train and eval step;
 * step time: after ``bench.warmup`` untimed steps, the median of ``bench.steps``
@@ -197,12 +198,15 @@ def op_time_summary(trace_dir: str, calls: int, top: int = 12) -> list[dict]:
             for name, ns in totals.most_common(top)]
 
 
-def bench_config(config, dtype: str, dilated_conv: str | None = None):
+def bench_config(config, dtype: str, dilated_conv: str | None = None,
+                 fold_bn: bool | None = None):
     """A copy of ``config`` for timing ``dtype`` on one device (jit)."""
     c = copy.deepcopy(config)
     c.model.dtype = dtype
     if dilated_conv:
         c.model.dilated_conv = dilated_conv
+    if fold_bn is not None:
+        c.model.fold_frozen_bn = fold_bn
     c.parallel.mode = "jit"
     c.batch_size = c.bench.batch_size or c.batch_size
     c.data.crop_size = c.bench.crop_size or c.data.crop_size
@@ -216,10 +220,12 @@ def compile_timed(jitted, *args):
     return compiled, time.perf_counter() - start
 
 
-def benchmark_dtype(config, dtype: str, dilated_conv: str | None = None) -> dict:
+def benchmark_dtype(config, dtype: str, dilated_conv: str | None = None,
+                    fold_bn: bool | None = None) -> dict:
     """Compile and time the train and eval steps of ``config`` in ``dtype`` with its
-    dilated convs lowered as ``dilated_conv`` (None: the config's) (one row)."""
-    cfg = bench_config(config, dtype, dilated_conv)
+    dilated convs lowered as ``dilated_conv`` and ``model.fold_frozen_bn = fold_bn``
+    (None: the config's) (one row)."""
+    cfg = bench_config(config, dtype, dilated_conv, fold_bn)
     lowering = layers.resolve_dilated_conv(cfg.model.dilated_conv)  # 'auto': this platform's
     run = train.setup_run(cfg)
     device = jax.local_devices()[0]
@@ -246,7 +252,8 @@ def benchmark_dtype(config, dtype: str, dilated_conv: str | None = None) -> dict
     jax.block_until_ready(train_call())  # the first step may allocate
     profile = None
     if cfg.bench.profile_dir:
-        trace_dir = os.path.join(cfg.bench.profile_dir, f"{dtype}_{lowering}")
+        trace_dir = os.path.join(cfg.bench.profile_dir, f"{dtype}_{lowering}"
+                                 f"{'' if cfg.model.fold_frozen_bn else '_unfolded'}")
         with jax.profiler.trace(trace_dir):
             train_times = time_calls(train_call, steps=cfg.bench.steps, warmup=cfg.bench.warmup)
         profile = op_time_summary(trace_dir, cfg.bench.steps + cfg.bench.warmup)
@@ -260,6 +267,7 @@ def benchmark_dtype(config, dtype: str, dilated_conv: str | None = None) -> dict
     return {
         "dtype": dtype,
         "dilated_conv": lowering,
+        "fold_frozen_bn": cfg.model.fold_frozen_bn,
         "num_params": int(num_params),
         "compile_train_s": train_compile_s,
         "compile_eval_s": eval_compile_s,
@@ -305,12 +313,15 @@ def benchmark(config) -> dict:
         "steps": cfg.bench.steps, "warmup": cfg.bench.warmup,
     }
     impls = config_lib.comma_list(config.bench.dilated_convs)
+    folds = [f == "true" for f in config_lib.comma_list(config.bench.fold_frozen_bn)]
     results = []
     for dtype in dtypes:
         for impl in impls or [None]:
-            logging.info("Benchmarking %s in %s, dilated convs %s ...", config.name, dtype,
-                         impl or config.model.dilated_conv)
-            results.append(benchmark_dtype(config, dtype, impl))
+            for fold in folds or [None]:
+                logging.info("Benchmarking %s in %s, dilated convs %s, fold_frozen_bn %s ...",
+                             config.name, dtype, impl or config.model.dilated_conv,
+                             config.model.fold_frozen_bn if fold is None else fold)
+                results.append(benchmark_dtype(config, dtype, impl, fold))
     return {"setup": setup, "results": results}
 
 
@@ -329,14 +340,15 @@ def table(report: dict) -> str:
              f"on {s['device']} ({s['platform']}, {s['cpus_allowed']} of {s['host_cores']} "
              f"host cores), jax {s['jax']}",
              "",
-             "| dtype | dilated convs | compile train / eval (s) | train step (ms) "
+             "| dtype | dilated convs | BN folded | compile train / eval (s) | train step (ms) "
              "| train img/s | eval step (ms) | eval img/s | train GFLOP/step (model) "
              "| MFU train | MFU eval | executed train GFLOP/step (XLA) "
              "| step memory (MiB) | peak memory (MiB) |",
-             "|" + "---|" * 13]
+             "|" + "---|" * 14]
     for r in report["results"]:
         lines.append("| " + " | ".join([
             r["dtype"], r.get("dilated_conv", "native"),
+            {True: "yes", False: "no"}.get(r.get("fold_frozen_bn"), "n/a"),
             f"{r['compile_train_s']:.1f} / {r['compile_eval_s']:.1f}",
             fmt(r["train_step_s"], 1e3, 1), fmt(r["train_images_per_s"], 1, 2),
             fmt(r["eval_step_s"], 1e3, 1), fmt(r["eval_images_per_s"], 1, 2),

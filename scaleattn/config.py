@@ -159,6 +159,8 @@ def base_config() -> ml_collections.ConfigDict:
     b.steps = 10                 # timed steps; the median is reported
     b.dilated_convs = ""         # model.dilated_conv values to time, comma-separated
                                  # ('' = the model's; e.g. 'native,space_to_batch,taps')
+    b.fold_frozen_bn = ""        # model.fold_frozen_bn values to time, comma-separated
+                                 # ('' = the model's; 'true,false' for both)
     b.profile_dir = ""           # if set, a jax.profiler trace of the timed train steps
                                  # and a table of the ops that took the time
 
@@ -325,6 +327,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for item in comma_list(lookup(config, key)):
             if item not in CHOICES[choices]:
                 raise ConfigError(f"config.{key} has {item!r}, not one of {CHOICES[choices]}")
+    for item in comma_list(config.bench.fold_frozen_bn):
+        if item not in ("true", "false"):
+            raise ConfigError(f"config.bench.fold_frozen_bn has {item!r}, not 'true' or 'false'")
     if config.model.remat and not config.model.backbone.startswith("res"):
         raise ConfigError(f"config.model.remat=True recomputes ResNet/ResNeXt blocks; "
                           f"model.backbone={config.model.backbone!r} has none (set it False)")
