@@ -41,6 +41,12 @@ def base_config() -> ml_collections.ConfigDict:
     d.crop_size = 321            # square train crop
     d.scale_range = (0.5, 2.0)   # random rescale before cropping
     d.flip = True
+    d.augment_on = "device"      # where rescale / pad / crop / flip run: 'device' (in the
+                                 # train step, `scaleattn.augment`; the host only decodes) |
+                                 # 'host' (tf.data, `data.pipeline.augment`)
+    d.canvas_size = 0            # device augmentation: the uint8 square every train image is
+                                 # placed on by the host (0 = eval_size); larger images are
+                                 # an error
     d.mean = IMAGENET_MEAN       # pixel mean (0..255 RGB); padding uses it
     d.std = IMAGENET_STD
     d.eval_size = 513            # eval images are padded (label loss.ignore_label) to this square
@@ -260,6 +266,7 @@ class ConfigError(ValueError):
 
 CHOICES = {
     "data.name": ("voc2012", "scale_shapes"),
+    "data.augment_on": ("device", "host"),
     "model.backbone": ("vgg16", "resnet50", "resnet101", "resnext101_32x4d",
                        "resnext101_32x8d"),
     "model.head": ("largefov", "aspp_v2", "gsag"),
@@ -315,6 +322,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.loss.ignore_label={ignore} must be in "
                           f"model.num_classes={config.model.num_classes}..255 (not a class id, "
                           f"and it must fit the uint8 labels of the pipeline)")
+    if config.data.canvas_size < 0:
+        raise ConfigError(f"config.data.canvas_size={config.data.canvas_size} must be >= 0 "
+                          f"(0 = data.eval_size)")
     low, high = config.data.scale_range
     if not 0 < low <= high:
         raise ConfigError(f"config.data.scale_range={tuple(config.data.scale_range)} must be "

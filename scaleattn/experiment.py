@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from scaleattn import augment as augment_lib
 from scaleattn import checkpoint, crf, inference, optim, parallel, pretrained, steps
 from scaleattn import config as config_lib
 from scaleattn import state as state_lib
@@ -47,7 +48,8 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
                                           bn_frozen=config.model.bn_mode == "frozen")
     train_step = layout.compile_step(functools.partial(
         steps.train_step, model=model, loss_config=config.loss, learning_rate=schedule,
-        grad_accum_steps=config.train.grad_accum_steps))
+        grad_accum_steps=config.train.grad_accum_steps,
+        augment=augment_lib.from_config(config)))
     eval_step = layout.compile_step(functools.partial(
         steps.eval_step, model=model, num_classes=config.model.num_classes,
         ignore_label=config.loss.ignore_label,

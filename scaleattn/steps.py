@@ -26,8 +26,16 @@ from scaleattn.state import TrainState, variables_of
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
                loss_config: ml_collections.ConfigDict, learning_rate,
                grad_accum_steps: int = 1,
-               replicas: parallel.Replicas = parallel.SINGLE) -> tuple[TrainState, dict]:
+               replicas: parallel.Replicas = parallel.SINGLE,
+               augment=None) -> tuple[TrainState, dict]:
     """One SGD step on ``batch`` (``image [b,H,W,3]``, ``label [b,H,W]``).
+
+    A batch on the canvas (``data.augment_on='device'``: ``image uint8 [b,S,S,3]``,
+    ``label uint8 [b,S,S]``, ``size int32 [b,2]``) is first turned into crops by
+    ``augment(batch, rng, state.step, replicas)`` (`augment.from_config`; the crops
+    depend on the run's key, the step and each example's index in the global batch,
+    not on the device split). A batch without ``size`` is already cropped (the host
+    augmented it, or a synthetic batch) and goes to the model as it is.
 
     Every replica computes the gradient of its share of the global loss (the loss
     normalises by the pixel count of the whole batch, `losses.global_count`); the
@@ -41,6 +49,11 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
     plain cross-entropy and frozen batch norm), in about ``1/k`` of the activation
     memory.
     """
+    if "size" in batch:
+        if augment is None:
+            raise ValueError("the batch is on the canvas (data.augment_on='device') but the "
+                             "train step has no augment function (augment.from_config)")
+        batch = augment(batch, rng, state.step, replicas)
     step_rng = replicas.fold_in(jax.random.fold_in(rng, state.step))
 
     def loss_fn(params, micro_batch, dropout_rng, weights):

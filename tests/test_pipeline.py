@@ -27,7 +27,7 @@ def make_config(data_dir, **overrides):
     data.update(dict(name="scale_shapes", data_dir=str(data_dir),
                      train_split="train", eval_split="val", crop_size=64,
                      eval_size=160, prefetch=1, demo_train_size=TRAIN,
-                     demo_val_size=VAL))
+                     demo_val_size=VAL, augment_on="host"))
     data.update(overrides)
     return data
 
@@ -296,6 +296,43 @@ def test_eval_image_larger_than_eval_size_is_an_error(data_dir):
                                    process_count=1))
 
 
+# ------------------------------------------------- device augmentation input ---
+
+
+def test_device_path_puts_decoded_images_on_the_canvas(data_dir):
+    known = reference("train", TRAIN)
+    config = make_config(data_dir, augment_on="device", canvas_size=150)
+    batches = take(pipeline.train_batches(config, batch_size=4, ignore_label=255, seed=0,
+                                          process_index=0, process_count=1), 4)
+    assert batches[0]["image"].dtype == np.uint8
+    assert batches[0]["image"].shape == (4, 150, 150, 3)
+    assert batches[0]["label"].dtype == np.uint8
+    assert batches[0]["label"].shape == (4, 150, 150)
+    assert batches[0]["size"].dtype == np.int32
+    found = []
+    for batch in batches:
+        np.testing.assert_array_equal(batch["size"], np.full((4, 2), 128))
+        for image, label in zip(batch["image"], batch["label"]):
+            outside = np.ones((150, 150), bool)
+            outside[:128, :128] = False
+            assert (label[outside] == 255).all() and (image[outside] == 0).all()
+            found.append(known.get((image[:128, :128].tobytes(),
+                                    label[:128, :128].tobytes())))
+    assert sorted(found) == list(range(TRAIN)), "each decoded image once, unchanged"
+    # The canvas defaults to data.eval_size.
+    batch = next(pipeline.train_batches(make_config(data_dir, augment_on="device"),
+                                        batch_size=2, ignore_label=255, seed=0,
+                                        process_index=0, process_count=1))
+    assert batch["image"].shape == (2, 160, 160, 3)
+
+
+def test_image_larger_than_the_canvas_is_an_error(data_dir):
+    config = make_config(data_dir, augment_on="device", canvas_size=100)
+    with pytest.raises(ValueError, match=r"data\.canvas_size=100"):
+        next(pipeline.train_batches(config, batch_size=2, ignore_label=255, seed=0,
+                                    process_index=0, process_count=1))
+
+
 def test_configured_ignore_label_marks_boundaries_and_padding(data_dir):
     """loss.ignore_label=254: the files' 255 becomes 254, padding is 254, no 255 left."""
     train_labels = {lab.tobytes(): lab for _, lab in
@@ -329,3 +366,9 @@ def test_configured_ignore_label_marks_boundaries_and_padding(data_dir):
                                         process_index=0, process_count=1))
     for label in batch["label"]:
         assert (label != 255).all() and (label == 254).sum() >= 96 * 96 - 64 * 64
+    # Device path: the canvas.
+    config = make_config(data_dir, augment_on="device")
+    batch = next(pipeline.train_batches(config, batch_size=4, ignore_label=254, seed=0,
+                                        process_index=0, process_count=1))
+    for label in batch["label"]:
+        check(label, as_255[label[window].tobytes()], window)

@@ -1,11 +1,17 @@
 """tf.data input pipeline for any segmentation TFDS dataset of this project.
 
 Works on every builder with the features `image` (RGB uint8), `segmentation`
-(single-channel uint8 class indices, `config.VOC_IGNORE_LABEL` = 255 on
-boundaries) and `image_id`: the demo
-`scale_shapes` (`scaleattn.data.shapes`) and `voc2012` (`scaleattn.data.voc`).
-Batches are dicts of numpy arrays, `image` float32 [b, H, W, 3] normalised with
-data.mean / data.std and `label` int32 [b, H, W] (docs/design.md, "One training step").
+(single-channel uint8 class indices, `config.VOC_IGNORE_LABEL` = 255 on boundaries)
+and `image_id`: the demo `scale_shapes` (`scaleattn.data.shapes`) and `voc2012`
+(`scaleattn.data.voc`). Batches are dicts of numpy arrays (docs/design.md, "One
+training step"):
+
+* eval, and train with data.augment_on='host': `image` float32 [b, H, W, 3]
+  normalised with data.mean / data.std, `label` int32 [b, H, W];
+* train with data.augment_on='device': `image` uint8 [b, S, S, 3] and `label`
+  uint8 [b, S, S], each decoded image at the top-left of an S = data.canvas_size
+  (default data.eval_size) square, and `size` int32 [b, 2], its true (height,
+  width); the train step rescales, crops and flips them (`scaleattn.augment`).
 
 Design choices:
 
@@ -27,10 +33,11 @@ Design choices:
   (`config.VOC_IGNORE_LABEL`); every batch carries the caller's `ignore_label`
   (`config.loss.ignore_label`, a required argument) there and in all padding, so
   the loss, the metrics and the padding always agree.
-* **Augmentation.** Random rescale in data.scale_range
-  (bilinear image, nearest label), pad to the crop with the mean pixel (0 after
-  normalisation) and the ignore label, random crop, random horizontal flip. An
-  image smaller than the crop is placed at a random offset inside it.
+* **Augmentation** (data.augment_on='host'; the device path follows the same
+  recipe). Random rescale in data.scale_range (bilinear image, nearest label),
+  pad to the crop with the mean pixel (0 after normalisation) and the ignore
+  label, random crop, random horizontal flip. An image smaller than the crop is
+  placed at a random offset inside it.
 * **Evaluation.** One pass; each image sits at the top-left of a
   data.eval_size square (mean pixel / ignore label around it). Every process
   yields the same number of full batches (collectives need that): the tail is
@@ -53,6 +60,7 @@ from scaleattn import config as config_lib
 from scaleattn.data import errors, shapes
 
 _EVAL_SIZE_ERROR = "image larger than data.eval_size"
+_CANVAS_SIZE_ERROR = "image larger than data.canvas_size"
 
 
 class DatasetNotFoundError(errors.DataError, RuntimeError):
@@ -198,7 +206,7 @@ def _randint(key: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
 def augment(image: tf.Tensor, label: tf.Tensor, key: tf.Tensor, *,
             crop_size: int, scale_range: tuple[float, float], flip: bool,
             mean, std, ignore_label: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Random scale, pad, crop and flip of one example.
+    """Random scale, pad, crop and flip of one example (`rescale`, then `place`).
 
     A pure function of its inputs: `key` ([2] int64, a stateless RNG seed)
     fixes every random choice.
@@ -217,36 +225,89 @@ def augment(image: tf.Tensor, label: tf.Tensor, key: tf.Tensor, *,
       label [crop, crop] int32 (padding = `ignore_label`).
     """
     keys = tf.random.experimental.stateless_split(key, 7)
+    image, label = rescale(image, label, keys[0], scale_range=scale_range)
+    return place(image, label, keys[1:6], crop_size=crop_size, flip=flip,
+                 mean=mean, std=std, ignore_label=ignore_label)
+
+
+def rescale(image: tf.Tensor, label: tf.Tensor, key: tf.Tensor, *,
+            scale_range: tuple[float, float]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Random rescale: image [h, w, 3] uint8 -> [h', w', 3] float32 0..255
+    (bilinear, half-pixel centres), label [h, w, 1] -> [h', w', 1] (nearest);
+    (h', w') = max(round((h, w) * s), 1), s ~ U(scale_range) from `key`."""
     low, high = scale_range
-    scale = tf.random.stateless_uniform([], seed=keys[0], minval=low,
+    scale = tf.random.stateless_uniform([], seed=key, minval=low,
                                         maxval=high) if high > low else low
     size = tf.cast(tf.shape(image)[:2], tf.float32) * scale
     size = tf.maximum(tf.cast(tf.round(size), tf.int32), 1)
     image = tf.image.resize(tf.cast(image, tf.float32), size, "bilinear")
     label = tf.image.resize(label, size, "nearest")
+    return image, label
+
+
+def place(image: tf.Tensor, label: tf.Tensor, keys: tf.Tensor, *,
+          crop_size: int, flip: bool, mean, std, ignore_label: int
+          ) -> tuple[tf.Tensor, tf.Tensor]:
+    """Pad to the crop (image at a random offset), random crop, random flip,
+    normalise.
+
+    Args:
+      image: [h, w, 3] float 0..255; label: [h, w, 1].
+      keys: [5, 2] seeds: top, left, crop row, crop column, flip.
+    Returns:
+      image [crop, crop, 3] float32 normalised (padding 0), label [crop, crop]
+      int32 (padding `ignore_label`).
+    """
+    size = tf.shape(image)[:2]
     image = normalize(image, mean, std)
     label = tf.cast(label[..., 0], tf.int32)
 
     # Pad to at least the crop, the image at a random place inside the padding.
     pad = tf.maximum(crop_size - size, 0)
-    top, left = _randint(keys[1], pad[0]), _randint(keys[2], pad[1])
+    top, left = _randint(keys[0], pad[0]), _randint(keys[1], pad[1])
     paddings = [[top, pad[0] - top], [left, pad[1] - left]]
     image = tf.pad(image, paddings + [[0, 0]])
     label = tf.pad(label, paddings, constant_values=ignore_label)
 
     # Random crop.
-    y0 = _randint(keys[3], size[0] + pad[0] - crop_size)
-    x0 = _randint(keys[4], size[1] + pad[1] - crop_size)
+    y0 = _randint(keys[2], size[0] + pad[0] - crop_size)
+    x0 = _randint(keys[3], size[1] + pad[1] - crop_size)
     image = image[y0:y0 + crop_size, x0:x0 + crop_size]
     label = label[y0:y0 + crop_size, x0:x0 + crop_size]
 
     if flip:
-        do_flip = tf.random.stateless_uniform([], seed=keys[5]) < 0.5
+        do_flip = tf.random.stateless_uniform([], seed=keys[4]) < 0.5
         image = tf.cond(do_flip, lambda: image[:, ::-1], lambda: image)
         label = tf.cond(do_flip, lambda: label[:, ::-1], lambda: label)
     image.set_shape([crop_size, crop_size, 3])
     label.set_shape([crop_size, crop_size])
     return image, label
+
+
+def canvas_size(data_config) -> int:
+    """Side of the square the device-augmentation path puts train images on."""
+    return data_config.canvas_size or data_config.eval_size
+
+
+def put_on_canvas(image: tf.Tensor, label: tf.Tensor, *, canvas: int,
+                  ignore_label: int) -> dict[str, tf.Tensor]:
+    """One decoded example at the top-left of a `canvas` square, still uint8.
+
+    Args:
+      image: [h, w, 3] uint8 with h, w <= canvas (checked by the caller).
+      label: [h, w, 1] uint8.
+    Returns:
+      {'image': uint8 [canvas, canvas, 3] (padding 0), 'label': uint8
+      [canvas, canvas] (padding `ignore_label`), 'size': int32 [2] = (h, w)}.
+    """
+    size = tf.shape(image)[:2]
+    paddings = [[0, canvas - size[0]], [0, canvas - size[1]]]
+    image = tf.pad(image, paddings + [[0, 0]])
+    label = tf.pad(label[..., 0], paddings,
+                   constant_values=tf.constant(ignore_label, tf.uint8))
+    image.set_shape([canvas, canvas, 3])
+    label.set_shape([canvas, canvas])
+    return {"image": image, "label": label, "size": tf.cast(size, tf.int32)}
 
 
 # ---------------------------------------------------------------- training ---
@@ -278,7 +339,7 @@ def train_batches(data_config, *, batch_size: int, seed: int, ignore_label: int,
                   start_step: int = 0, process_index: int | None = None,
                   process_count: int | None = None
                   ) -> Iterator[dict[str, np.ndarray]]:
-    """Infinite iterator of this process's augmented training batches.
+    """Infinite iterator of this process's training batches.
 
     Args:
       data_config: the config's `data` section.
@@ -289,8 +350,17 @@ def train_batches(data_config, *, batch_size: int, seed: int, ignore_label: int,
         `start_step` (0-based) of a fresh stream.
       process_index, process_count: default to JAX's.
     Yields:
-      {'image': float32 [b, crop, crop, 3], 'label': int32 [b, crop, crop]}.
+      data.augment_on='host': augmented crops, {'image': float32
+      [b, crop, crop, 3], 'label': int32 [b, crop, crop]}.
+      data.augment_on='device': decoded examples on the canvas (S =
+      `canvas_size`), {'image': uint8 [b, S, S, 3], 'label': uint8 [b, S, S],
+      'size': int32 [b, 2]}, for `scaleattn.augment` in the train step.
+    Raises:
+      ValueError (while iterating, device path): an image is larger than the
+      canvas (the message names data.canvas_size).
     """
+    config_lib.check_choice("data.augment_on", data_config.augment_on)
+    on_device = data_config.augment_on == "device"
     process_index, process_count = _process(process_index, process_count)
     builder = _prepared_builder(data_config)
     split = tfds.even_splits(data_config.train_split, n=process_count)[
@@ -305,9 +375,17 @@ def train_batches(data_config, *, batch_size: int, seed: int, ignore_label: int,
                              min(data_config.shuffle_buffer, num_records))
     augment_key = tf.random.experimental.stateless_fold_in(base_key, 2)
     features = builder.info.features
+    canvas = canvas_size(data_config)
 
     def prepare(position, example):
         image, label = _decode(features, example, ignore_label)
+        if on_device:
+            tf.debugging.Assert(
+                tf.reduce_all(tf.shape(image)[:2] <= canvas),
+                [f"{_CANVAS_SIZE_ERROR}={canvas}: image", example["image_id"],
+                 "of shape", tf.shape(image)])
+            return put_on_canvas(image, label, canvas=canvas,
+                                 ignore_label=ignore_label)
         key = tf.random.experimental.stateless_fold_in(augment_key, position)
         image, label = augment(
             image, label, key, crop_size=data_config.crop_size,
@@ -320,7 +398,7 @@ def train_batches(data_config, *, batch_size: int, seed: int, ignore_label: int,
                     deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(
         data_config.prefetch)
-    return ds.as_numpy_iterator()
+    return _raise_size_errors(ds.as_numpy_iterator())
 
 
 # -------------------------------------------------------------- evaluation ---
@@ -397,18 +475,24 @@ def eval_batches(data_config, *, batch_size: int, ignore_label: int,
         num_batches * batch_size - local))
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(
         data_config.prefetch)
-    return _raise_eval_size_errors(ds.as_numpy_iterator(), size)
+    return _raise_size_errors(ds.as_numpy_iterator())
 
 
-def _raise_eval_size_errors(batches, eval_size):
-    """Re-raises the in-graph size check as a ValueError naming eval_size."""
+def _raise_size_errors(batches):
+    """Re-raises the in-graph size checks as ValueErrors naming the data.* key."""
     try:
         yield from batches
     except tf.errors.InvalidArgumentError as e:
-        if _EVAL_SIZE_ERROR not in e.message:
+        if _EVAL_SIZE_ERROR in e.message:
+            key, what, fix = "eval_size", "An eval image", ""
+        elif _CANVAS_SIZE_ERROR in e.message:
+            key, what = "canvas_size", "A train image"
+            fix = (" (0 = data.eval_size), or augment on the host "
+                   "(data.augment_on='host')")
+        else:
             raise
         detail = e.message.split("assertion failed:", 1)[-1].splitlines()[0]
+        size = detail.split(f"data.{key}=", 1)[-1].split(":", 1)[0]
         raise ValueError(
-            f"An eval image is larger than data.eval_size={eval_size} "
-            f"({detail.strip()}); set data.eval_size to at least the largest "
-            "image side.") from None
+            f"{what} is larger than data.{key}={size} ({detail.strip()}); set "
+            f"data.{key} to at least the largest image side{fix}.") from None
