@@ -53,12 +53,23 @@ def test_synthetic_splits_match_the_real_layout():
 def test_benchmark_result(data_dir, tmp_path):
     config = bench_input.voc_data_config(data_dir)
     result = bench_input.benchmark(config, crop_sizes=(33,), batch_size=4, eval_size=65,
-                                   seconds=0.2, warmup_seconds=0.05, repeats=2)
+                                   seconds=0.2, warmup_seconds=0.05, repeats=2, stages=True)
     assert result["dataset"]["train_examples"] == NUM_TRAIN_AUG
     assert result["dataset"]["eval_examples"] == NUM_VAL
     assert result["host"]["cpus"] >= 1 and len(result["host"]["loadavg_end"]) == 3
-    assert [(r["pipeline"], r["size"], r["batch_size"]) for r in result["results"]] == [
-        ("train", 33, 4), ("eval", 65, 4)]
+    assert [(bench_input.row_name(r), r["size"], r["batch_size"])
+            for r in result["results"]] == [
+        ("stage/read", 33, 4), ("stage/decode", 33, 4), ("stage/rescale", 33, 4),
+        ("train/host", 33, 4), ("train/device", 33, 4), ("eval", 65, 4)]
+    assert result["results"][4]["canvas"] == 65
+    stages = {row["stage"]: row for row in result["breakdown"]}
+    assert list(stages) == ["read", "decode", "rescale", "host", "device"]
+    rates = {r.get("stage", r.get("augment_on")): r["mean_images_per_cpu_s"]
+             for r in result["results"][:5]}
+    for stage, before in (("decode", "read"), ("host", "rescale"), ("device", "decode")):
+        assert stages[stage]["stage_cpu_ms_per_image"] == pytest.approx(
+            1e3 * (1 / rates[stage] - 1 / rates[before]))
+    assert stages["read"]["stage_cpu_ms_per_image"] == pytest.approx(1e3 / rates["read"])
     for row in result["results"]:
         for key in ("images_per_s", "images_per_cpu_s", "cpus_busy", "load1"):
             assert len(row[key]) == 2, key
@@ -67,8 +78,28 @@ def test_benchmark_result(data_dir, tmp_path):
         assert row["mean_images_per_cpu_s"] == pytest.approx(np.mean(row["images_per_cpu_s"]))
     json.dumps(result)  # JSON-able as written by --output
     table = bench_input.format_table(result)
-    assert "train" in table and "eval" in table
+    for name in ("train/host", "train/device", "eval", "stage/decode", "+ random rescale"):
+        assert name in table
     assert "consumes 60.0 img/s" in bench_input.consumer_line(result, 30, 0.5)
+
+
+def test_breakdown_arithmetic():
+    rows = bench_input.breakdown({"read": 1000.0, "decode": 100.0, "rescale": 50.0,
+                                  "host": 40.0, "device": 80.0})
+    ms = {row["stage"]: row["stage_cpu_ms_per_image"] for row in rows}
+    assert ms == pytest.approx({"read": 1.0, "decode": 9.0, "rescale": 10.0, "host": 5.0,
+                                "device": 2.5})
+    assert rows[1]["stage_images_per_cpu_s"] == pytest.approx(1000 / 9)
+    assert rows[3]["cumulative_images_per_cpu_s"] == 40.0
+
+
+def test_check_args_augment_on():
+    args = bench_input.parse_args(["--augment_on=device,gpu"])
+    assert "--augment_on" in bench_input.check_args(args)
+    args = bench_input.parse_args(["--augment_on=device", "--breakdown"])
+    assert "--breakdown" in bench_input.check_args(args)
+    args = bench_input.parse_args([])
+    assert bench_input.check_args(args) is None and args.augment_ons == ["host", "device"]
 
 
 def test_write_tree_matches_the_archive_layout(tmp_path):

@@ -1,6 +1,7 @@
 """How many images per second the tf.data input pipeline delivers on this host.
 
     python -m scaleattn.data.bench_input --crop=321,513 --batch=16 \\
+        [--augment_on=host,device] [--breakdown] \\
         [--data_dir=~/tensorflow_datasets] [--num_images=200] [--seconds=20] \\
         [--repeats=2] [--workers=N] [--step_batch=30 --step_seconds=0.5] \\
         [--output=bench_input.json]
@@ -15,10 +16,17 @@ and the folder is deleted at the end. The cost per image (decode, resize, pad,
 crop, copy) depends mostly on the image size, little on what the image shows.
 
 What is timed. The production iterators, unchanged: `pipeline.train_batches`
-(decode, random scale 0.5-2, pad, random crop, flip, normalise, batch; one
-``--crop`` at a time) and `pipeline.eval_batches` (decode, normalise, pad to
-``--eval_size``; restarted after each pass; the all-ignore filler examples at
-the end of a pass are not counted). For each, the iterator is first drained for
+with ``data.augment_on='host'`` (decode, random scale 0.5-2, pad, random crop,
+flip, normalise, batch; one ``--crop`` at a time) and with ``'device'`` (decode,
+place on the uint8 canvas of ``--eval_size``, batch: the rescale, crop and flip
+then run in the train step, `scaleattn.augment`, not on the host), and
+`pipeline.eval_batches` (decode, normalise, pad to ``--eval_size``; restarted
+after each pass; the all-ignore filler examples at the end of a pass are not
+counted). ``--breakdown`` also times the host train pipeline cut after each
+stage (records read; + decode; + random rescale), every cut batched the same way
+but reduced to a few numbers per image, so the cost of each stage is the
+difference of two cumulative costs (CPU seconds per image); the last stages are
+the full host and device rows. For each, the iterator is first drained for
 ``--warmup`` seconds (shuffle buffer filled, tf.data autotuning settled), then
 ``--repeats`` windows of ``--seconds`` each are timed, batches converted to
 numpy as the training loop receives them. Per window:
@@ -91,8 +99,7 @@ def voc_data_config(data_dir: str):
     """The VOC data section of the recipes with the widest random rescale (0.5-2.0, the
     GSAG recipe's; the heaviest host work of the shipped configs), mirror, reading from
     ``data_dir``."""
-    from scaleattn import config  # pylint: disable=import-outside-toplevel
-    data = copy.deepcopy(config.recipe("voc_r101_s3").data)
+    data = copy.deepcopy(config_lib.recipe("voc_r101_s3").data)
     data.scale_range = (0.5, 2.0)
     data.data_dir = os.fspath(data_dir)
     return data
@@ -179,52 +186,141 @@ def _measure(counts: Iterator[int], *, seconds: float, warmup_seconds: float,
     return figures
 
 
-def _train_counts(data_config, batch_size: int, seed: int) -> Iterator[int]:
+def _train_counts(data_config, batch_size: int, seed: int, ignore_label: int
+                  ) -> Iterator[int]:
     from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
     batches = pipeline.train_batches(data_config, batch_size=batch_size, seed=seed,
-                                     ignore_label=config_lib.VOC_IGNORE_LABEL,
-                                     process_index=0, process_count=1)
+                                     ignore_label=ignore_label, process_index=0,
+                                     process_count=1)
     for batch in batches:
         yield len(batch["image"])
 
 
-def _eval_counts(data_config, batch_size: int) -> Iterator[int]:
+def _eval_counts(data_config, batch_size: int, ignore_label: int) -> Iterator[int]:
     """Real (non-filler) images per eval batch, pass after pass."""
     from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
     total = pipeline.num_examples(data_config, data_config.eval_split)
     while True:
         batches = pipeline.eval_batches(data_config, batch_size=batch_size,
-                                        ignore_label=config_lib.VOC_IGNORE_LABEL,
-                                        process_index=0, process_count=1)
+                                        ignore_label=ignore_label, process_index=0,
+                                        process_count=1)
         for index, batch in enumerate(batches):
             assert len(batch["image"]) == batch_size
             yield max(0, min(batch_size, total - index * batch_size))
 
 
+# The host train pipeline cut after each stage (`_stage_counts`), in order; the full
+# pipelines (`train_batches` with augment_on 'host' / 'device') follow them.
+STAGES = ("read", "decode", "rescale")
+STAGE_NAMES = {"read": "read records (shuffled stream)",
+               "decode": "+ decode (JPEG, PNG)",
+               "rescale": "+ random rescale (bilinear image, nearest label)",
+               "host": "+ pad, crop, flip, normalise, batch = train, host",
+               "device": "decode + put on the canvas, batch = train, device"}
+
+
+def _stage_counts(data_config, stage: str, batch_size: int, seed: int,
+                  ignore_label: int) -> Iterator[int]:
+    """Images per batch of the training stream cut after ``stage`` (one of `STAGES`).
+
+    The stream, decoding and rescale are the production ones (`pipeline`); each image
+    is then reduced to 4 numbers (its size and first pixel / label, which need the
+    whole stage's output) so that the cut stream batches like the real one.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
+    builder = pipeline._prepared_builder(data_config)  # pylint: disable=protected-access
+    split = data_config.train_split
+    num_records = builder.info.splits[split].num_examples
+    base_key = tf.constant([seed, 0], tf.int64)
+    stream = pipeline._example_stream(  # pylint: disable=protected-access
+        pipeline._read_encoded(builder, split), num_records,  # pylint: disable=protected-access
+        base_key, 0, min(data_config.shuffle_buffer, num_records))
+    augment_key = tf.random.experimental.stateless_fold_in(base_key, 2)
+    features = builder.info.features
+
+    def cut(position, example):
+        if stage == "read":
+            return tf.stack([tf.strings.length(example["image"]),
+                             tf.strings.length(example["segmentation"]), 0, 0])
+        image, label = pipeline._decode(  # pylint: disable=protected-access
+            features, example, ignore_label)
+        if stage == "rescale":
+            key = tf.random.experimental.stateless_fold_in(augment_key, position)
+            image, label = pipeline.rescale(
+                image, label, tf.random.experimental.stateless_split(key, 7)[0],
+                scale_range=tuple(data_config.scale_range))
+        shape = tf.shape(image)
+        return tf.stack([shape[0], shape[1], tf.cast(image[0, 0, 0], tf.int32),
+                         tf.cast(label[0, 0, 0], tf.int32)])
+
+    ds = stream.map(cut, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(data_config.prefetch)
+    for batch in ds.as_numpy_iterator():
+        yield len(batch)
+
+
+def breakdown(rows: dict[str, float]) -> list[dict]:
+    """Per-stage cost from cumulative images per CPU-second.
+
+    ``rows`` maps 'read', 'decode', 'rescale', 'host', 'device' (those measured) to
+    the images per CPU-second of the stream up to that stage. A stage's cost is the
+    difference of the CPU seconds per image of its row and of the row before it
+    ('device' follows 'decode'); on a busy host two close figures can give a small or
+    even negative difference, reported as it is.
+    """
+    before = {"decode": "read", "rescale": "decode", "host": "rescale", "device": "decode"}
+    result = []
+    for stage in STAGES + ("host", "device"):
+        if stage not in rows:
+            continue
+        cost = 1.0 / rows[stage]
+        if stage in before and before[stage] in rows:
+            cost -= 1.0 / rows[before[stage]]
+        elif stage != "read":
+            cost = float("nan")  # the row before it was not measured
+        result.append({"stage": stage, "cumulative_images_per_cpu_s": rows[stage],
+                       "stage_cpu_ms_per_image": 1e3 * cost,
+                       "stage_images_per_cpu_s": 1.0 / cost if cost > 0 else float("inf")})
+    return result
+
+
 def benchmark(data_config, *, crop_sizes=(321,), batch_size: int = 16,
               eval_size: int | None = 513, eval_batch_size: int | None = None,
               seconds: float = 20.0, warmup_seconds: float | None = None,
-              repeats: int = 2, seed: int = 0) -> dict:
+              repeats: int = 2, seed: int = 0, augment_on=("host", "device"),
+              stages: bool = False,
+              ignore_label: int = config_lib.VOC_IGNORE_LABEL) -> dict:
     """Images/s of the train pipeline at each crop, and of the eval pipeline.
 
     Args:
       data_config: the config's ``data`` section; its dataset must be prepared.
-      crop_sizes: train crops to time, one after the other.
+      crop_sizes: train crops to time, one after the other (host augmentation; the
+        device path's host work does not depend on the crop and is timed once).
       batch_size: train batch; ``eval_batch_size`` defaults to it.
-      eval_size: the eval square; None skips the eval pipeline.
+      eval_size: the eval square and the device path's canvas; None skips the eval
+        pipeline (the canvas is then data.eval_size).
       seconds: length of one timed window; ``repeats`` windows per figure.
       warmup_seconds: untimed pulling first (default ``seconds / 4``).
+      augment_on: the train pipelines to time, 'host' and / or 'device'.
+      stages: also time the host stream cut after each of `STAGES` (first crop) and
+        add ``breakdown`` (see `breakdown`).
+      ignore_label: the label of boundaries and padding (`config.loss.ignore_label`).
     Returns:
-      A JSON-able dict: ``dataset``, ``host``, ``settings`` and ``results``, a
-      list of ``{"pipeline": "train"|"eval", "size", "batch_size",
-      "images_per_s": [one per window], "images_per_cpu_s": [images per second
-      of this process's CPU time], "cpus_busy": [CPU s / wall s: how many cores
-      it actually got], "load1": [the 1-minute load average after each
-      window], "mean_images_per_s", "mean_images_per_cpu_s"}``.
+      A JSON-able dict: ``dataset``, ``host``, ``settings``, ``results`` and, with
+      ``stages``, ``breakdown``. ``results`` is a list of ``{"pipeline": "train" |
+      "eval" | "stage", "augment_on" (train) / "stage" (stage), "size" (train: the
+      crop; device: also "canvas"), "batch_size", "images_per_s": [one per window],
+      "images_per_cpu_s": [images per second of this process's CPU time],
+      "cpus_busy": [CPU s / wall s: how many cores it actually got], "load1": [the
+      1-minute load average after each window], "mean_images_per_s",
+      "mean_images_per_cpu_s"}``.
     """
     from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
     if repeats < 1 or seconds <= 0:
         raise ValueError(f"need repeats >= 1 and seconds > 0, got {repeats}, {seconds}")
+    for where in augment_on:
+        config_lib.check_choice("data.augment_on", where)
     warmup_seconds = seconds / 4 if warmup_seconds is None else warmup_seconds
     eval_batch_size = eval_batch_size or batch_size
     result = {
@@ -243,26 +339,58 @@ def benchmark(data_config, *, crop_sizes=(321,), batch_size: int = 16,
                      "flip": bool(data_config.flip)},
         "results": [],
     }
-    for crop in crop_sizes:
-        config = copy.deepcopy(data_config)
-        config.crop_size = int(crop)
-        figures = _measure(_train_counts(config, batch_size, seed), seconds=seconds,
-                           warmup_seconds=warmup_seconds, repeats=repeats)
-        result["results"].append({"pipeline": "train", "size": int(crop),
-                                  "batch_size": batch_size, **figures})
+    base = copy.deepcopy(data_config)
     if eval_size:
-        config = copy.deepcopy(data_config)
-        config.eval_size = int(eval_size)
-        figures = _measure(_eval_counts(config, eval_batch_size), seconds=seconds,
-                           warmup_seconds=warmup_seconds, repeats=repeats)
+        base.eval_size = int(eval_size)
+    base.canvas_size = 0  # the canvas is the eval square
+
+    def measure(counts):
+        return _measure(counts, seconds=seconds, warmup_seconds=warmup_seconds,
+                        repeats=repeats)
+
+    cumulative = {}
+    if stages:
+        config = copy.deepcopy(base)
+        config.crop_size = int(crop_sizes[0])
+        for stage in STAGES:
+            figures = measure(_stage_counts(config, stage, batch_size, seed, ignore_label))
+            cumulative[stage] = figures["mean_images_per_cpu_s"]
+            result["results"].append({"pipeline": "stage", "stage": stage,
+                                      "size": int(crop_sizes[0]), "batch_size": batch_size,
+                                      **figures})
+    for where in augment_on:
+        for crop in crop_sizes if where == "host" else crop_sizes[:1]:
+            config = copy.deepcopy(base)
+            config.crop_size, config.augment_on = int(crop), where
+            figures = measure(_train_counts(config, batch_size, seed, ignore_label))
+            row = {"pipeline": "train", "augment_on": where, "size": int(crop),
+                   "batch_size": batch_size, **figures}
+            if where == "device":
+                row["canvas"] = pipeline.canvas_size(config)
+            result["results"].append(row)
+            if crop == crop_sizes[0]:
+                cumulative[where] = figures["mean_images_per_cpu_s"]
+    if stages:
+        result["breakdown"] = breakdown(cumulative)
+    if eval_size:
+        figures = measure(_eval_counts(base, eval_batch_size, ignore_label))
         result["results"].append({"pipeline": "eval", "size": int(eval_size),
                                   "batch_size": eval_batch_size, **figures})
     result["host"]["loadavg_end"] = list(os.getloadavg())
     return result
 
 
+def row_name(row: dict) -> str:
+    """'train/host', 'train/device', 'stage/decode', 'eval'."""
+    if row["pipeline"] == "train":
+        return f"train/{row.get('augment_on', 'host')}"
+    if row["pipeline"] == "stage":
+        return f"stage/{row['stage']}"
+    return row["pipeline"]
+
+
 def format_table(result: dict) -> str:
-    """The results as a small text table."""
+    """The results as a small text table (and the per-stage costs, if measured)."""
     ds, host = result["dataset"], result["host"]
     lines = [
         f"data: {ds['name']} in {ds['data_dir']}"
@@ -272,7 +400,7 @@ def format_table(result: dict) -> str:
         f"host: {host['cpus']} CPUs for this process; load average (1/5/15 min) at start "
         + " ".join(f"{x:.2f}" for x in host["loadavg_start"]) + ", at end "
         + " ".join(f"{x:.2f}" for x in host.get("loadavg_end", [])),
-        f"{'pipeline':8s} {'size':>5s} {'batch':>5s}  {'img/s per window':<17s} "
+        f"{'pipeline':14s} {'size':>5s} {'batch':>5s}  {'img/s per window':<17s} "
         f"{'mean':>6s}  {'img/CPU-s':<12s} {'CPUs busy':<10s} load1",
     ]
     for row in result["results"]:
@@ -280,9 +408,20 @@ def format_table(result: dict) -> str:
         per_cpu = " ".join(f"{r:.1f}" for r in row["images_per_cpu_s"])
         busy = " ".join(f"{x:.2f}" for x in row["cpus_busy"])
         loads = " ".join(f"{x:.1f}" for x in row["load1"])
-        lines.append(f"{row['pipeline']:8s} {row['size']:5d} {row['batch_size']:5d}  "
+        lines.append(f"{row_name(row):14s} {row['size']:5d} {row['batch_size']:5d}  "
                      f"{rates:<17s} {row['mean_images_per_s']:6.1f}  {per_cpu:<12s} "
-                     f"{busy:<10s} {loads}")
+                     f"{busy:<10s} {loads}"
+                     + (f"  (canvas {row['canvas']})" if "canvas" in row else ""))
+    if result.get("breakdown"):
+        lines.append("host cost per stage (CPU time of this process; stage = difference of "
+                     "cumulative costs):")
+        lines.append(f"  {'stage':52s} {'cumul. img/CPU-s':>16s} {'stage CPU ms/img':>16s} "
+                     f"{'stage img/CPU-s':>15s}")
+        for row in result["breakdown"]:
+            lines.append(f"  {STAGE_NAMES[row['stage']]:52s} "
+                         f"{row['cumulative_images_per_cpu_s']:16.1f} "
+                         f"{row['stage_cpu_ms_per_image']:16.2f} "
+                         f"{row['stage_images_per_cpu_s']:15.1f}")
     return "\n".join(lines)
 
 
@@ -297,7 +436,8 @@ def consumer_line(result: dict, step_batch: int, step_seconds: float) -> str:
              f"{need:.1f} img/s"]
     for row in result["results"]:
         if row["pipeline"] == "train":
-            parts.append(f"crop {row['size']}: {row['mean_images_per_cpu_s']:.1f} img/CPU-s "
+            parts.append(f"{row_name(row)} crop {row['size']}: "
+                         f"{row['mean_images_per_cpu_s']:.1f} img/CPU-s "
                          f"-> ~{need / row['mean_images_per_cpu_s']:.1f} busy cores needed")
     return "; ".join(parts)
 
@@ -319,6 +459,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crop", default="321",
                         help="train crop size(s), comma-separated (default 321)")
     parser.add_argument("--batch", type=int, default=16, help="train batch size")
+    parser.add_argument("--augment_on", default="host,device",
+                        help="train pipelines to time: data.augment_on values, "
+                             "comma-separated (default host,device)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the host train stream cut after each stage "
+                             "(read, decode, rescale) and report each stage's cost")
     parser.add_argument("--eval_batch", type=int, default=0,
                         help="eval batch size (default: --batch)")
     parser.add_argument("--eval_size", type=int, default=513,
@@ -357,6 +503,15 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--crop={args.crop}: comma-separated integers expected, e.g. 321,513"
     if not args.crops or min(args.crops) < 1:
         return f"--crop={args.crop}: positive crop sizes expected"
+    args.augment_ons = [a.strip() for a in args.augment_on.split(",") if a.strip()]
+    for where in args.augment_ons:
+        try:
+            config_lib.check_choice("data.augment_on", where)
+        except config_lib.ConfigError:
+            return (f"--augment_on={args.augment_on}: each must be one of "
+                    f"{config_lib.CHOICES['data.augment_on']}")
+    if args.breakdown and "host" not in args.augment_ons:
+        return "--breakdown needs the host pipeline in --augment_on"
     for name in ("batch", "num_images", "repeats"):
         if getattr(args, name) < 1:
             return f"--{name}={getattr(args, name)} must be at least 1"
@@ -390,9 +545,11 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = os.path.expanduser(args.data_dir)
         synthetic = args.synthetic or not is_prepared(data_dir)
         if synthetic:
-            if args.eval_size and max(args.image_size) > args.eval_size:
+            square = args.eval_size or voc_data_config(data_dir).eval_size
+            if max(args.image_size) > square:
                 print(f"error: --image_size={args.image_size[0]}x{args.image_size[1]} does "
-                      f"not fit in --eval_size={args.eval_size}", file=sys.stderr)
+                      f"not fit in the eval square / canvas {square} (--eval_size)",
+                      file=sys.stderr)
                 return 2
             work_dir = tempfile.mkdtemp(prefix="bench_input.")
             print(f"voc2012 is not prepared in {data_dir}; building a synthetic one with "
@@ -406,7 +563,9 @@ def main(argv: list[str] | None = None) -> int:
         result = benchmark(voc_data_config(data_dir), crop_sizes=crops, batch_size=args.batch,
                            eval_size=args.eval_size or None,
                            eval_batch_size=args.eval_batch or None, seconds=args.seconds,
-                           warmup_seconds=args.warmup, repeats=args.repeats, seed=args.seed)
+                           warmup_seconds=args.warmup, repeats=args.repeats, seed=args.seed,
+                           augment_on=args.augment_ons, stages=args.breakdown,
+                           ignore_label=config_lib.recipe("voc_r101_s3").loss.ignore_label)
         result["synthetic"] = synthetic
         if synthetic:
             result["dataset"]["synthetic_image_size"] = list(args.image_size)
