@@ -2,6 +2,7 @@
 matrix products, checked against numpy and XLA's own convolution, forward and
 backward, alone and inside whole models; backbone rematerialisation."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -271,60 +272,100 @@ def random_batch_norm_statistics(variables, seed=5):
     return jax.tree_util.tree_map_with_path(draw, variables)
 
 
+def tiny_bn_modules(fold, bn_mode):
+    """``[(name, module, input shape)]``: every module with conv + BN pairs, tiny."""
+    # pylint: disable-next=import-outside-toplevel
+    from scaleattn.models import resnet, scale_attention, self_attention
+    common = dict(bn_mode=bn_mode, fold_bn=fold)
+    return [
+        ("resnet", resnet.resnet("resnet50", depth=(1, 1, 1, 1), width=1 / 16, **common),
+         (2, 33, 33, 3)),
+        ("gsag", self_attention.GSAGHead(num_classes=5, variant="hybrid", channels=16,
+                                         window=3, **common), (2, 5, 5, 12)),
+        ("alpha", scale_attention.ScaleAlphaHead(8, **common), (2, 5, 5, 12)),
+    ]
+
+
 def folded_and_unfolded(bn_mode, train, with_grads):
-    """(unfolded, folded) ``(variables, outputs, gradients)`` of a tiny ResNet-50 +
-    GSAG hybrid head + hierarchical merge (every kind of conv + BN pair) with random
-    batch-norm variables; ``gradients`` of a loss on the logits (None without)."""
-    rng = np.random.default_rng(6)
-    images = jnp.asarray(rng.normal(size=(2, 33, 33, 3)), jnp.float32)
-    weights = jnp.asarray(rng.normal(size=(2, 5, 5, 5)), jnp.float32)  # the logits' shape
+    """For each of `tiny_bn_modules`, unfolded and folded ``(variables, output,
+    gradients)``, with random batch-norm variables; ``gradients`` of a random linear
+    loss on the output with respect to every parameter (None without)."""
+    results = []
+    for unfolded, folded in zip(tiny_bn_modules(False, bn_mode), tiny_bn_modules(True, bn_mode)):
+        rng = np.random.default_rng(6)
+        x = jnp.asarray(rng.normal(size=unfolded[2]), jnp.float32)
+        pair = []
+        for name, module, _ in (unfolded, folded):
+            variables = module.init(jax.random.PRNGKey(0), x, train=False)
+            variables = random_batch_norm_statistics(variables)
 
-    def run(fold):
-        config = tiny_model_config("resnet50", "gsag", fold_frozen_bn=fold, bn_mode=bn_mode,
-                                   merge="hierarchical", gsag_window=3, gsag_dropout=0.0)
-        model = models.build_model(config)
-        variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x, train=False))(images)
-        variables = random_batch_norm_statistics(variables)
+            def loss(params):
+                out = module.apply({**variables, "params": params}, x, train=train)
+                out = out["logits"] if isinstance(out, dict) else out
+                weights = np.random.default_rng(8).normal(size=out.shape)
+                return jnp.sum(out * weights), out
 
-        def loss(params):
-            out = model.apply({**variables, "params": params}, images, train=train)
-            return jnp.sum(out["logits"] * weights), out
-
-        if not with_grads:
-            return variables, jax.jit(loss)(variables["params"])[1], None
-        (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-        return variables, out, grads
-
-    return run(False), run(True)
+            if with_grads:
+                (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+                    variables["params"])
+            else:
+                out, grads = jax.jit(loss)(variables["params"])[1], None
+            pair.append((variables, out, grads))
+        results.append((name, *pair))
+    return results
 
 
-def assert_same_model(unfolded, folded):
+def assert_same_model(name, unfolded, folded):
     (variables, out, _), (folded_variables, folded_out, _) = unfolded, folded
-    assert jax.tree.structure(folded_variables) == jax.tree.structure(variables)
+    assert jax.tree.structure(folded_variables) == jax.tree.structure(variables), name
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(folded_variables)):
         np.testing.assert_array_equal(a, b)
-    for key in ("logits", "attention"):
-        np.testing.assert_allclose(folded_out[key], out[key], rtol=1e-4, atol=1e-5)
+    assert np.abs(np.asarray(out)).max() > 0, name
+    np.testing.assert_allclose(folded_out, out, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_folded_frozen_batch_norm_is_the_batch_norm():
-    """Frozen batch norm folded into the conv before it (ResNet backbone, GSAG head,
-    hierarchical alpha head) gives the model of separate `nn.BatchNorm` layers: the
-    same parameter tree, train-mode outputs and gradients of a loss with respect to
-    every parameter, the batch-norm ones included."""
-    unfolded, folded = folded_and_unfolded("frozen", train=True, with_grads=True)
-    assert_same_model(unfolded, folded)
-    grads, folded_grads = unfolded[2], folded[2]
-    assert np.abs(np.asarray(grads["net"]["backbone"]["bn1"]["scale"])).max() > 0
-    assert jax.tree.structure(folded_grads) == jax.tree.structure(grads)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads),
-                            jax.tree.leaves(folded_grads)):
-        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4,
-                                   err_msg=jax.tree_util.keystr(path))
+    """Frozen batch norm folded into the conv before it (ResNet, the GSAG hybrid head,
+    the hierarchical alpha head: every conv + BN pair) computes what separate
+    `nn.BatchNorm` layers do: the same parameter tree, train-mode outputs and gradients
+    of a loss with respect to every parameter, the batch-norm ones included."""
+    for name, unfolded, folded in folded_and_unfolded("frozen", train=True, with_grads=True):
+        assert_same_model(name, unfolded, folded)
+        grads, folded_grads = unfolded[2], folded[2]
+        bn_grads = [g for p, g in jax.tree_util.tree_leaves_with_path(grads)
+                    if "'bn" in jax.tree_util.keystr(p)]
+        assert bn_grads and max(np.abs(np.asarray(g)).max() for g in bn_grads) > 0, name
+        assert jax.tree.structure(folded_grads) == jax.tree.structure(grads)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                jax.tree.leaves(folded_grads)):
+            np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4,
+                                       err_msg=f"{name} {jax.tree_util.keystr(path)}")
 
 
 def test_trained_batch_norm_is_folded_at_inference():
-    assert_same_model(*folded_and_unfolded("train", train=False, with_grads=False))
+    for name, unfolded, folded in folded_and_unfolded("train", train=False, with_grads=False):
+        assert_same_model(name, unfolded, folded)
+
+
+def test_the_model_config_switches_folding():
+    """``model.fold_frozen_bn`` reaches every module that has conv + BN pairs."""
+    for fold in (True, False):
+        model = models.build_model(tiny_model_config(
+            "resnet50", "gsag", merge="hierarchical", fold_frozen_bn=fold))
+        seen = {}
+
+        def record(next_fun, args, kwargs, context):
+            if hasattr(context.module, "fold_bn"):
+                seen.setdefault(type(context.module).__name__, set()).add(
+                    context.module.fold_bn)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False),
+                           jax.ShapeDtypeStruct((1, 33, 33, 3), jnp.float32))
+        assert set(seen) >= {"ResNet", "Bottleneck", "GSAGHead", "VectorMapping",
+                             "ScaleAlphaHead"}
+        assert all(values == {fold} for values in seen.values()), seen
 
 
 def activation_ops(jaxpr, batch):
