@@ -65,7 +65,8 @@ def logged_losses(output: str) -> dict[int, float]:
 def global_batches(config, steps: int) -> list[dict]:
     """What the two processes feed together: their halves, concatenated."""
     halves = [pipeline.train_batches(config.data, batch_size=config.batch_size // 2,
-                                     seed=config.seed, process_index=i, process_count=2)
+                                     seed=config.seed, ignore_label=config.loss.ignore_label,
+                                     process_index=i, process_count=2)
               for i in (0, 1)]
     return [{k: np.concatenate([a[k], b[k]]) for k in a}
             for a, b in (next(zip(*halves)) for _ in range(steps))]
