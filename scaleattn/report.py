@@ -160,13 +160,20 @@ def flat_config(record: dict) -> dict:
     return dict(walk(record.get("config", {}), ""))
 
 
+# Keys that change how a run computes, not what it computes: runs that differ only in
+# them (and the seed) are one setting.
+HOW_NOT_WHAT = ("seed", "model.dilated_conv", "model.fold_frozen_bn", "model.remat",
+                "data.augment_on", "data.canvas_size")
+
+
 def same_but_seed(a: dict, b: dict) -> bool:
     """Whether two records are runs of one setting: same steps and the same value for
-    every config key both have, the seed aside. A key only one record has was added to
-    the schema after the other run; its default keeps the earlier behaviour."""
+    every config key both have, the seed and `HOW_NOT_WHAT` aside. A key only one
+    record has was added to the schema after the other run; its default keeps the
+    earlier behaviour."""
     ca, cb = flat_config(a), flat_config(b)
     return a.get("steps") == b.get("steps") and all(
-        ca[k] == cb[k] for k in ca.keys() & cb.keys() if k != "seed")
+        ca[k] == cb[k] for k in ca.keys() & cb.keys() if k not in HOW_NOT_WHAT)
 
 
 def seed_groups(records: list[dict]) -> list[list[dict]]:
