@@ -293,6 +293,7 @@ def test_which_keys_define_the_model():
     assert checkpoint.is_model_defining("model.gsag_window")
     assert checkpoint.is_model_defining("data.mean")
     for key in ("model.dropout", "model.dtype", "model.dilated_conv", "model.remat",
+                "model.fold_frozen_bn",
                 "model.init_from", "optim.base_lr", "data.crop_size"):
         assert not checkpoint.is_model_defining(key)
 
