@@ -13,7 +13,8 @@
 #
 # Runs benchmarks.compare on the target setting (ResNet-101-ASPP, 3 scales with
 # attention, crop 321, batch 8 on one device) for one dtype, with the three lowerings of
-# the dilated convolutions and a profile of each, against the PyTorch peer with
+# the dilated convolutions and a profile of each (the step alone, augmentation on the
+# host, as the peer is timed), against the PyTorch peer with
 # torch.compile. Writes compare.md / compare.json and the JAX/PyTorch reports to OUT.
 set -euo pipefail
 dtype="${1:-bfloat16}"
@@ -35,6 +36,6 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" || true
 python3 -m benchmarks.compare --config=configs/voc_r101_s3.py \
   --config.bench.dtypes="$dtype" --config.bench.batch_size=8 --config.data.crop_size=321 \
-  --config.bench.dilated_convs=native,space_to_batch,taps \
+  --config.bench.dilated_convs=native,space_to_batch,taps --config.data.augment_on=host \
   --config.bench.profile_dir=/tmp/scaleattn_profile --config.bench.steps=10 --config.bench.warmup=3 \
   --peer_args="${PEER_ARGS---compile}" --output_dir="$out" "$@"

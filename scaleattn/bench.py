@@ -1,9 +1,13 @@
 """``--mode=bench``: how fast the train and eval steps run, and how well they use the chip.
 
-The steps timed are the production ones (`train.setup_run` with ``parallel.mode =
+The steps timed are the production ones (`experiment.setup_run` with ``parallel.mode =
 'jit'`` on one device), on synthetic in-memory batches of the config's shape
-(``bench.batch_size`` x ``bench.crop_size``², ``model.num_classes`` labels, 255 = ignore
-on a few pixels): no input pipeline and no TensorFlow.
+(``bench.batch_size`` x ``bench.crop_size``², ``model.num_classes`` labels, the ignore
+label on a few pixels): no input pipeline and no TensorFlow. With
+``data.augment_on='device'`` (the default) the train step gets the uint8 canvas batch
+the host would send and does its own rescale/crop/flip, which is timed with it; pass
+``--config.data.augment_on=host`` to time the step alone (as a peer that augments on
+the host is timed).
 
 For every dtype of ``bench.dtypes`` (``model.dtype``; default fp32 and bf16), every
 lowering of the dilated convolutions in ``bench.dilated_convs`` (``model.dilated_conv``;
@@ -47,7 +51,7 @@ from absl import logging
 
 from scaleattn import config as config_lib
 from scaleattn import flops as flops_lib
-from scaleattn import outputs, train
+from scaleattn import experiment, outputs
 from scaleattn.models import layers
 
 # Dense bf16 peak FLOP/s by device kind (lower-case substring of `device_kind`, first
@@ -145,6 +149,17 @@ def synthetic_batch(batch_size: int, size: int, num_classes: int, seed: int = 0,
     return {"image": image, "label": label}
 
 
+def synthetic_canvas_batch(batch_size: int, canvas: int, num_classes: int, seed: int = 0,
+                           ignore_label: int = config_lib.VOC_IGNORE_LABEL) -> dict:
+    """What the host sends with ``data.augment_on='device'``: ``image uint8
+    [B, canvas, canvas, 3]``, ``label uint8 [B, canvas, canvas]`` (as `synthetic_batch`)
+    and ``size int32 [B, 2]``, every image filling its canvas."""
+    batch = synthetic_batch(batch_size, canvas, num_classes, seed, ignore_label)
+    image = np.clip(batch["image"] * 60 + 120, 0, 255).astype(np.uint8)
+    return {"image": image, "label": batch["label"].astype(np.uint8),
+            "size": np.full((batch_size, 2), canvas, np.int32)}
+
+
 def time_calls(call, *, steps: int, warmup: int) -> list[float]:
     """Wall times (s) of ``steps`` calls of ``call()`` after ``warmup`` untimed ones;
     each call's result is waited for (``block_until_ready``) inside its time."""
@@ -227,17 +242,22 @@ def benchmark_dtype(config, dtype: str, dilated_conv: str | None = None,
     (None: the config's) (one row)."""
     cfg = bench_config(config, dtype, dilated_conv, fold_bn)
     lowering = layers.resolve_dilated_conv(cfg.model.dilated_conv)  # 'auto': this platform's
-    run = train.setup_run(cfg)
+    run = experiment.setup_run(cfg)
     device = jax.local_devices()[0]
     rng = jax.random.PRNGKey(cfg.seed)
-    state = jax.device_put(train.initial_state(run, rng, pretrained=False), device)
+    state = jax.device_put(experiment.initial_state(run, rng, pretrained_start=False), device)
     batch = jax.device_put(synthetic_batch(cfg.batch_size, cfg.data.crop_size,
                                            cfg.model.num_classes, cfg.seed,
                                            cfg.loss.ignore_label), device)
+    # With augmentation on the device the train step starts from the canvas batch the host
+    # sends and crops it itself: that work is part of the step and is timed with it.
+    train_batch = batch if cfg.data.augment_on != "device" else jax.device_put(
+        synthetic_canvas_batch(cfg.batch_size, cfg.data.canvas_size or cfg.data.eval_size,
+                               cfg.model.num_classes, cfg.seed, cfg.loss.ignore_label), device)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
 
     eval_compiled, eval_compile_s = compile_timed(run.eval_step, state, batch)
-    train_compiled, train_compile_s = compile_timed(run.train_step, state, batch, rng)
+    train_compiled, train_compile_s = compile_timed(run.train_step, state, train_batch, rng)
 
     def eval_call():
         return eval_compiled(state, batch)
@@ -246,7 +266,7 @@ def benchmark_dtype(config, dtype: str, dilated_conv: str | None = None,
 
     def train_call():  # the state is donated: thread it through
         nonlocal state
-        state, step_metrics = train_compiled(state, batch, rng)
+        state, step_metrics = train_compiled(state, train_batch, rng)
         return step_metrics
 
     jax.block_until_ready(train_call())  # the first step may allocate
@@ -310,6 +330,7 @@ def benchmark(config) -> dict:
         "scales": list(cfg.model.scales), "merge": cfg.model.merge,
         "num_classes": cfg.model.num_classes, "remat": cfg.model.remat,
         "bn_mode": cfg.model.bn_mode, "fold_frozen_bn": cfg.model.fold_frozen_bn,
+        "augment_on": cfg.data.augment_on,
         "steps": cfg.bench.steps, "warmup": cfg.bench.warmup,
     }
     impls = config_lib.comma_list(config.bench.dilated_convs)

@@ -286,6 +286,14 @@ CHOICES = {
 }
 
 
+def check_choice(key: str, value) -> None:
+    """Raises `ConfigError` unless ``value`` is one of ``CHOICES[key]``, the one list of
+    the allowed values of ``config.<key>`` (the modules that act on a key check it
+    here, so the list and the message exist once)."""
+    if value not in CHOICES[key]:
+        raise ConfigError(f"config.{key}={value!r} is not one of {CHOICES[key]}")
+
+
 def lookup(config: ml_collections.ConfigDict, key: str):
     value = config
     for part in key.split("."):
@@ -295,10 +303,8 @@ def lookup(config: ml_collections.ConfigDict, key: str):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError` naming the first key whose value cannot work."""
-    for key, choices in CHOICES.items():
-        value = lookup(config, key)
-        if value not in choices:
-            raise ConfigError(f"config.{key}={value!r} is not one of {choices}")
+    for key in CHOICES:
+        check_choice(key, lookup(config, key))
     scales = tuple(config.model.scales)
     inference = tuple(config.model.inference_scales)
     if inference and config.model.merge != "hierarchical" and inference != scales:
