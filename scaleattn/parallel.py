@@ -281,8 +281,12 @@ class Layout:
         the template a checkpoint is restored into (sharded: each process reads its
         shards straight into place)."""
         shapes = jax.eval_shape(init)
-        if self.mode != "sharded":
-            return shapes
+        if self.mode != "sharded":  # one copy on this process's first device (put_state
+            # then replicates it); without a sharding a multi-process restore would
+            # build global arrays no single process can read whole
+            local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            return jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local), shapes)
         return jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
             self.state_shardings(shapes))
