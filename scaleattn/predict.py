@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from scaleattn import config as config_lib
 from scaleattn import crf, inference, outputs, viz
-from scaleattn.data import errors
+from scaleattn.data import errors, eval_input
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -134,23 +134,11 @@ def load_image(path: str) -> np.ndarray:
                          f"{' '.join(str(e).split())[:200]}") from e
 
 
-def padded_size(height: int, width: int, eval_size: int, multiple: int = 8) -> tuple:
-    """The size an image is padded to: ``eval_size`` (as in eval), or more for a
-    larger image, rounded up to ``multiple`` so that few sizes are compiled."""
-    def grow(n):
-        return max(eval_size, -(-n // multiple) * multiple)
-    return grow(height), grow(width)
-
-
 def normalize_and_pad(image: np.ndarray, data_config) -> np.ndarray:
-    """``uint8 [h, w, 3]`` -> ``float32 [1, H, W, 3]``: normalised, image top-left,
-    padding = mean pixel (0), as the eval pipeline pads."""
-    h, w = image.shape[:2]
-    size = padded_size(h, w, data_config.eval_size)
-    out = np.zeros((1,) + size + (3,), np.float32)
-    out[0, :h, :w] = ((image.astype(np.float32) - np.asarray(data_config.mean, np.float32))
-                      / np.asarray(data_config.std, np.float32))
-    return out
+    """``uint8 [h, w, 3]`` -> ``float32 [1, H, W, 3]``: the eval input
+    (`data.eval_input.eval_image`) at `data.eval_input.padded_size`."""
+    size = eval_input.padded_size(*image.shape[:2], data_config.eval_size)
+    return eval_input.eval_image(image, size, data_config.mean, data_config.std)[None]
 
 
 def predict_image(predictor: inference.Predictor, state, image: np.ndarray, data_config,

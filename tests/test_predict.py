@@ -134,3 +134,17 @@ def test_ms_flip_averages_mirrored_and_rescaled_predictions(trained):
     np.testing.assert_allclose(np.asarray(probs).sum(-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(mirrored)[:, :, ::-1], np.asarray(probs), atol=1e-5)
     assert not np.allclose(np.asarray(probs), np.asarray(flipped), atol=1e-4)
+
+
+def test_eval_input_places_the_normalised_image_top_left_on_the_mean_pixel():
+    from scaleattn.data import eval_input
+    image = np.array([[[10, 20, 30], [40, 50, 60]]], np.uint8)          # [1, 2, 3]
+    out = eval_input.eval_image(image, (2, 3), mean=(10, 20, 30), std=(2, 4, 5))
+    assert out.shape == (2, 3, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0, 0], [0, 0, 0])
+    np.testing.assert_allclose(out[0, 1], [15, 7.5, 6])               # (40-10)/2, ...
+    assert not out[1].any() and not out[:, 2].any()                   # padding = 0
+    label = eval_input.eval_label(np.array([[1, 2]], np.uint8), (2, 3), ignore_label=254)
+    np.testing.assert_array_equal(label, [[1, 2, 254], [254, 254, 254]])
+    assert eval_input.padded_size(500, 375, 513) == (513, 513)
+    assert eval_input.padded_size(530, 20, 513) == (536, 513)

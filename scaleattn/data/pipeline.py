@@ -57,7 +57,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from scaleattn import config as config_lib
-from scaleattn.data import errors, shapes
+from scaleattn.data import errors, eval_input, shapes
 
 _EVAL_SIZE_ERROR = "image larger than data.eval_size"
 _CANVAS_SIZE_ERROR = "image larger than data.canvas_size"
@@ -406,7 +406,8 @@ def train_batches(data_config, *, batch_size: int, seed: int, ignore_label: int,
 
 def pad_for_eval(image: tf.Tensor, label: tf.Tensor, *, eval_size: int, mean,
                  std, ignore_label: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Normalises and pads one example to the eval square (image top-left).
+    """Normalises and pads one example to the eval square (image top-left), with the
+    numpy functions `--mode=predict` uses too (`eval_input`).
 
     Args:
       image: [h, w, 3] uint8 with h, w <= eval_size (checked by the caller).
@@ -415,11 +416,14 @@ def pad_for_eval(image: tf.Tensor, label: tf.Tensor, *, eval_size: int, mean,
       image [S, S, 3] float32 (padding 0 = mean pixel), label [S, S] int32
       (padding `ignore_label`).
     """
-    shape = tf.shape(image)[:2]
-    paddings = [[0, eval_size - shape[0]], [0, eval_size - shape[1]]]
-    image = tf.pad(normalize(image, mean, std), paddings + [[0, 0]])
-    label = tf.pad(tf.cast(label[..., 0], tf.int32), paddings,
-                   constant_values=ignore_label)
+    size = (eval_size, eval_size)
+
+    def pad(image, label):
+        return (eval_input.eval_image(image, size, mean, std),
+                eval_input.eval_label(label[..., 0], size, ignore_label))
+
+    image, label = tf.numpy_function(pad, [image, label], [tf.float32, tf.int32],
+                                     stateful=False)
     image.set_shape([eval_size, eval_size, 3])
     label.set_shape([eval_size, eval_size])
     return image, label
