@@ -296,7 +296,8 @@ def folded_and_unfolded(bn_mode, train, with_grads):
         x = jnp.asarray(rng.normal(size=unfolded[2]), jnp.float32)
         pair = []
         for name, module, _ in (unfolded, folded):
-            variables = module.init(jax.random.PRNGKey(0), x, train=False)
+            variables = jax.jit(lambda key, x, module=module: module.init(key, x, train=False))(
+                jax.random.PRNGKey(0), x)
             variables = random_batch_norm_statistics(variables)
 
             def loss(params):

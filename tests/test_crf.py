@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import demo_runs
 from scaleattn import checkpoint, crf, crf_search, experiment, predict, records, report
 from scaleattn import config as config_lib
 
@@ -276,12 +275,11 @@ def test_matches_pydensecrf(params):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tiny_demo_config, tmp_path_factory):
     """A workdir holding the step-0 checkpoint of a tiny demo attention model, and
     its config (4 val images of 128 x 128, one eval batch)."""
-    config = demo_runs.tiny_demo_config(tmp_path_factory.mktemp("data"), images=(8, 4),
-                                        crop=48, fc_width=32, batch=4, steps=1, log_every=1,
-                                        checkpoint_every=1)
+    config = tiny_demo_config(images=(8, 4), crop=48, fc_width=32, batch=4, steps=1,
+                              log_every=1, checkpoint_every=1)
     config.crf.iterations = 3  # the wiring, not the CRF, is tested here
     experiment.prepare_data(config.data)
     run = experiment.setup_run(config)

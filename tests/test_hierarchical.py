@@ -4,7 +4,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -87,10 +86,12 @@ def test_model_runs_on_any_inference_scales_with_the_same_parameters(backbone, h
     config = tiny_config(backbone, head)
     model = build_model(config.model)
     images = jnp.asarray(np.random.RandomState(1).randn(1, 40, 40, 3), jnp.float32)
-    variables = model.init(jax.random.PRNGKey(0), images, train=False)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0),
+                                                                     images)
     assert "alpha" in variables["params"]
-    out = model.apply(variables, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)},
-                      mutable=["batch_stats"])[0]
+    out = jax.jit(lambda v, x: model.apply(v, x, train=True,
+                                           rngs={"dropout": jax.random.PRNGKey(1)},
+                                           mutable=["batch_stats"])[0])(variables, images)
     assert out["attention"].shape == (1, 5, 5, 2) and len(out["branch_logits"]) == 2
     assert bool(jnp.all((out["attention"] > 0) & (out["attention"] < 1)))
     config.model.inference_scales = (0.25, 0.5, 1.0, 2.0)
@@ -107,9 +108,11 @@ def test_model_runs_on_any_inference_scales_with_the_same_parameters(backbone, h
 
 def _alphas(model, variables, images):
     """Each branch's alpha, read back through the module's intermediates."""
-    _, state = model.apply(variables, images, train=False,
+    def capture(variables, images):
+        return model.apply(variables, images, train=False,
                            capture_intermediates=lambda mdl, _: isinstance(
                                mdl, scale_attention.ScaleAlphaHead), mutable=["intermediates"])
+    _, state = jax.jit(capture)(variables, images)
     return state["intermediates"]["alpha"]["__call__"]
 
 

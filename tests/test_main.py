@@ -8,7 +8,6 @@ import flax
 import numpy as np
 import pytest
 
-import demo_runs
 from scaleattn import checkpoint, experiment, loop
 from scaleattn import config as config_lib
 from scaleattn.pretrained import WeightsError
@@ -18,11 +17,15 @@ pytestmark = pytest.mark.slow  # end-to-end: see conftest.py
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_demo_config(data_dir, steps):
-    c = demo_runs.tiny_demo_config(data_dir, images=(16, 8), crop=48, fc_width=64, batch=8,
-                                   steps=steps, log_every=1, checkpoint_every=2)
-    c.optim.schedule = "constant"  # so that a 2-step run is the start of a 4-step one
-    return c
+@pytest.fixture(scope="module")
+def config_of(tiny_demo_config):
+    """``config_of(steps)``: the tiny demo run of this module, ``steps`` long."""
+    def make(steps):
+        c = tiny_demo_config(images=(16, 8), crop=48, fc_width=64, batch=8, steps=steps,
+                             log_every=1, checkpoint_every=2)
+        c.optim.schedule = "constant"  # so that a 2-step run is the start of a 4-step one
+        return c
+    return make
 
 
 def saved_params(workdir, step):
@@ -34,15 +37,10 @@ def saved_params(workdir, step):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
-def straight_run(data_dir, tmp_path_factory):
+def straight_run(config_of, tmp_path_factory):
     """A 4-step run that checkpoints at steps 2 and 4, then evaluates."""
     workdir = tmp_path_factory.mktemp("straight")
-    scores = loop.train_and_evaluate(tiny_demo_config(data_dir, 4), str(workdir))
+    scores = loop.train_and_evaluate(config_of(4), str(workdir))
     return workdir, scores
 
 
@@ -53,23 +51,23 @@ def test_train_checkpoints_and_evaluates(straight_run):
     assert os.listdir(os.path.join(workdir, "tensorboard"))
 
 
-def test_resume_gives_the_same_parameters(straight_run, data_dir, tmp_path):
-    first_half = tiny_demo_config(data_dir, 2)
+def test_resume_gives_the_same_parameters(straight_run, config_of, tmp_path):
+    first_half = config_of(2)
     first_half.train.eval_at_end = False
     loop.train_and_evaluate(first_half, str(tmp_path))
-    loop.train_and_evaluate(tiny_demo_config(data_dir, 4), str(tmp_path))  # resumes at 2
+    loop.train_and_evaluate(config_of(4), str(tmp_path))  # resumes at 2
     a, b = saved_params(straight_run[0], 4), saved_params(tmp_path, 4)
     assert a.keys() == b.keys()
     for key in a:  # same batches, same dropout keys, same updates: bit-identical
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_resume_and_eval_do_not_read_init_from(straight_run, data_dir, tmp_path):
+def test_resume_and_eval_do_not_read_init_from(straight_run, config_of, tmp_path):
     """model.init_from is only for a fresh run: resuming (or evaluating) restores the
     whole state from the checkpoint, so a file that is gone since is no error."""
     workdir = tmp_path / "run"
     shutil.copytree(straight_run[0], workdir)
-    config = tiny_demo_config(data_dir, 4)
+    config = config_of(4)
     config.model.init_from = str(tmp_path / "moved_away.msgpack")
     config.train.eval_at_end = False
     loop.train_and_evaluate(config, str(workdir))  # resumes at 4: nothing left to do
@@ -79,8 +77,8 @@ def test_resume_and_eval_do_not_read_init_from(straight_run, data_dir, tmp_path)
         loop.train_and_evaluate(config, str(tmp_path / "fresh"))
 
 
-def test_checkpoint_of_another_model_is_a_clear_error(straight_run, data_dir):
-    other = tiny_demo_config(data_dir, 6)
+def test_checkpoint_of_another_model_is_a_clear_error(straight_run, config_of):
+    other = config_of(6)
     other.model.fc_width = 32
     with pytest.raises(checkpoint.CheckpointError,
                        match=r"trained with another model \(model.fc_width: saved 64, now 32\)"):

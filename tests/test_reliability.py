@@ -28,7 +28,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import demo_runs
 from scaleattn import (checkpoint, checksums, experiment, inference, loop, outputs, predict,
                        preemption, report, runlock)
 from scaleout_common import REPO, demo_config_flags, main_command, subprocess_env
@@ -38,18 +37,22 @@ pytestmark = pytest.mark.slow  # end-to-end: see conftest.py
 # --------------------------------------------------------------------- helpers ---
 
 
-def tiny_config(data_dir, steps=4):
-    c = demo_runs.tiny_demo_config(data_dir, images=(16, 8), crop=48, fc_width=64, batch=8,
-                                   steps=steps, log_every=1, checkpoint_every=2)
-    c.train.eval_at_end = False
-    c.predict.summary_images = 0
-    return c
+@pytest.fixture(scope="module")
+def tiny_config(tiny_demo_config):
+    """``tiny_config(steps=4)``: the tiny demo run of this module."""
+    def make(steps=4):
+        c = tiny_demo_config(images=(16, 8), crop=48, fc_width=64, batch=8, steps=steps,
+                             log_every=1, checkpoint_every=2)
+        c.train.eval_at_end = False
+        c.predict.summary_images = 0
+        return c
+    return make
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tiny_config, tmp_path_factory):
     """``(config, workdir)`` of a 4-step run with checkpoints at steps 2 and 4."""
-    config = tiny_config(tmp_path_factory.mktemp("data"))
+    config = tiny_config()
     workdir = tmp_path_factory.mktemp("trained")
     loop.train_and_evaluate(config, str(workdir))
     assert checkpoint.make_manager(str(workdir), 5).all_steps() == [2, 4]
@@ -311,10 +314,11 @@ def read_until(child, needle: str, seen: list, timeout=240) -> str:
     raise AssertionError(f"{needle!r} never came:\n" + "".join(seen)[-3000:])
 
 
-def test_one_training_run_per_workdir_and_sigint_saves_and_exits_75(trained, tmp_path):
+def test_one_training_run_per_workdir_and_sigint_saves_and_exits_75(trained, tiny_config,
+                                                                  tmp_path):
     config, _ = trained
     workdir = copy_run(trained, tmp_path)
-    long = tiny_config(config.data.data_dir, steps=100_000)
+    long = tiny_config(steps=100_000)
     long.train.checkpoint_every, long.train.log_every = 100_000, 10
     command = main_command(long, workdir)
     first = subprocess.Popen(command, cwd=REPO, env=subprocess_env(1), text=True,

@@ -1,12 +1,10 @@
 """run.json records, the Markdown report, and bit-identical reruns on CPU."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import demo_runs
 from scaleattn import config as config_lib
 from scaleattn import loop, records, report
 
@@ -102,38 +100,21 @@ def test_tree_digest_sees_every_bit():
     assert records.tree_digest({"a": flipped, "b": same["b"]}) != records.tree_digest(tree)
 
 
-def tiny_demo_config(data_dir):
-    c = demo_runs.tiny_demo_config(data_dir, images=(8, 4), crop=32, fc_width=32, batch=4,
-                                   steps=3, log_every=3, checkpoint_every=3)
+@pytest.fixture
+def report_config(tiny_demo_config, tmp_path):
+    c = tiny_demo_config(images=(8, 4), crop=32, fc_width=32, batch=4, steps=3, log_every=3,
+                         checkpoint_every=3, data_dir=tmp_path / "data")
     c.predict.summary_images = 1
     return c
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-    """JAX's persistent compilation cache in ``tmp_path`` for one test, then off again.
-
-    The second of two identical runs then loads the executables the first compiled
-    (XLA's CPU compiler is deterministic; this only saves the time of compiling twice).
-    """
-    from jax.experimental.compilation_cache import compilation_cache as cache
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    before = {k: getattr(jax.config, k) for k in keys}
-    cache.reset_cache()
-    jax.config.update(keys[0], str(tmp_path / "xla_cache"))
-    jax.config.update(keys[1], 0.0)
-    yield
-    for key, value in before.items():
-        jax.config.update(key, value)
-    cache.reset_cache()
-
-
-def test_same_seed_and_config_give_bit_identical_runs(tmp_path, compilation_cache):
+def test_same_seed_and_config_give_bit_identical_runs(tmp_path, compilation_cache,
+                                                     report_config):
     del compilation_cache
     runs = []
     for name in ("first", "second"):
         workdir = tmp_path / name
-        scores = loop.train_and_evaluate(tiny_demo_config(tmp_path / "data"), str(workdir))
+        scores = loop.train_and_evaluate(report_config, str(workdir))
         runs.append(json.loads((workdir / "run.json").read_text()))
         assert runs[-1]["miou"] == scores["miou"]
     first, second = runs
