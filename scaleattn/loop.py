@@ -150,6 +150,7 @@ class Trainer:
                      if cfg.grad_accum_steps > 1 else "")
         self.device_state = layout.put_state(state)
         self.writer = summaries.MetricWriter(workdir)
+        self.pictures = summaries.EvalPictures(self.writer, config, run.model)
         self.pending = None  # (step, metrics) of the last step, checked while the next runs
 
     # ------------------------------------------------------------------ pieces
@@ -180,8 +181,7 @@ class Trainer:
         self.writer.scalars(step_done, {"eval/miou": scores["miou"],
                                         "eval/pixel_accuracy": scores["pixel_accuracy"]})
         # Every process takes part in reading the state back (a collective when sharded).
-        summaries.write_eval_images(self.writer, step_done, self.config, self.run.model,
-                                    self.layout.host(self.device_state))
+        self.pictures.write(step_done, self.layout.host(self.device_state))
         return scores
 
     def batches(self) -> Iterator[dict]:

@@ -75,32 +75,40 @@ def log_progress(writer: MetricWriter, progress: Progress, done: int, scalars: d
     writer.scalars(done, scalars)
 
 
-def write_eval_images(writer: MetricWriter, step: int, config, model, host_state) -> None:
-    """TensorBoard pictures (`viz.panel`) of the first eval images at ``step``.
+class EvalPictures:
+    """TensorBoard pictures (`viz.panel`) of the first eval images, one set per eval.
 
-    Args:
-      writer: nothing happens where it is disabled (processes other than 0).
-      step: the training step the pictures are logged at.
-      config, model: the run's config and model.
-      host_state: a `TrainState` this process can read (`parallel.Layout.host`).
-
-    Shows ``config.predict.summary_images`` images (0 = none) of the eval split, tag
-    ``eval_images/<i>``.
+    The images are read and the forward pass compiled once, at the first eval; each
+    later eval only runs the model. Shows ``config.predict.summary_images`` images
+    (0 = none) of the eval split, tag ``eval_images/<i>``; nothing happens where the
+    writer is disabled (processes other than 0).
     """
-    count = config.predict.summary_images
-    if not writer.enabled or count <= 0:
-        return
-    from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
-    batch = next(pipeline.eval_batches(config.data, batch_size=count,
-                                       ignore_label=config.loss.ignore_label,
-                                       process_index=0, process_count=1))
-    outputs = inference.Predictor(model)(jax.device_get(host_state), batch["image"])
-    for i, (image, label) in enumerate(zip(batch["image"], batch["label"])):
-        if np.all(label == config.loss.ignore_label):  # a filler slot of the last batch
-            continue
-        writer.image(step, f"eval_images/{i}", viz.panel(
-            viz.denormalize(image, config.data.mean, config.data.std),
-            outputs["prediction"][i], label=label,
-            attention=outputs["attention"][i] if "attention" in outputs else None,
-            alpha=config.predict.overlay_alpha))
-    writer.writer.flush()
+
+    def __init__(self, writer: MetricWriter, config, model):
+        self.writer, self.config = writer, config
+        self.predictor = inference.Predictor(model)
+        self.batch = None
+
+    def write(self, step: int, host_state) -> None:
+        """Pictures at ``step`` of ``host_state`` (a `TrainState` this process can read,
+        `parallel.Layout.host`)."""
+        config = self.config
+        count = config.predict.summary_images
+        if not self.writer.enabled or count <= 0:
+            return
+        if self.batch is None:
+            from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
+            self.batch = next(pipeline.eval_batches(
+                config.data, batch_size=count, ignore_label=config.loss.ignore_label,
+                process_index=0, process_count=1))
+        batch = self.batch
+        outputs = self.predictor(jax.device_get(host_state), batch["image"])
+        for i, (image, label) in enumerate(zip(batch["image"], batch["label"])):
+            if np.all(label == config.loss.ignore_label):  # a filler slot of the last batch
+                continue
+            self.writer.image(step, f"eval_images/{i}", viz.panel(
+                viz.denormalize(image, config.data.mean, config.data.std),
+                outputs["prediction"][i], label=label,
+                attention=outputs["attention"][i] if "attention" in outputs else None,
+                alpha=config.predict.overlay_alpha))
+        self.writer.writer.flush()
