@@ -1,36 +1,66 @@
-"""Test set-up: 8 fake CPU devices, so pmap and mesh paths run anywhere; the
-`slow` marker; fixtures shared by the test modules (the demo data folder, a tiny
-demo config, JAX's compilation cache).
+"""Test set-up: 8 fake CPU devices, so pmap and mesh paths run anywhere; XLA flags
+that compile the tiny test models fast; the `slow` marker, run first; fixtures shared
+by the test modules (the demo data folder, a tiny demo config).
 
-XLA reads the flag when JAX first starts a backend, so it is set before any test
-module imports jax.
+XLA reads its flags when JAX first starts a backend, so they are set before any test
+module imports jax, once, in the first process to load this file (the xdist controller);
+the workers and the training runs the tests start in subprocesses inherit them.
 """
 import os
+import subprocess
+import sys
 
 import pytest
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-# XLA's CPU compiler is slow on threefry's unrolled hash: the counter-based 'rbg'
-# generator (the default of `config.prng_impl`) compiles model inits 5x faster.
-os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
-# One persistent compilation cache for the whole session, shared by the pytest workers
-# and the training runs the tests start in subprocesses (they inherit the variables):
-# the many identical tiny models are compiled once. Set in the first process to load
-# this file (the xdist controller), before the workers start.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import tempfile  # pylint: disable=import-outside-toplevel
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="scaleattn_xla_cache_")
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+# The tests' models are tiny: XLA's CPU compiler, not the running, takes their time.
+# Without LLVM's optimisations, with XLA's older (simpler) fusion code generator and one
+# LLVM module per program, the suite compiles about twice as fast; the programs compute
+# the same operations.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",
+                      "--xla_cpu_use_fusion_emitters=false",
+                      "--xla_cpu_parallel_codegen_split_count=1")
+
+
+def xla_accepts(flags: str) -> bool:
+    """Whether this jaxlib's XLA knows every flag in ``flags`` (an unknown one is fatal)."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"],
+        env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"), capture_output=True,
+        timeout=300, check=False)
+    return probe.returncode == 0
+
+
+if "SCALEATTN_TEST_SETUP" not in os.environ:
+    os.environ["SCALEATTN_TEST_SETUP"] = "1"
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    if xla_accepts(" ".join((flags, *FAST_COMPILE_FLAGS))):
+        flags = " ".join((flags, *FAST_COMPILE_FLAGS))
+    os.environ["XLA_FLAGS"] = flags.strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    # XLA's CPU compiler is slow on threefry's unrolled hash: the counter-based 'rbg'
+    # generator (the default of `config.prng_impl`) compiles model inits 5x faster.
+    os.environ.setdefault("JAX_DEFAULT_PRNG_IMPL", "rbg")
+    # One persistent compilation cache for the whole session, shared by the pytest
+    # workers and the subprocesses: the many identical tiny models are compiled once.
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        import tempfile  # pylint: disable=import-outside-toplevel
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+            prefix="scaleattn_xla_cache_")
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: end-to-end (training runs in subprocesses, several processes, "
         "signals); left out of the fast lane `pytest -m 'not slow'`")
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first (stable order otherwise): on few cores the long end-to-end
+    runs then overlap the many short tests instead of finishing the session alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
@@ -61,23 +91,3 @@ def tiny_demo_config(demo_data_dir):
         c.parallel.mode = "jit"
         return c
     return make
-
-
-@pytest.fixture
-def compilation_cache(tmp_path):
-    """JAX's persistent compilation cache in ``tmp_path`` for one test, then off again.
-
-    The second of two identical runs then loads the executables the first compiled
-    (XLA's CPU compiler is deterministic; this only saves the time of compiling twice).
-    """
-    import jax  # pylint: disable=import-outside-toplevel
-    from jax.experimental.compilation_cache import compilation_cache as cache  # pylint: disable=import-outside-toplevel
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    before = {k: getattr(jax.config, k) for k in keys}
-    cache.reset_cache()
-    jax.config.update(keys[0], str(tmp_path / "xla_cache"))
-    jax.config.update(keys[1], 0.0)
-    yield
-    for key, value in before.items():
-        jax.config.update(key, value)
-    cache.reset_cache()

@@ -102,11 +102,15 @@ def max_differences(a, b) -> tuple[float, float]:
 
 
 def subprocess_env(devices: int, cache_dir=None) -> dict:
-    """Environment of a ``python -m scaleattn.main`` child: CPU, ``devices`` fake devices,
-    and (``cache_dir``) a persistent compilation cache shared by the children."""
+    """Environment of a ``python -m scaleattn.main`` child: CPU, ``devices`` fake devices
+    (the session's other XLA flags kept), and (``cache_dir``) a persistent compilation
+    cache shared by the children."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
                CUDA_VISIBLE_DEVICES="", JAX_DEFAULT_PRNG_IMPL="rbg",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=" ".join(
+                   [f for f in os.environ.get("XLA_FLAGS", "").split()
+                    if not f.startswith("--xla_force_host_platform_device_count")]
+                   + [f"--xla_force_host_platform_device_count={devices}"]))
     if cache_dir is not None:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

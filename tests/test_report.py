@@ -108,9 +108,7 @@ def report_config(tiny_demo_config, tmp_path):
     return c
 
 
-def test_same_seed_and_config_give_bit_identical_runs(tmp_path, compilation_cache,
-                                                     report_config):
-    del compilation_cache
+def test_same_seed_and_config_give_bit_identical_runs(tmp_path, report_config):
     runs = []
     for name in ("first", "second"):
         workdir = tmp_path / name
