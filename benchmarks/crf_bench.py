@@ -3,7 +3,7 @@
     python -m benchmarks.crf_bench [--size=513] [--classes=21] [--iterations=10]
         [--repeats=3] [--output=FILE.json]
 
-The image is the synthetic VOC-like photo of `scaleattn.data.fake_voc` (smooth
+The image is the synthetic VOC-like photo of `benchmarks.fake_voc` (smooth
 multi-octave texture, 1-4 tinted objects); the scores are what a stride-8 network
 gives: its true classes at 1/8 resolution plus unit Gaussian noise, bilinearly
 upsampled, then ``log_softmax``. DeepLab-LargeFOV's CRF parameters (config
@@ -25,7 +25,7 @@ import numpy as np
 
 from scaleattn import config as config_lib
 from scaleattn import crf
-from scaleattn.data import fake_voc
+from benchmarks import fake_voc
 from scaleattn.models import layers
 
 

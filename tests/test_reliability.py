@@ -735,16 +735,17 @@ def test_atomic_write_leaves_the_old_file_and_no_temporary_on_failure(tmp_path):
 
 
 def test_data_tools_name_the_bad_place(tmp_path, capsys):
-    from scaleattn.data import bench_input, build  # pylint: disable=import-outside-toplevel
+    from benchmarks import input_pipeline  # pylint: disable=import-outside-toplevel
+    from scaleattn.data import build  # pylint: disable=import-outside-toplevel
     (tmp_path / "a_file").write_text("")
     cases = [
         (build.main, [f"--data_dir={read_only_dir(tmp_path)}/data", f"--manual_dir={tmp_path}"],
          1, "cannot write in"),
         (build.main, [f"--data_dir={tmp_path / 'data'}", f"--manual_dir={tmp_path / 'a_file'}"],
          1, "is a file; give the folder that holds VOCtrainval_11-May-2012.tar"),
-        (bench_input.main, ["--crop=321,big"], 2, "--crop=321,big: comma-separated integers"),
-        (bench_input.main, [f"--output={tmp_path}"], 2, f"--output={tmp_path} is a folder"),
-        (bench_input.main, ["--seconds=0"], 2, "--seconds must be positive"),
+        (input_pipeline.main, ["--crop=321,big"], 2, "--crop=321,big: comma-separated integers"),
+        (input_pipeline.main, [f"--output={tmp_path}"], 2, f"--output={tmp_path} is a folder"),
+        (input_pipeline.main, ["--seconds=0"], 2, "--seconds must be positive"),
     ]
     for main, argv, code, message in cases:
         assert main(argv) == code, argv

@@ -2,7 +2,7 @@
 
 The tree has the real folder names: palette PNG masks, JPEG images, SBD ``.mat``
 labels in the ``GTcls`` struct layout and the split lists, packed into the two
-archives with `tarfile` (the writers are `scaleattn.data.fake_voc`'s; the ids,
+archives with `tarfile` (the writers are `benchmarks.fake_voc`'s; the ids,
 colours and masks are this file's). The archives' md5s are the tests' own
 (passed through ``expected_md5``). Each bad-input test breaks one thing, checks
 the one-line message names the file, that nothing is left in ``data_dir``, and
@@ -21,7 +21,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from scaleattn.data import voc
-from scaleattn.data.fake_voc import (archive_contents, jpeg_bytes, mat_bytes, pack, png_bytes,
+from benchmarks.fake_voc import (archive_contents, jpeg_bytes, mat_bytes, pack, png_bytes,
                                      sbd_jpeg, sbd_mat, voc_jpeg, voc_png)
 from scaleattn.viz import voc_palette
 from scaleattn.data.voc import SBD_ARCHIVE, SBD_ROOT, VOC_ARCHIVE, VOC_ROOT, VocDataError

@@ -1,14 +1,14 @@
 """How many images per second the tf.data input pipeline delivers on this host.
 
-    python -m scaleattn.data.bench_input --crop=321,513 --batch=16 \\
+    python -m benchmarks.input_pipeline --crop=321,513 --batch=16 \\
         [--augment_on=host,device] [--breakdown] \\
         [--data_dir=~/tensorflow_datasets] [--num_images=200] [--seconds=20] \\
         [--repeats=2] [--workers=N] [--step_batch=30 --step_seconds=0.5] \\
-        [--output=bench_input.json]
+        [--output=input_pipeline.json]
 
 Data. If ``voc2012`` is prepared in ``--data_dir`` it is used (train split
 ``train_aug``, eval split ``val``). Otherwise (or with ``--synthetic``) a
-VOC-shaped stand-in is made in a temporary folder: `scaleattn.data.fake_voc`
+VOC-shaped stand-in is made in a temporary folder: `benchmarks.fake_voc`
 writes the two archives with ``--num_images`` train_aug and ``--num_val`` val
 images (500x375 photo-like JPEGs, quality 90, palette PNG / SBD ``.mat`` masks),
 the real `scaleattn.data.voc.Voc2012` builder builds them (md5 checks skipped),
@@ -133,7 +133,7 @@ def build_synthetic(work_dir: str, num_train_aug: int, num_val: int, *,
     builds them. The archives are deleted afterwards (the dataset is what is read).
     """
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    from scaleattn.data import fake_voc  # pylint: disable=import-outside-toplevel
+    from benchmarks import fake_voc  # pylint: disable=import-outside-toplevel
     data_dir = os.path.join(work_dir, "data")
     manual_dir = os.path.join(work_dir, "manual")
     tfds.disable_progress_bar()
@@ -454,7 +454,7 @@ def _size(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m scaleattn.data.bench_input",
+        prog="python -m benchmarks.input_pipeline",
         description="Images/s of the tf.data train and eval pipelines on this host.")
     parser.add_argument("--crop", default="321",
                         help="train crop size(s), comma-separated (default 321)")
@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"not fit in the eval square / canvas {square} (--eval_size)",
                       file=sys.stderr)
                 return 2
-            work_dir = tempfile.mkdtemp(prefix="bench_input.")
+            work_dir = tempfile.mkdtemp(prefix="input_pipeline.")
             print(f"voc2012 is not prepared in {data_dir}; building a synthetic one with "
                   f"{args.num_images} train_aug + {num_val} val images of "
                   f"{args.image_size[0]}x{args.image_size[1]} in {work_dir} ...",

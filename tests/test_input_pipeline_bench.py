@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from scaleattn.data import bench_input, fake_voc
+from benchmarks import fake_voc, input_pipeline
 
 NUM_TRAIN_AUG, NUM_VAL = 8, 6
 SIZE = (64, 48)  # width, height
@@ -20,10 +20,10 @@ SIZE = (64, 48)  # width, height
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    work = tmp_path_factory.mktemp("bench_input")
+    work = tmp_path_factory.mktemp("input_pipeline")
     with pytest.MonkeyPatch.context() as patch:  # TFDS's empty mkdtemp folders
         patch.setattr(tempfile, "tempdir", str(work))
-        return bench_input.build_synthetic(str(work), NUM_TRAIN_AUG, NUM_VAL, image_size=SIZE)
+        return input_pipeline.build_synthetic(str(work), NUM_TRAIN_AUG, NUM_VAL, image_size=SIZE)
 
 
 def test_synthetic_examples_are_deterministic_and_voc_like():
@@ -51,13 +51,13 @@ def test_synthetic_splits_match_the_real_layout():
 
 
 def test_benchmark_result(data_dir, tmp_path):
-    config = bench_input.voc_data_config(data_dir)
-    result = bench_input.benchmark(config, crop_sizes=(33,), batch_size=4, eval_size=65,
+    config = input_pipeline.voc_data_config(data_dir)
+    result = input_pipeline.benchmark(config, crop_sizes=(33,), batch_size=4, eval_size=65,
                                    seconds=0.2, warmup_seconds=0.05, repeats=2, stages=True)
     assert result["dataset"]["train_examples"] == NUM_TRAIN_AUG
     assert result["dataset"]["eval_examples"] == NUM_VAL
     assert result["host"]["cpus"] >= 1 and len(result["host"]["loadavg_end"]) == 3
-    assert [(bench_input.row_name(r), r["size"], r["batch_size"])
+    assert [(input_pipeline.row_name(r), r["size"], r["batch_size"])
             for r in result["results"]] == [
         ("stage/read", 33, 4), ("stage/decode", 33, 4), ("stage/rescale", 33, 4),
         ("train/host", 33, 4), ("train/device", 33, 4), ("eval", 65, 4)]
@@ -77,14 +77,14 @@ def test_benchmark_result(data_dir, tmp_path):
         assert row["mean_images_per_s"] == pytest.approx(np.mean(row["images_per_s"]))
         assert row["mean_images_per_cpu_s"] == pytest.approx(np.mean(row["images_per_cpu_s"]))
     json.dumps(result)  # JSON-able as written by --output
-    table = bench_input.format_table(result)
+    table = input_pipeline.format_table(result)
     for name in ("train/host", "train/device", "eval", "stage/decode", "+ random rescale"):
         assert name in table
-    assert "consumes 60.0 img/s" in bench_input.consumer_line(result, 30, 0.5)
+    assert "consumes 60.0 img/s" in input_pipeline.consumer_line(result, 30, 0.5)
 
 
 def test_breakdown_arithmetic():
-    rows = bench_input.breakdown({"read": 1000.0, "decode": 100.0, "rescale": 50.0,
+    rows = input_pipeline.breakdown({"read": 1000.0, "decode": 100.0, "rescale": 50.0,
                                   "host": 40.0, "device": 80.0})
     ms = {row["stage"]: row["stage_cpu_ms_per_image"] for row in rows}
     assert ms == pytest.approx({"read": 1.0, "decode": 9.0, "rescale": 10.0, "host": 5.0,
@@ -94,12 +94,12 @@ def test_breakdown_arithmetic():
 
 
 def test_check_args_augment_on():
-    args = bench_input.parse_args(["--augment_on=device,gpu"])
-    assert "--augment_on" in bench_input.check_args(args)
-    args = bench_input.parse_args(["--augment_on=device", "--breakdown"])
-    assert "--breakdown" in bench_input.check_args(args)
-    args = bench_input.parse_args([])
-    assert bench_input.check_args(args) is None and args.augment_ons == ["host", "device"]
+    args = input_pipeline.parse_args(["--augment_on=device,gpu"])
+    assert "--augment_on" in input_pipeline.check_args(args)
+    args = input_pipeline.parse_args(["--augment_on=device", "--breakdown"])
+    assert "--breakdown" in input_pipeline.check_args(args)
+    args = input_pipeline.parse_args([])
+    assert input_pipeline.check_args(args) is None and args.augment_ons == ["host", "device"]
 
 
 def test_write_tree_matches_the_archive_layout(tmp_path):
