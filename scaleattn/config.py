@@ -25,14 +25,29 @@ VOC_IGNORE_LABEL = 255
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every key with its type and shared default, locked: files change values only."""
     c = ml_collections.ConfigDict()
     c.name = "base"
     c.seed = 0
     c.prng_impl = "rbg"          # jax PRNG: 'rbg' compiles far faster than 'threefry2x32'
     c.batch_size = 30  # global, summed over all devices and hosts (paper: 30)
+    c.data = data_keys()
+    c.model = model_keys()
+    c.loss = loss_keys()
+    c.optim = optim_keys()
+    c.train = train_keys()
+    c.eval = eval_keys()
+    c.parallel = parallel_keys()
+    c.bench = bench_keys()
+    c.predict = predict_keys()
+    c.crf = crf_keys()
+    c.lock()  # config files may change values but not add keys
+    return c
 
-    # ---- data -------------------------------------------------------------------
-    c.data = d = ml_collections.ConfigDict()
+
+def data_keys() -> ml_collections.ConfigDict:
+    """``config.data``: the dataset, its augmentation and the input pipeline."""
+    d = ml_collections.ConfigDict()
     d.name = "voc2012"            # TFDS builder: 'voc2012' | 'scale_shapes' (demo)
     d.data_dir = "~/tensorflow_datasets"
     d.manual_dir = ""            # where the VOC/SBD archives are, for building
@@ -55,9 +70,12 @@ def base_config() -> ml_collections.ConfigDict:
     d.device_prefetch = 2        # batches copied to the device(s) ahead of their step
     d.demo_train_size = 0        # scale_shapes only: images in train/val (0 = builder default)
     d.demo_val_size = 0
+    return d
 
-    # ---- model ------------------------------------------------------------------
-    c.model = m = ml_collections.ConfigDict()
+
+def model_keys() -> ml_collections.ConfigDict:
+    """``config.model``: backbone, head, scales and their merge, numerics, the start."""
+    m = ml_collections.ConfigDict()
     m.backbone = "vgg16"         # 'vgg16' | 'resnet50' | 'resnet101' | 'resnext101_32x4d' | ...
     m.head = "largefov"          # 'largefov' | 'aspp_v2' | 'gsag'
     m.num_classes = 21
@@ -100,9 +118,12 @@ def base_config() -> ml_collections.ConfigDict:
                                  # a path to a file of `python -m scaleattn.convert`, or
                                  # 'scratch' (random initialisation, only when asked for)
     m.pretrained_dir = "~/scaleattn_weights"  # where 'imagenet' looks for <backbone>_imagenet.msgpack
+    return m
 
-    # ---- loss -------------------------------------------------------------------
-    c.loss = l = ml_collections.ConfigDict()
+
+def loss_keys() -> ml_collections.ConfigDict:
+    """``config.loss``: the loss terms, the ignore label, OHEM."""
+    l = ml_collections.ConfigDict()
     l.extra_supervision = True   # add one loss per scale to the merged loss
     l.scale_loss_size = "branch"  # per-scale losses on each branch's own score map with the
                                  # labels shrunk to it (paper) | 'merged': after the resize
@@ -113,9 +134,12 @@ def base_config() -> ml_collections.ConfigDict:
     l.ohem_threshold = 0.7       # OHEM: keep pixels whose true-class probability is below
     l.ohem_min_kept = 100_000    # ... and at least this many per device's batch, counted at
                                  # the loss's resolution (see label_resize)
+    return l
 
-    # ---- optimisation -----------------------------------------------------------
-    c.optim = o = ml_collections.ConfigDict()
+
+def optim_keys() -> ml_collections.ConfigDict:
+    """``config.optim``: SGD with momentum, schedule, weight decay, learning-rate multipliers."""
+    o = ml_collections.ConfigDict()
     o.base_lr = 1e-3
     o.momentum = 0.9
     o.weight_decay = 5e-4        # L2 on kernels (Caffe-style, added to the gradient)
@@ -127,9 +151,12 @@ def base_config() -> ml_collections.ConfigDict:
     o.new_layer_patterns = ("fc8", "aspp", "attention", "alpha", "gsag")
     o.bias_lr_mult = 1.0         # learning-rate multiplier of conv/dense biases (Caffe's
                                  # DeepLab prototxts: 2, so a new layer's bias gets 20x)
+    return o
 
-    # ---- training loop ----------------------------------------------------------
-    c.train = t = ml_collections.ConfigDict()
+
+def train_keys() -> ml_collections.ConfigDict:
+    """``config.train``: the training loop: length, logging, evaluation, checkpoints."""
+    t = ml_collections.ConfigDict()
     t.steps = 6000
     t.log_every = 20
     t.eval_every = 2000
@@ -139,25 +166,34 @@ def base_config() -> ml_collections.ConfigDict:
     t.async_checkpoints = True   # Orbax writes in the background while training goes on
     t.grad_accum_steps = 1       # micro-batches per step (gradients summed; one update)
     t.eval_at_end = True
+    return t
 
-    # ---- evaluation -------------------------------------------------------------
-    c.eval = e = ml_collections.ConfigDict()
+
+def eval_keys() -> ml_collections.ConfigDict:
+    """``config.eval``: evaluation batches and the CRF switch."""
+    e = ml_collections.ConfigDict()
     e.batch_size = 8             # global
     e.max_batches = 0            # 0 = the whole split
     e.crf = False                # post-process with the dense CRF (`crf` below): eval after
                                  # training and --mode=eval (single scale and ms+flip), and
                                  # --mode=predict (writes <name>_mask_crf.png too)
+    return e
 
-    # ---- parallelism ------------------------------------------------------------
-    c.parallel = p = ml_collections.ConfigDict()
+
+def parallel_keys() -> ml_collections.ConfigDict:
+    """``config.parallel``: how the steps run over devices (`scaleattn.parallel`)."""
+    p = ml_collections.ConfigDict()
     p.mode = "pmap"              # 'pmap' | 'sharded' (jit on a mesh) | 'jit' (one device)
     p.mesh_shape = (-1, 1)       # sharded: (data, model) devices; -1 = the rest
     p.param_sharding = "replicated"  # sharded: 'replicated' | 'fsdp' (over data) |
                                  # 'model' (conv kernels' output channels over model)
     p.fsdp_min_size = 2**14      # fsdp / model: smaller arrays stay replicated
+    return p
 
-    # ---- benchmark (--mode=bench: synthetic batches, one device, no TensorFlow) -------
-    c.bench = b = ml_collections.ConfigDict()
+
+def bench_keys() -> ml_collections.ConfigDict:
+    """``config.bench``: --mode=bench (synthetic batches, one device, no TensorFlow)."""
+    b = ml_collections.ConfigDict()
     b.dtypes = "float32,bfloat16"  # compute dtypes to time (comma-separated)
     b.batch_size = 0             # 0 = batch_size
     b.crop_size = 0              # 0 = data.crop_size (train and eval steps alike)
@@ -169,22 +205,28 @@ def base_config() -> ml_collections.ConfigDict:
                                  # ('' = the model's; 'true,false' for both)
     b.profile_dir = ""           # if set, a jax.profiler trace of the timed train steps
                                  # and a table of the ops that took the time
+    return b
 
-    # ---- inference: --mode=predict|analyze, TensorBoard images, ms+flip eval ---------
-    c.predict = q = ml_collections.ConfigDict()
+
+def predict_keys() -> ml_collections.ConfigDict:
+    """``config.predict``: --mode=predict|analyze, TensorBoard pictures, ms+flip eval."""
+    q = ml_collections.ConfigDict()
     q.ms_scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # input rescales averaged by ms+flip
     q.flip = True                # ms+flip also averages the mirrored input
     q.ms_eval_at_end = False     # after training and in --mode=eval, also evaluate with ms+flip
     q.summary_images = 3         # eval images shown in TensorBoard (0 = none)
     q.overlay_alpha = 0.5
+    return q
 
-    # ---- fully connected CRF (scaleattn/crf.py): mean field on the merged scores -------
+
+def crf_keys() -> ml_collections.ConfigDict:
+    """``config.crf``: the fully connected CRF (`scaleattn.crf`) on the merged scores."""
     # Defaults: DeepLab-LargeFOV's (Chen et al., "Semantic Image Segmentation with Deep
     # Convolutional Nets and Fully Connected CRFs", ICLR 2015; the values of its released
     # LargeFOV CRF run: bi_w=4, bi_xy_std=121, bi_rgb_std=5, pos_w=3, pos_xy_std=3, 10
     # mean-field iterations). They were tuned on 500-px VOC photos: search again
     # (--mode=crf_search) for other data.
-    c.crf = r = ml_collections.ConfigDict()
+    r = ml_collections.ConfigDict()
     r.iterations = 10            # mean-field iterations
     r.bilateral_weight = 4.0     # w1: appearance (position + RGB) kernel weight
     r.bilateral_xy_std = 121.0   # theta_alpha: its position standard deviation, pixels
@@ -198,8 +240,7 @@ def base_config() -> ml_collections.ConfigDict:
     r.search_bilateral_weights = (5.0, 6.0, 7.0, 8.0, 9.0, 10.0)
     r.search_bilateral_xy_stds = (50.0, 60.0, 70.0, 80.0, 90.0, 100.0)
     r.search_bilateral_rgb_stds = (3.0, 4.0, 5.0, 6.0)
-    c.lock()  # config files may change values but not add keys
-    return c
+    return r
 
 
 INIT_SCRATCH, INIT_IMAGENET = "scratch", "imagenet"
