@@ -44,11 +44,11 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from e
     model = build_model(config.model, bn_axis_name=layout.axis_name)
-    tx, schedule = optim.create_optimizer(config.optim, config.train.steps,
-                                          bn_frozen=config.model.bn_mode == "frozen")
+    bn_frozen = config.model.bn_mode == "frozen"
+    tx, schedule = optim.create_optimizer(config.optim, config.train.steps, bn_frozen=bn_frozen)
     train_step = layout.compile_step(functools.partial(
         steps.train_step, model=model, loss_config=config.loss, learning_rate=schedule,
-        grad_accum_steps=config.train.grad_accum_steps,
+        grad_accum_steps=config.train.grad_accum_steps, freeze_batch_norm=bn_frozen,
         augment=augment_lib.from_config(config)))
     eval_step = layout.compile_step(functools.partial(
         steps.eval_step, model=model, num_classes=config.model.num_classes,

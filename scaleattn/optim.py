@@ -73,6 +73,19 @@ def param_groups(params, patterns, bn_frozen: bool):
     return flax.traverse_util.unflatten_dict({k: label(param_path(k)) for k in flat})
 
 
+def stop_frozen_gradients(params):
+    """``params`` with every batch-norm parameter behind `jax.lax.stop_gradient`.
+
+    For ``bn_mode == 'frozen'``, where those parameters get no update (the 'frozen'
+    group): the backward pass then computes no gradient that nobody applies, and the
+    gradient (and the logged ``grad_norm``) is that of the parameters that train.
+    """
+    def stop(path, value):
+        name = "/".join(str(getattr(key, "key", key)) for key in path)
+        return jax.lax.stop_gradient(value) if is_batch_norm(name) else value
+    return jax.tree_util.tree_map_with_path(stop, params)
+
+
 def group_lr_multipliers(cfg: ml_collections.ConfigDict) -> dict[str, float]:
     """The learning-rate multiplier of each group of `param_groups`."""
     return {"pretrained_weight": 1.0, "pretrained_bias": cfg.bias_lr_mult,

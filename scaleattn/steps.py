@@ -18,14 +18,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from scaleattn import crf, losses, metrics, parallel
+from scaleattn import crf, losses, metrics, optim, parallel
 from scaleattn.models import layers
 from scaleattn.state import TrainState, variables_of
 
 
 def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
                loss_config: ml_collections.ConfigDict, learning_rate,
-               grad_accum_steps: int = 1,
+               grad_accum_steps: int = 1, freeze_batch_norm: bool = False,
                replicas: parallel.Replicas = parallel.SINGLE,
                augment=None) -> tuple[TrainState, dict]:
     """One SGD step on ``batch`` (``image [b,H,W,3]``, ``label [b,H,W]``).
@@ -48,6 +48,10 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
     the same update as the whole batch at once (exactly, up to float rounding, for
     plain cross-entropy and frozen batch norm), in about ``1/k`` of the activation
     memory.
+
+    ``freeze_batch_norm`` (``bn_mode == 'frozen'``): no gradient flows to the
+    batch-norm parameters (`optim.stop_frozen_gradients`), which the optimiser does not
+    update; ``grad_norm`` is the norm of the gradient of the parameters that train.
     """
     if "size" in batch:
         if augment is None:
@@ -57,6 +61,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, model,
     step_rng = replicas.fold_in(jax.random.fold_in(rng, state.step))
 
     def loss_fn(params, micro_batch, dropout_rng, weights):
+        if freeze_batch_norm:
+            params = optim.stop_frozen_gradients(params)
         outputs, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats}, micro_batch["image"],
             train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"])

@@ -1,9 +1,10 @@
 """The pure train step learns (its parallel forms are compared in test_parallel.py)."""
+import flax
 import jax
 import numpy as np
 
 from scaleattn import config as config_lib
-from scaleattn import experiment, loop, parallel
+from scaleattn import experiment, loop, losses, optim, parallel
 
 
 def tiny_config(mode):
@@ -44,6 +45,40 @@ def test_train_step_lowers_the_loss():
     _, losses = run_steps(tiny_config("jit"), fixed_batch(), 25)
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_frozen_batch_norm_gets_no_gradient_and_grad_norm_is_of_what_trains():
+    """bn_mode='frozen': the step's grad_norm is the norm of the gradient of every
+    parameter but the batch-norm ones (computed here with jax.grad and numpy), the
+    batch-norm parameters stay as they were, the others move."""
+    config = tiny_config("jit")
+    config.model.backbone, config.model.head, config.model.depth = "resnet50", "aspp_v2", (1,) * 4
+    config.model.bn_mode = "frozen"
+    run = experiment.setup_run(config)
+    state = jax.device_get(experiment.initial_state(run, jax.random.PRNGKey(0)))
+    batch = fixed_batch()
+
+    def loss_of(params):
+        outputs, _ = run.model.apply({"params": params, "batch_stats": state.batch_stats},
+                                     batch["image"], train=True, mutable=["batch_stats"])
+        return losses.segmentation_loss(outputs, batch["label"], config.loss)[0]
+
+    grads = flax.traverse_util.flatten_dict(jax.jit(jax.grad(loss_of))(state.params), sep="/")
+    is_bn = {k: optim.is_batch_norm(k) for k in grads}
+    assert sum(is_bn.values()) >= 8 and not all(is_bn.values())
+    square = {k: float(np.sum(np.asarray(g, np.float64) ** 2)) for k, g in grads.items()}
+    assert sum(v for k, v in square.items() if is_bn[k]) > 0  # they would get a gradient
+    expected = np.sqrt(sum(v for k, v in square.items() if not is_bn[k]))
+
+    new_state, metrics = run.train_step(state, batch, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(float(metrics["grad_norm"]), expected, rtol=1e-4)
+    before = flax.traverse_util.flatten_dict(state.params, sep="/")
+    after = flax.traverse_util.flatten_dict(jax.device_get(new_state.params), sep="/")
+    for key, value in before.items():
+        if is_bn[key]:
+            np.testing.assert_array_equal(after[key], value, err_msg=key)
+        else:
+            assert not np.array_equal(after[key], value) or not square[key], key
 
 
 # pmap over 8 devices vs one device (and the sharded meshes): tests/test_parallel.py
