@@ -101,21 +101,15 @@ def max_differences(a, b) -> tuple[float, float]:
     return worst_abs, worst_rel
 
 
-def subprocess_env(devices: int, cache_dir=None) -> dict:
-    """Environment of a ``python -m scaleattn.main`` child: CPU, ``devices`` fake devices
-    (the session's other XLA flags kept), and (``cache_dir``) a persistent compilation
-    cache shared by the children."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-               CUDA_VISIBLE_DEVICES="", JAX_DEFAULT_PRNG_IMPL="rbg",
-               XLA_FLAGS=" ".join(
-                   [f for f in os.environ.get("XLA_FLAGS", "").split()
-                    if not f.startswith("--xla_force_host_platform_device_count")]
-                   + [f"--xla_force_host_platform_device_count={devices}"]))
-    if cache_dir is not None:
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return env
+def subprocess_env(devices: int) -> dict:
+    """Environment of a ``python -m scaleattn.main`` child: CPU, ``devices`` fake devices;
+    the session's other XLA flags and its compilation cache (conftest.py) are kept."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+                CUDA_VISIBLE_DEVICES="", JAX_DEFAULT_PRNG_IMPL="rbg",
+                XLA_FLAGS=" ".join(
+                    [f for f in os.environ.get("XLA_FLAGS", "").split()
+                     if not f.startswith("--xla_force_host_platform_device_count")]
+                    + [f"--xla_force_host_platform_device_count={devices}"]))
 
 
 def main_command(config, workdir, *extra: str) -> list[str]:
@@ -123,8 +117,8 @@ def main_command(config, workdir, *extra: str) -> list[str]:
             f"--workdir={workdir}", *demo_config_flags(config), *extra]
 
 
-def run_main(config, workdir, *extra: str, devices: int = 1, cache_dir=None,
+def run_main(config, workdir, *extra: str, devices: int = 1,
              timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(main_command(config, workdir, *extra), cwd=REPO,
-                          env=subprocess_env(devices, cache_dir), capture_output=True,
+                          env=subprocess_env(devices), capture_output=True,
                           text=True, timeout=timeout)

@@ -44,15 +44,10 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("jax_cache")
-
-
-@pytest.fixture(scope="module")
-def straight(data_dir, cache_dir, tmp_path_factory):
+def straight(data_dir, tmp_path_factory):
     """The workdir of a run of STEPS steps without interruption."""
     workdir = tmp_path_factory.mktemp("straight")
-    result = run_main(run_config(data_dir), workdir, devices=8, cache_dir=cache_dir)
+    result = run_main(run_config(data_dir), workdir, devices=8)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(checkpoint.make_manager(str(workdir), 5).all_steps()) == [8, 16, 24]
     return workdir
@@ -71,10 +66,10 @@ def assert_identical(a: dict, b: dict):
 
 
 def test_sigterm_saves_at_the_next_step_and_a_restart_resumes_exactly(
-        data_dir, cache_dir, straight, tmp_path):
+        data_dir, straight, tmp_path):
     config = run_config(data_dir)
     child = subprocess.Popen(main_command(config, tmp_path), cwd=REPO,
-                             env=subprocess_env(8, cache_dir), stdout=subprocess.PIPE,
+                             env=subprocess_env(8), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     output = []
     for line in child.stdout:
@@ -89,7 +84,7 @@ def test_sigterm_saves_at_the_next_step_and_a_restart_resumes_exactly(
     print(f"SIGTERM after step 2 was seen: saved step {stopped_at}")
     assert stopped_at in checkpoint.make_manager(str(tmp_path), 5).all_steps()
 
-    result = run_main(config, tmp_path, devices=8, cache_dir=cache_dir)
+    result = run_main(config, tmp_path, devices=8)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resuming at step {stopped_at}." in result.stderr
     # Same batches (input position), RNG, optimiser state: bit-identical.
@@ -97,7 +92,7 @@ def test_sigterm_saves_at_the_next_step_and_a_restart_resumes_exactly(
 
 
 def test_damaged_checkpoint_is_skipped_with_a_warning_and_the_previous_one_used(
-        data_dir, cache_dir, straight, tmp_path):
+        data_dir, straight, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(straight, workdir)
     checkpoints = workdir / "checkpoints"
@@ -106,7 +101,7 @@ def test_damaged_checkpoint_is_skipped_with_a_warning_and_the_previous_one_used(
     (checkpoints / "25.orbax-checkpoint-tmp-1").mkdir()  # a kill during a save
     (checkpoints / "25.orbax-checkpoint-tmp-1" / "junk").write_text("partial")
 
-    result = run_main(run_config(data_dir), workdir, devices=8, cache_dir=cache_dir)
+    result = run_main(run_config(data_dir), workdir, devices=8)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stderr
     assert re.search(rf"Checkpoint\(s\) \S*checkpoints/{STEPS} damaged \(its array", log), log
