@@ -30,6 +30,8 @@ def xla_accepts(flags: str) -> bool:
     return probe.returncode == 0
 
 
+CREATED_CACHE_DIR = None  # set in the process that made the session's cache folder
+
 if "SCALEATTN_TEST_SETUP" not in os.environ:
     os.environ["SCALEATTN_TEST_SETUP"] = "1"
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -46,8 +48,8 @@ if "SCALEATTN_TEST_SETUP" not in os.environ:
     # workers and the subprocesses: the many identical tiny models are compiled once.
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         import tempfile  # pylint: disable=import-outside-toplevel
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
-            prefix="scaleattn_xla_cache_")
+        CREATED_CACHE_DIR = tempfile.mkdtemp(prefix="scaleattn_xla_cache_")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = CREATED_CACHE_DIR
         os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
@@ -55,6 +57,14 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: end-to-end (training runs in subprocesses, several processes, "
         "signals); left out of the fast lane `pytest -m 'not slow'`")
+
+
+def pytest_unconfigure(config):
+    """The session's compilation cache goes with the session."""
+    del config
+    if CREATED_CACHE_DIR:
+        import shutil  # pylint: disable=import-outside-toplevel
+        shutil.rmtree(CREATED_CACHE_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
