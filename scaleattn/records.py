@@ -3,16 +3,21 @@
 A finished training run leaves ``run.json`` in its workdir (`run_record`,
 `write_run`; the training loop calls them): the config and its name, the git commit
 of the code, the steps, the final scores (single-scale and, if asked for, multi-scale
-+ flip), the wall time, the device, and a SHA-256 digest of the trained parameters.
-Two runs with the same seed and config on CPU give the same scores and the same
-digest (tested), so a digest says at a glance whether runs reproduced bit for bit.
++ flip), the wall time, the device, the versions of the libraries that can move the
+numbers (`package_versions`), and a SHA-256 digest of the trained parameters. Two runs
+with the same seed, config and library versions on CPU give the same scores and the
+same digest (tested), so a digest says at a glance whether runs reproduced bit for bit;
+another JAX, TensorFlow or numpy may change the last bits, and over a training run the
+scores.
 `load_run` reads a record back, checked (`scaleattn.report` makes tables of them).
 """
 
 import datetime
 import hashlib
+import importlib.metadata
 import json
 import os
+import platform
 import subprocess
 
 import numpy as np
@@ -53,6 +58,26 @@ def git_commit(path: str | None = None) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")
+
+
+# The installed distributions whose versions can change a run's numbers: XLA's code
+# (jax, jaxlib), the model, optimiser and checkpoint libraries, the input pipeline and
+# the demo data generator (tensorflow, tensorflow-datasets, numpy, Pillow, scipy).
+RECORDED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+                     "ml_dtypes", "tensorflow", "tensorflow-cpu", "tensorflow-datasets",
+                     "pillow", "scipy")
+
+
+def package_versions() -> dict[str, str]:
+    """``{'python': ..., distribution: version}`` for the installed `RECORDED_PACKAGES`
+    (read from the installed metadata, nothing imported; absent ones left out)."""
+    versions = {"python": platform.python_version()}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
 
 
 def device_description() -> str:
@@ -96,6 +121,7 @@ def run_record(config, *, steps: int, scores: dict, ms_flip_scores: dict | None,
         "miou_ms_flip_no_crf": score((ms_flip_scores or {}).get("no_crf"), "miou"),
         "wall_time_s": round(float(wall_time_s), 1),
         "device": device_description(),
+        "versions": package_versions(),
         "params_sha256": tree_digest(params),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": json.loads(config.to_json()),
@@ -141,6 +167,7 @@ RECORD_FIELDS = {
     "miou_ms_flip": ((float, int, type(None)), False),
     "wall_time_s": ((float, int, type(None)), False), "device": ((str,), False),
     "params_sha256": ((str,), False), "start": ((str, type(None)), False),
+    "versions": ((dict,), False),
 }
 SCORE_FIELDS = ("miou", "pixel_accuracy", "miou_ms_flip")
 TYPE_NAMES = {str: "text", int: "an integer", float: "a number", dict: "an object",

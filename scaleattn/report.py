@@ -198,12 +198,30 @@ def mean_std(values: list) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
+def version_differences(group: list[dict]) -> dict[str, list[str]]:
+    """``{package: [its versions]}`` for the recorded library versions that differ
+    within ``group`` (records written before versions were recorded count as unknown)."""
+    if all("versions" not in r for r in group):
+        return {}
+    tables = [r.get("versions") or {} for r in group]
+    names = sorted(set().union(*tables))
+    return {name: [t.get(name, "unknown") for t in tables] for name in names
+            if len({t.get(name, "unknown") for t in tables}) > 1}
+
+
 def seed_table(records: list[dict]) -> str:
-    """One row per group of `seed_groups`: mIoU (and per-class IoU) mean ± std over seeds."""
+    """One row per group of `seed_groups`: mIoU (and per-class IoU) mean ± std over seeds;
+    below the table, the groups whose runs used different library versions."""
     header = ("| config | seeds | steps | mIoU | per-class IoU | mIoU ms+flip | paper mIoU "
               "| paper setting |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines, notes = [header, "|" + "---|" * (header.count("|") - 1)], []
     for group in seed_groups(records):
+        differing = version_differences(group)
+        if differing:
+            notes.append(f"- {group[0].get('name', '—')}: its runs used different library "
+                         "versions (" + "; ".join(f"{name} {', '.join(versions)}"
+                                                  for name, versions in differing.items())
+                         + "), which can move the scores")
         per_class = [r.get("per_class_iou") for r in group]
         classes = ("—" if any(p is None for p in per_class) else " / ".join(
             mean_std(list(column)) for column in zip(*per_class)))
@@ -212,7 +230,7 @@ def seed_table(records: list[dict]) -> str:
             str(group[0].get("steps", "—")), mean_std([r.get("miou") for r in group]),
             classes, mean_std([r.get("miou_ms_flip") for r in group]),
             *paper_cells(group[0])]) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
 def main(argv=None) -> int:

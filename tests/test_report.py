@@ -76,6 +76,32 @@ def test_runs_that_differ_only_in_seed_become_one_row_with_mean_and_std():
     assert lines[4].startswith("| demo_attention | 3 | 6000 | 90.00 |")
 
 
+def test_seed_groups_that_mix_library_versions_are_named_below_the_table():
+    versions = {"python": "3.11.7", "jax": "0.10.2", "numpy": "2.4.6"}
+    same = [dict(record("demo", 0.5, seed=s), versions=versions) for s in (0, 1)]
+    assert report.seed_table(same).count("\n") == 3  # header, rule, one row: no note
+    mixed = same + [dict(record("demo", 0.6, seed=2), versions=dict(versions, jax="0.10.3")),
+                    record("demo_avg", 0.4, seed=0), record("demo_avg", 0.4, seed=1)]
+    lines = report.seed_table(mixed).splitlines()
+    assert len(lines) == 2 + 2 + 2  # the two groups stay groups; one note
+    assert lines[2].startswith("| demo_attention | 0, 1, 2 |")
+    assert lines[-1] == ("- demo_attention: its runs used different library versions "
+                         "(jax 0.10.2, 0.10.2, 0.10.3), which can move the scores")
+    older = [same[0], record("demo", 0.6, seed=1)]  # written before versions were recorded
+    assert "(jax 0.10.2, unknown; numpy 2.4.6, unknown; python 3.11.7, unknown)" in \
+        report.seed_table(older)
+
+
+def test_run_record_names_the_installed_library_versions():
+    import importlib.metadata  # pylint: disable=import-outside-toplevel
+    import platform  # pylint: disable=import-outside-toplevel
+    versions = records.package_versions()
+    assert versions["python"] == platform.python_version()
+    for name in ("jax", "jaxlib", "flax", "optax", "numpy", "tensorflow-datasets"):
+        assert versions[name] == importlib.metadata.version(name), name
+    assert set(versions) <= {"python", *records.RECORDED_PACKAGES}
+
+
 def test_report_command_reads_workdirs(tmp_path, capsys):
     for name, seed in (("a", 0), ("b", 1)):
         records.write_run(str(tmp_path / name), record("demo", 0.25 + seed / 10, seed=seed))
@@ -119,6 +145,7 @@ def test_same_seed_and_config_give_bit_identical_runs(tmp_path, report_config):
     assert first["steps"] == 3 and first["name"] == "demo_attention"
     assert first["start"] == "scratch" and len(first["per_class_iou"]) == 4
     assert first["wall_time_s"] > 0 and first["device"].startswith("cpu")
+    assert first["versions"] == records.package_versions()
     assert 0 <= first["miou"] <= 1 and len(first["params_sha256"]) == 64
     for key in ("miou", "pixel_accuracy", "params_sha256", "config", "commit"):
         assert first[key] == second[key], key
