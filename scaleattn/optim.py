@@ -74,16 +74,17 @@ def param_groups(params, patterns, bn_frozen: bool):
 
 
 def stop_frozen_gradients(params):
-    """``params`` with every batch-norm parameter behind `jax.lax.stop_gradient`.
+    """``params`` with the 'frozen' group of `param_groups` (``bn_frozen=True``: the
+    batch-norm parameters) behind `jax.lax.stop_gradient`.
 
-    For ``bn_mode == 'frozen'``, where those parameters get no update (the 'frozen'
-    group): the backward pass then computes no gradient that nobody applies, and the
-    gradient (and the logged ``grad_norm``) is that of the parameters that train.
+    For ``bn_mode == 'frozen'``, where that group gets no update: the backward pass
+    then computes no gradient that nobody applies, and the gradient (and the logged
+    ``grad_norm``) is that of the parameters that train.
     """
-    def stop(path, value):
-        name = "/".join(str(getattr(key, "key", key)) for key in path)
-        return jax.lax.stop_gradient(value) if is_batch_norm(name) else value
-    return jax.tree_util.tree_map_with_path(stop, params)
+    groups = param_groups(params, (), bn_frozen=True)
+    return jax.tree_util.tree_map(
+        lambda value, group: jax.lax.stop_gradient(value) if group == "frozen" else value,
+        params, groups)
 
 
 def group_lr_multipliers(cfg: ml_collections.ConfigDict) -> dict[str, float]:
