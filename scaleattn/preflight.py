@@ -1,0 +1,598 @@
+"""``--mode=preflight``: compile a config's train and eval steps for a Cloud TPU topology
+on any host (no TPU needed) and say whether the run fits, with which batch, and what
+the compiler expects a step to cost.
+
+With libtpu installed (``pip install -e '.[tpu]'``),
+``jax.experimental.topologies.get_topology_desc`` describes the chips of a named
+topology (``v5e:2x2``, ``v4:2x2x2``, ...) as abstract devices. The steps
+``--mode=train`` would run are built from the same code (`experiment.step_functions`,
+the `parallel.Layout` of ``config.parallel``, the global batch, grad accumulation, the
+device-side augmentation) and lowered for those devices with abstract inputs
+(`jax.ShapeDtypeStruct`: no data, no weights, nothing allocated), then compiled by
+XLA's TPU compiler. The compiled program gives, per chip:
+
+* memory (``compiled.memory_analysis()``): argument, output, temporary and
+  generated-code bytes; the peak is ``arguments + outputs - aliased + temps + code``.
+  An XLA:TPU compile that runs out of HBM fails with a message that gives the bytes
+  it needed (`oom_bytes`); that is reported as ``fits: false``.
+* cost (``compiled.cost_analysis()``): the FLOPs and bytes the program executes, and
+  XLA's own ``optimal_seconds``. The step-time figure is a roofline of those
+  (`roofline`): a compiler estimate, not a measurement.
+
+``parallel.mode='pmap'`` is compiled as the equivalent `jax.shard_map` over a 1-D mesh
+named `parallel.AXIS` (one program per chip on its slice of the batch, the same
+collectives over the same axis name); ``'jit'`` runs on one chip of the topology;
+``'sharded'`` uses `parallel.Layout.compile_step` itself on the topology's mesh.
+
+The largest batch (`largest_batch`): memory is close to affine in the per-chip batch
+(the state is fixed, activations grow with each image), so the train step is compiled
+at two per-chip batches, the line through the two peaks is solved for the chip's HBM,
+and the batch found is compiled once to confirm it (one step down at a time while it
+does not fit).
+"""
+
+import copy
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from scaleattn import config as config_lib
+from scaleattn import experiment, flops, optim, outputs, parallel
+from scaleattn.models import build_model, layers
+
+GiB = 2**30
+ESTIMATE_NOTE = "compiler estimate, not a measurement"
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU generation: what `jax.Device.device_kind` calls it and its per-chip figures.
+
+    ``chip_config``: the libtpu chip configuration a slice runs in (``'megacore'``:
+    v4 / v5p's two TensorCores act as one JAX device, as on Cloud TPU VMs).
+    """
+    name: str
+    device_kind: str
+    chip_config: str
+    hbm_bytes: int
+    hbm_bytes_per_s: float
+    peak_bf16_flops: float
+    source: str
+
+
+# Per-chip HBM capacity, HBM bandwidth and dense bf16 peak of each Cloud TPU generation,
+# from Google's Cloud TPU system-architecture pages (the "key chip specifications" tables).
+CHIPS = (
+    # https://cloud.google.com/tpu/docs/v4: 275 TFLOPs bf16, 32 GiB HBM2, 1200 GBps
+    Chip("v4", "TPU v4", "megacore", 32 * GiB, 1200e9, 275e12,
+         "https://cloud.google.com/tpu/docs/v4"),
+    # https://cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16, 16 GB HBM2, 819 GBps
+    Chip("v5e", "TPU v5 lite", "default", 16 * 10**9, 819e9, 197e12,
+         "https://cloud.google.com/tpu/docs/v5e"),
+    # https://cloud.google.com/tpu/docs/v5p: 459 TFLOPs bf16, 95 GB HBM2e, 2765 GBps
+    Chip("v5p", "TPU v5", "megacore", 95 * 10**9, 2765e9, 459e12,
+         "https://cloud.google.com/tpu/docs/v5p"),
+    # https://cloud.google.com/tpu/docs/v6e: 918 TFLOPs bf16, 32 GB HBM, 1640 GBps
+    Chip("v6e", "TPU v6 lite", "default", 32 * 10**9, 1640e9, 918e12,
+         "https://cloud.google.com/tpu/docs/v6e"),
+)
+
+
+class PreflightError(config_lib.ConfigError):
+    """A topology or setting the pre-flight cannot compile for (one line)."""
+
+
+def chip_of(topology: str) -> Chip:
+    """The `Chip` of a topology name ``'<generation>:<AxBxC>'`` (``'v5e:4x4'``)."""
+    generation, _, shape = topology.partition(":")
+    for chip in CHIPS:
+        if chip.name == generation and re.fullmatch(r"\d+(x\d+)+", shape):
+            return chip
+    known = ", ".join(c.name for c in CHIPS)
+    raise PreflightError(f"--topology={topology!r} is not '<generation>:<shape>' with a "
+                         f"generation of {known} (e.g. v5e:2x2, v4:2x2x2, v5p:2x2x1, v6e:2x2)")
+
+
+def topology_devices(topology: str) -> list:
+    """The abstract devices of a TPU topology (needs libtpu; no TPU)."""
+    chip = chip_of(topology)
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off Cloud
+    try:
+        from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                            chip_config_name=chip.chip_config)
+    except Exception as e:  # pylint: disable=broad-except  # libtpu missing or bad name
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "tpu" in text.lower() and ("unknown backend" in text.lower()
+                                      or "not found" in text.lower()):
+            raise PreflightError(f"--mode=preflight needs libtpu to compile for "
+                                 f"{topology}: pip install -e '.[tpu]' ({text})") from e
+        raise PreflightError(f"--topology={topology}: {text}") from e
+    return list(desc.devices)
+
+
+def library_versions() -> dict:
+    """jax, jaxlib, flax and libtpu versions (None where not installed)."""
+    import importlib.metadata as md  # pylint: disable=import-outside-toplevel
+    versions = {}
+    for name in ("jax", "jaxlib", "flax", "libtpu"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """How a config's steps are placed on a topology's devices.
+
+    ``compile_step(fn, donate_state)`` returns the jitted step; ``state_sharding(tree)``,
+    ``batch_sharding`` and ``replicated`` say where its inputs live; ``batch_shards``
+    is how many equal parts the global batch is split into; ``chips`` how many
+    devices the run uses.
+    """
+    mode: str
+    mesh: Mesh
+    param_sharding: str
+    compile_step: Callable
+    state_sharding: Callable
+    batch_shards: int
+
+    @property
+    def chips(self) -> int:
+        return self.mesh.devices.size
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+
+def pmap_as_shard_map(fn: Callable, mesh: Mesh, *, donate_state: bool) -> Callable:
+    """``fn(state, *args, replicas=...)`` as `jax.pmap` runs it, written as a jitted
+    `jax.shard_map` over ``mesh`` (1-D, axis `parallel.AXIS`): every chip runs ``fn`` on
+    a full copy of the state and its slice of the batch (leading axis), and the
+    collectives of `parallel.Replicas` run over the same axis name. Outputs are the
+    replicated values pmap returns once per device."""
+    step = functools.partial(fn, replicas=parallel.Replicas(parallel.AXIS))
+    P = PartitionSpec
+
+    def in_specs(n_args):
+        return (P(),) + (P(parallel.AXIS),) + (P(),) * (n_args - 2)
+
+    def jitted_for(n_args):
+        mapped = jax.shard_map(step, mesh=mesh, in_specs=in_specs(n_args), out_specs=P(),
+                               check_vma=False)
+        return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
+
+    class Step:  # `lower` with any number of arguments, as a jitted function offers
+        @staticmethod
+        def lower(*args):
+            return jitted_for(len(args)).lower(*args)
+    return Step()
+
+
+def make_target(parallel_cfg: ml_collections.ConfigDict, devices: list) -> Target:
+    """The `Target` of ``config.parallel`` on ``devices`` (a topology's)."""
+    mode = parallel_cfg.mode
+    config_lib.check_choice("parallel.mode", mode)
+    if mode == "pmap":
+        mesh = Mesh(np.asarray(devices, dtype=object), (parallel.AXIS,))
+        return Target(mode, mesh, "replicated",
+                      lambda fn, donate_state=True: pmap_as_shard_map(
+                          fn, mesh, donate_state=donate_state),
+                      lambda tree: jax.tree_util.tree_map(
+                          lambda _: NamedSharding(mesh, PartitionSpec()), tree),
+                      len(devices))
+    if mode == "jit":
+        devices = devices[:1]
+    try:
+        mesh = parallel.make_mesh(tuple(parallel_cfg.mesh_shape) if mode == "sharded"
+                                  else (1, 1), devices)
+    except ValueError as e:
+        raise PreflightError(str(e)) from e
+    layout = parallel.Layout("sharded", mesh, parallel_cfg.param_sharding if mode == "sharded"
+                             else "replicated", int(parallel_cfg.fsdp_min_size))
+    return Target(mode, mesh, layout.param_sharding, layout.compile_step,
+                  layout.state_shardings, mesh.shape["data"])
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def for_tpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with the TPU's choices where the config says 'auto'
+    (``model.dilated_conv``: `layers.DILATED_CONV_AUTO['tpu']`)."""
+    config = copy.deepcopy(config)
+    config.model.dilated_conv = layers.resolve_dilated_conv(config.model.dilated_conv, "tpu")
+    return config
+
+
+@dataclasses.dataclass
+class Steps:
+    """The model, the pure steps of a config and the abstract state they take."""
+    model: Any
+    train_fn: Callable
+    eval_fn: Callable
+    state_shapes: Any
+
+
+def build_steps(config: ml_collections.ConfigDict, target: Target) -> Steps:
+    """What `experiment.setup_run` builds, uncompiled, for ``target``'s mode."""
+    model = build_model(config.model, bn_axis_name=parallel.axis_name(target.mode))
+    tx, schedule = optim.create_optimizer(config.optim, config.train.steps,
+                                          bn_frozen=config.model.bn_mode == "frozen")
+    train_fn, eval_fn = experiment.step_functions(config, model, schedule)
+    rng = jax.random.PRNGKey(config.seed)
+    size = config.data.crop_size
+    from scaleattn import state as state_lib  # pylint: disable=import-outside-toplevel
+    shapes = jax.eval_shape(state_lib.initializer(model, tx, rng, (1, size, size, 3)))
+    return Steps(model, train_fn, eval_fn, shapes)
+
+
+def abstract(tree, shardings):
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def train_batch_shapes(config: ml_collections.ConfigDict, global_batch: int) -> dict:
+    """Shapes of the train batch the host sends: the uint8 canvas batch with
+    ``data.augment_on='device'``, else cropped float32 images and int32 labels
+    (`data.pipeline`)."""
+    if config.data.augment_on == "device":
+        canvas = config.data.canvas_size or config.data.eval_size
+        return {"image": jax.ShapeDtypeStruct((global_batch, canvas, canvas, 3), jnp.uint8),
+                "label": jax.ShapeDtypeStruct((global_batch, canvas, canvas), jnp.uint8),
+                "size": jax.ShapeDtypeStruct((global_batch, 2), jnp.int32)}
+    crop = config.data.crop_size
+    return {"image": jax.ShapeDtypeStruct((global_batch, crop, crop, 3), jnp.float32),
+            "label": jax.ShapeDtypeStruct((global_batch, crop, crop), jnp.int32)}
+
+
+def eval_batch_shapes(config: ml_collections.ConfigDict, global_batch: int) -> dict:
+    """Shapes of an eval batch: images padded to ``data.eval_size``."""
+    size = config.data.eval_size
+    return {"image": jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.float32),
+            "label": jax.ShapeDtypeStruct((global_batch, size, size), jnp.int32)}
+
+
+def oom_bytes(message: str) -> tuple[int | None, int | None]:
+    """``(needed, available)`` bytes from an XLA:TPU out-of-memory compile error
+    (``'Used 20.51G of 15.75G hbm. Exceeded hbm capacity by 4.76G.'``), else Nones."""
+    match = re.search(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", message)
+    if not match:
+        return None, None
+    unit = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    return (int(float(match.group(1)) * unit[match.group(2)]),
+            int(float(match.group(3)) * unit[match.group(4)]))
+
+
+def collectives(hlo_text: str) -> dict:
+    """``{op: {'count', 'bytes'}}`` of the cross-chip collectives in optimised HLO text
+    (all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute; their
+    async ``-start`` forms counted once); ``bytes`` sums the ops' result shapes."""
+    sizes = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+             "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+    ops = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+    found = {op: {"count": 0, "bytes": 0} for op in ops}
+    pattern = re.compile(r"=\s*(.*?)\s+(" + "|".join(ops) + r")(-start)?\(")
+    for line in hlo_text.splitlines():
+        match = pattern.search(line)
+        if not match:
+            continue
+        shapes = re.findall(r"(\w+)\[([\d,]*)\]", match.group(1))
+        if match.group(3):  # an async start returns (operands, results): count results
+            shapes = shapes[len(shapes) // 2:]
+        total = sum(sizes.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+                    for dtype, dims in shapes)
+        found[match.group(2)]["count"] += 1
+        found[match.group(2)]["bytes"] += total
+    return found
+
+
+def roofline(flops_per_chip: float | None, bytes_per_chip: float | None,
+             chip: Chip) -> tuple[float | None, str]:
+    """``(seconds, basis)``: the larger of compute time at the chip's bf16 peak and HBM
+    traffic time at its bandwidth (a lower bound a real step does not beat)."""
+    compute = flops_per_chip / chip.peak_bf16_flops if flops_per_chip else None
+    memory = bytes_per_chip / chip.hbm_bytes_per_s if bytes_per_chip else None
+    if compute is None and memory is None:
+        return None, "none"
+    if memory is None or (compute is not None and compute >= memory):
+        return compute, "compute: XLA flops / bf16 peak"
+    return memory, "memory: XLA bytes accessed / HBM bandwidth"
+
+
+def compile_step(jitted, args) -> dict:
+    """Lower and compile; the memory and cost figures of the compiled program, or the
+    bytes an out-of-memory compile asked for."""
+    start = time.perf_counter()
+    lowered = jitted.lower(*args)
+    lower_s = time.perf_counter() - start
+    start = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # pylint: disable=broad-except  # XLA's RESOURCE_EXHAUSTED
+        needed, available = oom_bytes(str(e))
+        if needed is None:
+            raise
+        return {"lower_s": lower_s, "compile_s": time.perf_counter() - start,
+                "compiled": False, "peak_bytes_per_chip": needed,
+                "compiler_hbm_bytes": available}
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    cost = cost or {}
+    row = {"lower_s": lower_s, "compile_s": compile_s, "compiled": True,
+           "argument_bytes": int(mem.argument_size_in_bytes),
+           "output_bytes": int(mem.output_size_in_bytes),
+           "alias_bytes": int(mem.alias_size_in_bytes),
+           "temp_bytes": int(mem.temp_size_in_bytes),
+           "code_bytes": int(mem.generated_code_size_in_bytes),
+           "flops_per_chip": float(cost.get("flops", 0.0)) or None,
+           "bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0)) or None,
+           "xla_optimal_seconds": float(cost.get("optimal_seconds", 0.0)),
+           "collectives": collectives(compiled.as_text())}
+    row["peak_bytes_per_chip"] = (row["argument_bytes"] + row["output_bytes"]
+                                  - row["alias_bytes"] + row["temp_bytes"] + row["code_bytes"])
+    return row
+
+
+# --------------------------------------------------------------------------- one step
+
+
+@dataclasses.dataclass
+class Preflight:
+    """A config made ready to compile for one topology."""
+    config: ml_collections.ConfigDict
+    topology: str
+    chip: Chip
+    devices: list
+    target: Target
+    steps: Steps
+
+    @classmethod
+    def create(cls, config: ml_collections.ConfigDict, topology: str) -> "Preflight":
+        config = for_tpu(config)
+        devices = topology_devices(topology)
+        target = make_target(config.parallel, devices)
+        return cls(config, topology, chip_of(topology), devices, target,
+                   build_steps(config, target))
+
+    def check_batch(self, global_batch: int, key: str) -> None:
+        shards = self.target.batch_shards
+        accum = self.config.train.grad_accum_steps if key == "batch_size" else 1
+        if global_batch % shards or (global_batch // shards) % accum:
+            raise PreflightError(
+                f"config.{key}={global_batch} must divide over the {shards} batch shards of "
+                f"{self.topology}" + (f" and then into train.grad_accum_steps={accum}"
+                                      if accum > 1 else ""))
+
+    def arguments(self, step: str, global_batch: int) -> tuple:
+        target = self.target
+        state = abstract(self.steps.state_shapes, target.state_sharding(self.steps.state_shapes))
+        shapes = (train_batch_shapes if step == "train" else eval_batch_shapes)(
+            self.config, global_batch)
+        batch = abstract(shapes, jax.tree_util.tree_map(lambda _: target.batch_sharding,
+                                                        shapes))
+        if step == "eval":
+            return state, batch
+        key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+        rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=target.replicated)
+        return state, batch, rng
+
+    def compile(self, step: str, global_batch: int) -> dict:
+        """One JSON row: ``step`` ('train' | 'eval') compiled at ``global_batch``."""
+        key = "batch_size" if step == "train" else "eval.batch_size"
+        self.check_batch(global_batch, key)
+        fn = self.steps.train_fn if step == "train" else self.steps.eval_fn
+        jitted = self.target.compile_step(fn, donate_state=step == "train")
+        result = compile_step(jitted, self.arguments(step, global_batch))
+        return self.row(step, global_batch, result)
+
+    def model_flops(self, step: str, global_batch: int) -> float:
+        """The model FLOPs (`flops.step_flops`) of one step, all chips together."""
+        size = self.config.data.crop_size if step == "train" else self.config.data.eval_size
+        per_image = flops.step_flops(self.config.model, 1, size)
+        return float(per_image[step]) * global_batch
+
+    def row(self, step: str, global_batch: int, result: dict) -> dict:
+        cfg, chip, target = self.config, self.chip, self.target
+        chips = target.chips
+        peak = result["peak_bytes_per_chip"]
+        fits = bool(result["compiled"]) and peak <= chip.hbm_bytes
+        model_flops = self.model_flops(step, global_batch) / chips
+        est_s, basis = roofline(result.get("flops_per_chip"),
+                                result.get("bytes_accessed_per_chip"), chip)
+        xla_s = result.get("xla_optimal_seconds")
+        row = {
+            "config": cfg.name, "topology": self.topology, "chips": chips,
+            "topology_chips": len(self.devices),
+            "hosts": len({d.process_index for d in self.devices}),
+            "device_kind": self.devices[0].device_kind, "step": step,
+            "global_batch": global_batch,
+            "per_chip_batch": global_batch / target.batch_shards,
+            "grad_accum_steps": cfg.train.grad_accum_steps if step == "train" else 1,
+            "image_size": cfg.data.crop_size if step == "train" else cfg.data.eval_size,
+            "augment_on": cfg.data.augment_on if step == "train" else "host",
+            "dtype": cfg.model.dtype, "parallel_mode": target.mode,
+            "mesh_shape": dict(target.mesh.shape),
+            "param_sharding": target.param_sharding,
+            "dilated_conv": cfg.model.dilated_conv, "remat": bool(cfg.model.remat),
+            "lower_s": round(result["lower_s"], 2), "compile_s": round(result["compile_s"], 2),
+            "compiled": result["compiled"],
+            **{k: result.get(k) for k in ("argument_bytes", "output_bytes", "alias_bytes",
+                                          "temp_bytes", "code_bytes")},
+            "peak_bytes_per_chip": peak, "hbm_bytes_per_chip": chip.hbm_bytes,
+            "compiler_hbm_bytes": result.get("compiler_hbm_bytes"),
+            "fits": fits, "headroom_bytes": chip.hbm_bytes - peak,
+            "flops_per_chip": result.get("flops_per_chip"),
+            "bytes_accessed_per_chip": result.get("bytes_accessed_per_chip"),
+            "model_flops_per_chip": model_flops,
+            "est_step_s": est_s, "est_basis": basis,
+            "xla_optimal_s": xla_s if xla_s and xla_s > 0 else None,
+            "est_img_per_s": global_batch / est_s if est_s else None,
+            "est_mfu": model_flops / est_s / chip.peak_bf16_flops if est_s else None,
+            "estimate": ESTIMATE_NOTE,
+            "collectives": result.get("collectives"),
+            "chip_source": chip.source,
+            **library_versions(),
+        }
+        if step == "train" and est_s:
+            row["train_steps"] = cfg.train.steps
+            row["est_chip_hours"] = cfg.train.steps * est_s * chips / 3600
+        return row
+
+
+# --------------------------------------------------------------------------- largest batch
+
+
+def largest_batch(pre: Preflight, first: dict | None = None, *,
+                  log: Callable[[str], None] = print) -> dict:
+    """The largest global train batch that fits ``pre``'s topology (module docstring).
+
+    ``first``: a train row already compiled (its batch is one of the two points).
+    Returns ``{'largest_batch', 'per_chip', 'points': [(per_chip, peak bytes)],
+    'confirmed': row of the confirming compile, 'compiles'}``; ``largest_batch`` is 0
+    when not even the smallest batch fits.
+    """
+    shards = pre.target.batch_shards
+    unit = pre.config.train.grad_accum_steps  # the per-shard batch moves in these steps
+    hbm = pre.chip.hbm_bytes
+    rows = {}
+
+    def peak_at(per_chip: int) -> dict:
+        if per_chip not in rows:
+            log(f"  compiling the train step at {per_chip * shards} "
+                f"({per_chip} per chip) ...")
+            rows[per_chip] = pre.compile("train", per_chip * shards)
+        return rows[per_chip]
+
+    if first is not None:
+        rows[int(first["per_chip_batch"])] = first
+    a = int(first["per_chip_batch"]) if first is not None else unit
+    a = max(unit, a - a % unit)
+    b = a * 2 if peak_at(a)["fits"] else max(unit, (a // 2) - (a // 2) % unit)
+    if b == a:
+        b = a + unit
+    pa, pb = peak_at(a)["peak_bytes_per_chip"], peak_at(b)["peak_bytes_per_chip"]
+    lo, hi = sorted([(a, pa), (b, pb)])
+    slope = (hi[1] - lo[1]) / (hi[0] - lo[0])
+    base = lo[1] - slope * lo[0]
+    guess = int((hbm - base) // slope) if slope > 0 else hi[0]
+    guess = max(unit, guess - guess % unit)
+    while guess >= unit and not peak_at(guess)["fits"]:
+        guess -= unit
+    best = guess if guess >= unit else 0
+    return {"largest_batch": best * shards, "per_chip": best,
+            "points": sorted((k, v["peak_bytes_per_chip"]) for k, v in rows.items()),
+            "affine_fit": {"bytes_per_image": slope, "fixed_bytes": base},
+            "confirmed": rows.get(best), "compiles": len(rows) - (first is not None)}
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def gib(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / GiB:.2f} GiB"
+
+
+def summary_line(row: dict) -> str:
+    """One line for a compiled step."""
+    est = (f"est. {row['est_step_s'] * 1e3:.1f} ms/step, {row['est_img_per_s']:.0f} img/s, "
+           f"MFU {row['est_mfu']:.0%} ({ESTIMATE_NOTE}; {row['est_basis']})"
+           if row.get("est_step_s") else "no compiler estimate")
+    verdict = ("fits" if row["fits"] else "DOES NOT FIT")
+    return (f"{row['step']:5s} batch {row['global_batch']} on {row['chips']} x "
+            f"{row['device_kind']}: {verdict}, {gib(row['peak_bytes_per_chip'])} of "
+            f"{gib(row['hbm_bytes_per_chip'])} per chip; compile {row['compile_s']:.0f} s "
+            f"(lower {row['lower_s']:.0f} s); {est}")
+
+
+def run(config: ml_collections.ConfigDict, topology: str, *, batch: str = "config",
+        output: str | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """``--mode=preflight``: compile the train and eval steps of ``config`` for
+    ``topology``, print a summary, write the rows (a JSON list) to ``output``.
+
+    ``batch``: 'config' (``batch_size``) or 'auto' (also find the largest train batch
+    that fits, `largest_batch`, for the config's param_sharding and, in the sharded
+    mode, for the others). Raises `PreflightError` (one line) when the config's train
+    step does not fit.
+    """
+    if batch not in ("config", "auto"):
+        raise PreflightError(f"--preflight_batch={batch!r}: use 'config' or 'auto'")
+    pre = Preflight.create(config, topology)
+    log(f"pre-flight of {config.name} on {topology} ({pre.target.chips} x "
+        f"{pre.devices[0].device_kind}, {len({d.process_index for d in pre.devices})} "
+        f"host(s)), {pre.target.mode} / {pre.target.param_sharding}, {config.model.dtype}")
+    rows = [pre.compile("train", config.batch_size)]
+    log(summary_line(rows[0]))
+    rows.append(pre.compile("eval", config.eval.batch_size))
+    log(summary_line(rows[-1]))
+    if batch == "auto":
+        rows += auto_batches(config, topology, pre, rows[0], log=log)
+    if output:
+        outputs.atomic_write(output, json.dumps(rows, indent=1) + "\n")
+        log(f"wrote {output}")
+    train = rows[0]
+    if not train["fits"]:
+        raise PreflightError(
+            f"{config.name} does not fit {topology}: the train step at batch "
+            f"{train['global_batch']} needs {gib(train['peak_bytes_per_chip'])} per chip, "
+            f"a {pre.chip.name} chip has {gib(pre.chip.hbm_bytes)} HBM; lower batch_size, "
+            f"raise train.grad_accum_steps, set model.remat=True, or use a larger topology")
+    return rows
+
+
+def auto_batches(config, topology: str, pre: Preflight, first: dict, *,
+                 log: Callable[[str], None]) -> list[dict]:
+    """`largest_batch` for the config's sharding and, where they differ, the others;
+    returns ``'largest_batch'`` rows (one per sharding) and logs which wins."""
+    candidates = [(pre, first)]
+    if pre.target.mode in ("pmap", "sharded"):
+        for rule in ("replicated", "fsdp", "model"):
+            other = copy.deepcopy(config)
+            other.parallel.mode, other.parallel.param_sharding = "sharded", rule
+            if rule == pre.target.param_sharding or (
+                    rule == "model" and parallel.resolve_mesh_shape(
+                        tuple(other.parallel.mesh_shape), len(pre.devices))[1] == 1):
+                continue  # the same program as one already searched
+            candidates.append((Preflight.create(other, topology), None))
+    rows = []
+    for candidate, row in candidates:
+        log(f"largest batch with {candidate.target.mode} / {candidate.target.param_sharding}:")
+        found = largest_batch(candidate, row, log=log)
+        rows.append({"config": config.name, "topology": topology, "step": "largest_batch",
+                     "parallel_mode": candidate.target.mode,
+                     "param_sharding": candidate.target.param_sharding,
+                     "dtype": config.model.dtype, **{k: v for k, v in found.items()
+                                                     if k != "confirmed"},
+                     "confirmed_row": found["confirmed"]})
+        log(f"  largest batch {found['largest_batch']} ({found['per_chip']} per chip)")
+    best = max(rows, key=lambda r: r["largest_batch"])
+    log(f"largest batch: {best['largest_batch']} with parallel.mode={best['parallel_mode']}, "
+        f"param_sharding={best['param_sharding']} (set --config.batch_size="
+        f"{best['largest_batch']})")
+    return rows
+
+
