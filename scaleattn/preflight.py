@@ -379,6 +379,21 @@ class Preflight:
         return cls(config, topology, chip_of(topology), devices, target,
                    build_steps(config, target))
 
+    def runnable_batch(self, global_batch: int, key: str) -> tuple[int, str | None]:
+        """``(batch, note)``: ``global_batch`` itself if it divides over the batch shards
+        (and, for ``batch_size``, each shard's part into ``train.grad_accum_steps``);
+        else the next batch up that does, with a note saying ``--mode=train`` would stop."""
+        accum = self.config.train.grad_accum_steps if key == "batch_size" else 1
+        unit = self.target.batch_shards * accum
+        if global_batch % unit == 0:
+            return global_batch, None
+        runnable = -(-global_batch // unit) * unit
+        return runnable, (f"config.{key}={global_batch} does not divide over the "
+                          f"{self.target.batch_shards} batch shards of {self.topology}"
+                          + (f" x {accum} micro-batches" if accum > 1 else "")
+                          + f" (--mode=train would stop): compiled at {runnable} "
+                          f"(--config.{key}={runnable})")
+
     def check_batch(self, global_batch: int, key: str) -> None:
         shards = self.target.batch_shards
         accum = self.config.train.grad_accum_steps if key == "batch_size" else 1
@@ -467,47 +482,75 @@ class Preflight:
 # --------------------------------------------------------------------------- largest batch
 
 
-def largest_batch(pre: Preflight, first: dict | None = None, *,
-                  log: Callable[[str], None] = print) -> dict:
-    """The largest global train batch that fits ``pre``'s topology (module docstring).
+def affine_batch(points: list[tuple[int, int]], hbm: int, unit: int) -> dict:
+    """The line ``peak = fixed + per_image * b`` through two ``(per-chip batch, peak
+    bytes)`` points and the largest multiple of ``unit`` under ``hbm`` on it."""
+    (b0, p0), (b1, p1) = sorted(points)[:1] + sorted(points)[-1:]
+    per_image = (p1 - p0) / (b1 - b0)
+    fixed = p0 - per_image * b0
+    guess = int((hbm - fixed) // per_image) if per_image > 0 else b1
+    return {"bytes_per_image": per_image, "fixed_bytes": fixed,
+            "per_chip": max(0, guess - guess % unit)}
 
-    ``first``: a train row already compiled (its batch is one of the two points).
-    Returns ``{'largest_batch', 'per_chip', 'points': [(per_chip, peak bytes)],
-    'confirmed': row of the confirming compile, 'compiles'}``; ``largest_batch`` is 0
-    when not even the smallest batch fits.
+
+def largest_batch(candidates: list["Preflight"], first: dict, *,
+                  log: Callable[[str], None] = print) -> list[dict]:
+    """The largest global train batch that fits, for each candidate layout of one config
+    on one topology (module docstring).
+
+    ``candidates[0]`` is the config's own layout and ``first`` its train row. Its train
+    step is compiled at a second per-chip batch (double the first if that fits, else
+    half): the two peaks give the bytes per image and the fixed bytes. Every other
+    candidate (another ``param_sharding``) is compiled at the first batch only: the
+    activations per image are the same, only the fixed bytes (state) differ. The best
+    prediction is compiled to confirm it, one step down while it does not fit.
+    Returns one row per candidate: ``{'param_sharding', 'parallel_mode', 'points',
+    'predicted_batch', 'largest_batch' (confirmed, the best candidate only, else None),
+    ...}``.
     """
-    shards = pre.target.batch_shards
-    unit = pre.config.train.grad_accum_steps  # the per-shard batch moves in these steps
-    hbm = pre.chip.hbm_bytes
-    rows = {}
-
-    def peak_at(per_chip: int) -> dict:
-        if per_chip not in rows:
-            log(f"  compiling the train step at {per_chip * shards} "
-                f"({per_chip} per chip) ...")
-            rows[per_chip] = pre.compile("train", per_chip * shards)
-        return rows[per_chip]
-
-    if first is not None:
-        rows[int(first["per_chip_batch"])] = first
-    a = int(first["per_chip_batch"]) if first is not None else unit
-    a = max(unit, a - a % unit)
-    b = a * 2 if peak_at(a)["fits"] else max(unit, (a // 2) - (a // 2) % unit)
+    own = candidates[0]
+    unit = own.config.train.grad_accum_steps  # the per-shard batch moves in these steps
+    hbm = own.chip.hbm_bytes
+    a = int(first["per_chip_batch"])
+    b = 2 * a if first["fits"] else max(unit, (a // 2) - (a // 2) % unit)
     if b == a:
         b = a + unit
-    pa, pb = peak_at(a)["peak_bytes_per_chip"], peak_at(b)["peak_bytes_per_chip"]
-    lo, hi = sorted([(a, pa), (b, pb)])
-    slope = (hi[1] - lo[1]) / (hi[0] - lo[0])
-    base = lo[1] - slope * lo[0]
-    guess = int((hbm - base) // slope) if slope > 0 else hi[0]
-    guess = max(unit, guess - guess % unit)
-    while guess >= unit and not peak_at(guess)["fits"]:
-        guess -= unit
-    best = guess if guess >= unit else 0
-    return {"largest_batch": best * shards, "per_chip": best,
-            "points": sorted((k, v["peak_bytes_per_chip"]) for k, v in rows.items()),
-            "affine_fit": {"bytes_per_image": slope, "fixed_bytes": base},
-            "confirmed": rows.get(best), "compiles": len(rows) - (first is not None)}
+    compiled = {(0, a): first}
+
+    def at(index: int, per_chip: int) -> dict:
+        if (index, per_chip) not in compiled:
+            pre = candidates[index]
+            log(f"  {pre.target.mode} / {pre.target.param_sharding}: compiling the train step "
+                f"at {per_chip * pre.target.batch_shards} ({per_chip} per batch shard) ...")
+            compiled[index, per_chip] = pre.compile("train", per_chip * pre.target.batch_shards)
+        return compiled[index, per_chip]
+
+    fit = affine_batch([(a, first["peak_bytes_per_chip"]),
+                        (b, at(0, b)["peak_bytes_per_chip"])], hbm, unit)
+    rows = []
+    for index, pre in enumerate(candidates):
+        fixed = (fit["fixed_bytes"] if index == 0 else
+                 at(index, a)["peak_bytes_per_chip"] - fit["bytes_per_image"] * a)
+        per_chip = affine_batch([(0, fixed), (1, fixed + fit["bytes_per_image"])], hbm,
+                                unit)["per_chip"]
+        rows.append({"parallel_mode": pre.target.mode,
+                     "param_sharding": pre.target.param_sharding,
+                     "batch_shards": pre.target.batch_shards,
+                     "bytes_per_image": fit["bytes_per_image"], "fixed_bytes": fixed,
+                     "predicted_per_chip": per_chip,
+                     "predicted_batch": per_chip * pre.target.batch_shards,
+                     "largest_batch": None})
+    best = max(range(len(rows)), key=lambda i: (rows[i]["predicted_batch"], -i))
+    per_chip = rows[best]["predicted_per_chip"]
+    while per_chip >= unit and not at(best, per_chip)["fits"]:
+        per_chip -= unit
+    rows[best]["largest_batch"] = per_chip * candidates[best].target.batch_shards if (
+        per_chip >= unit) else 0
+    rows[best]["largest_batch_row"] = compiled.get((best, per_chip))
+    for index, row in enumerate(rows):
+        row["points"] = sorted((k[1], v["peak_bytes_per_chip"]) for k, v in compiled.items()
+                               if k[0] == index)
+    return rows
 
 
 # --------------------------------------------------------------------------- summary
@@ -544,11 +587,16 @@ def run(config: ml_collections.ConfigDict, topology: str, *, batch: str = "confi
     pre = Preflight.create(config, topology)
     log(f"pre-flight of {config.name} on {topology} ({pre.target.chips} x "
         f"{pre.devices[0].device_kind}, {len({d.process_index for d in pre.devices})} "
-        f"host(s)), {pre.target.mode} / {pre.target.param_sharding}, {config.model.dtype}")
-    rows = [pre.compile("train", config.batch_size)]
-    log(summary_line(rows[0]))
-    rows.append(pre.compile("eval", config.eval.batch_size))
-    log(summary_line(rows[-1]))
+        f"host(s)), {pre.target.mode} / {pre.target.param_sharding}, {config.model.dtype}; "
+        f"every time and throughput below is a {ESTIMATE_NOTE}")
+    rows = []
+    for step, key in (("train", "batch_size"), ("eval", "eval.batch_size")):
+        global_batch, note = pre.runnable_batch(config_lib.lookup(config, key), key)
+        if note:
+            log(f"note: {note}")
+        rows.append(pre.compile(step, global_batch))
+        rows[-1]["batch_note"] = note
+        log(summary_line(rows[-1]))
     if batch == "auto":
         rows += auto_batches(config, topology, pre, rows[0], log=log)
     if output:
@@ -566,33 +614,34 @@ def run(config: ml_collections.ConfigDict, topology: str, *, batch: str = "confi
 
 def auto_batches(config, topology: str, pre: Preflight, first: dict, *,
                  log: Callable[[str], None]) -> list[dict]:
-    """`largest_batch` for the config's sharding and, where they differ, the others;
-    returns ``'largest_batch'`` rows (one per sharding) and logs which wins."""
-    candidates = [(pre, first)]
+    """`largest_batch` for the config's layout and the other ``param_sharding`` rules of
+    the sharded mode on the same topology ('model' only where the mesh has a model axis
+    larger than 1: otherwise it is 'replicated'); ``'largest_batch'`` rows."""
+    candidates = [pre]
     if pre.target.mode in ("pmap", "sharded"):
+        mesh = parallel.resolve_mesh_shape(tuple(config.parallel.mesh_shape), len(pre.devices))
         for rule in ("replicated", "fsdp", "model"):
-            other = copy.deepcopy(config)
-            other.parallel.mode, other.parallel.param_sharding = "sharded", rule
-            if rule == pre.target.param_sharding or (
-                    rule == "model" and parallel.resolve_mesh_shape(
-                        tuple(other.parallel.mesh_shape), len(pre.devices))[1] == 1):
-                continue  # the same program as one already searched
-            candidates.append((Preflight.create(other, topology), None))
+            same = (rule == pre.target.param_sharding
+                    or (rule == "model" and mesh[1] == 1)
+                    or (rule == "replicated" and pre.target.mode == "pmap"))
+            if not same:
+                other = copy.deepcopy(config)
+                other.parallel.mode, other.parallel.param_sharding = "sharded", rule
+                candidates.append(Preflight.create(other, topology))
+    log("largest batch (affine fit of memory in the per-chip batch, confirmed by a compile):")
+    found = largest_batch(candidates, first, log=log)
     rows = []
-    for candidate, row in candidates:
-        log(f"largest batch with {candidate.target.mode} / {candidate.target.param_sharding}:")
-        found = largest_batch(candidate, row, log=log)
+    for row in found:
         rows.append({"config": config.name, "topology": topology, "step": "largest_batch",
-                     "parallel_mode": candidate.target.mode,
-                     "param_sharding": candidate.target.param_sharding,
-                     "dtype": config.model.dtype, **{k: v for k, v in found.items()
-                                                     if k != "confirmed"},
-                     "confirmed_row": found["confirmed"]})
-        log(f"  largest batch {found['largest_batch']} ({found['per_chip']} per chip)")
-    best = max(rows, key=lambda r: r["largest_batch"])
+                     "dtype": config.model.dtype, "estimate": "predicted_batch: affine fit; "
+                     "largest_batch: confirmed by compiling it", **row})
+        log(f"  {row['parallel_mode']} / {row['param_sharding']}: predicted "
+            f"{row['predicted_batch']} ({gib(row['fixed_bytes'])} fixed + "
+            f"{gib(row['bytes_per_image'])} per image)"
+            + (f", confirmed {row['largest_batch']}" if row["largest_batch"] is not None
+               else ""))
+    best = max(found, key=lambda r: r["largest_batch"] or 0)
     log(f"largest batch: {best['largest_batch']} with parallel.mode={best['parallel_mode']}, "
-        f"param_sharding={best['param_sharding']} (set --config.batch_size="
+        f"param_sharding={best['param_sharding']} (--config.batch_size="
         f"{best['largest_batch']})")
     return rows
-
-
