@@ -223,3 +223,57 @@ def test_bad_bn_mode_fails():
 
 def test_scaled_never_zero():
     assert resnet_lib.scaled(4, 1 / 16) == 1 and resnet_lib.scaled(64, 0.5) == 32
+
+
+# ---- scanned blocks ------------------------------------------------------------------
+
+def test_identical_runs():
+    assert resnet_lib.identical_runs([(2, 1)] + [(1, 1)] * 22) == [(0, 1), (1, 22)]
+    assert resnet_lib.identical_runs([(1, 4), (1, 8), (1, 16)]) == [(0, 1), (1, 1), (2, 1)]
+    assert resnet_lib.identical_runs([(1, 2), (1, 2), (1, 4), (1, 4)]) == [
+        (0, 1), (1, 1), (2, 2)]
+    assert resnet_lib.identical_runs([(1, 1)]) == [(0, 1)]
+
+
+@pytest.mark.parametrize("bn_mode, remat", [("frozen", False), ("train", True)])
+def test_scanned_blocks_equal_unrolled(bn_mode, remat):
+    """The scanned stages compute the unrolled network's outputs, gradients and new
+    batch-norm statistics from the same parameter tree, and the compiled program holds
+    one copy of a scanned run's block instead of one per block."""
+    kwargs = dict(width=1 / 16, depth=(1, 3, 4, 2), bn_mode=bn_mode, remat=remat,
+                  output_stride=8)
+    unrolled = resnet("resnet50", **kwargs, scan_blocks=False)
+    scanned = resnet("resnet50", **kwargs, scan_blocks=True)
+    x = np.random.default_rng(1).normal(size=(2, 33, 33, 3)).astype(np.float32)
+    variables = random_variables(unrolled, x)
+    assert (jax.tree_util.tree_structure(abstract_init(scanned, x.shape)[1])
+            == jax.tree_util.tree_structure(variables))
+
+    def loss_and_grad(model):
+        def loss(params):
+            out, updates = model.apply({"params": params,
+                                        "batch_stats": variables["batch_stats"]},
+                                       x, train=True, mutable=["batch_stats"])
+            return jnp.sum(out ** 2), updates
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+    (loss_u, stats_u), grads_u = loss_and_grad(unrolled)(variables["params"])
+    (loss_s, stats_s), grads_s = loss_and_grad(scanned)(variables["params"])
+    np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
+    for g_s, g_u in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_u)):
+        np.testing.assert_allclose(g_s, g_u, rtol=1e-4, atol=1e-5 * np.abs(g_u).max())
+    assert jax.tree_util.tree_structure(stats_s) == jax.tree_util.tree_structure(stats_u)
+    for s_s, s_u in zip(jax.tree.leaves(stats_s), jax.tree.leaves(stats_u)):
+        np.testing.assert_allclose(s_s, s_u, rtol=1e-5, atol=1e-6)
+    eval_u = jax.jit(lambda v: unrolled.apply(v, x, train=False))(variables)
+    eval_s = jax.jit(lambda v: scanned.apply(v, x, train=False))(variables)
+    np.testing.assert_allclose(eval_s, eval_u, rtol=1e-5, atol=1e-5)
+
+    def convolutions(model):  # 3x3 and stem convolutions of the lowered program (the
+        # 1x1 convolutions lower to matrix products)
+        text = jax.jit(lambda v: model.apply(v, x, train=False)).lower(variables).as_text()
+        return text.count("stablehlo.convolution")
+    assert convolutions(unrolled) == 1 + (1 + 3 + 4 + 2)
+    # stage 1: one block; stages 2-3: the first block and one scanned body; stage 4:
+    # a run of one block after the first is not scanned
+    assert convolutions(scanned) == 1 + (1 + 2 + 2 + 2)
