@@ -107,7 +107,12 @@ def chip_of(topology: str) -> Chip:
 def topology_devices(topology: str) -> list:
     """The abstract devices of a TPU topology (needs libtpu; no TPU)."""
     chip = chip_of(topology)
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off Cloud
+    # Off Cloud there is no metadata server to ask about the local TPU, and there is no
+    # TPU to guard: libtpu's one-process-per-host lock (/tmp/libtpu_lockfile) would only
+    # stop two pre-flights (or a pre-flight and any JAX process that loaded libtpu)
+    # from running side by side.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
