@@ -199,6 +199,8 @@ def run_preflight(config) -> None:
     from scaleattn import outputs, preflight
     if not FLAGS.topology:
         raise config_lib.ConfigError("--mode=preflight needs --topology (e.g. v5e:2x2)")
+    if not os.environ.get("JAX_PLATFORMS"):  # shapes are traced on the host CPU; the
+        jax.config.update("jax_platforms", "cpu")  # steps are compiled for the topology
     output = FLAGS.output and outputs.check_file(FLAGS.output, "--output",
                                                  missing_folder_ok=True)
     preflight.run(config, FLAGS.topology, batch=FLAGS.preflight_batch, output=output)

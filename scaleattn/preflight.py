@@ -60,7 +60,8 @@ class Chip:
     """One TPU generation: what `jax.Device.device_kind` calls it and its per-chip figures.
 
     ``chip_config``: the libtpu chip configuration a slice runs in (``'megacore'``:
-    v4 / v5p's two TensorCores act as one JAX device, as on Cloud TPU VMs).
+    v4 / v5p's two TensorCores act as one JAX device, as on Cloud TPU VMs); for a GPU,
+    the XLA target description (``GpuTargetConfigProto`` text) its compiler is given.
     """
     name: str
     device_kind: str
@@ -69,6 +70,7 @@ class Chip:
     hbm_bytes_per_s: float
     peak_bf16_flops: float
     source: str
+    platform: str = "tpu"
 
 
 # Per-chip HBM capacity, HBM bandwidth and dense bf16 peak of each Cloud TPU generation,
@@ -86,7 +88,40 @@ CHIPS = (
     # https://cloud.google.com/tpu/docs/v6e: 918 TFLOPs bf16, 32 GB HBM, 1640 GBps
     Chip("v6e", "TPU v6 lite", "default", 32 * 10**9, 1640e9, 918e12,
          "https://cloud.google.com/tpu/docs/v6e"),
+    # https://www.nvidia.com/en-us/data-center/h100/ (SXM): 80 GB HBM3, 3.35 TB/s,
+    # 989 TFLOPS dense bf16 (1,979 with sparsity). Compiled only for memory: XLA's GPU
+    # compiler gives no cost analysis without a device, and no GPU time is estimated.
+    Chip("h100", "NVIDIA H100 80GB HBM3", "h100_sxm", 80 * 10**9, 3.35e12, 989e12,
+         "https://www.nvidia.com/en-us/data-center/h100/", platform="cuda"),
 )
+
+# XLA's description of a GPU it compiles for without one (stream_executor's
+# GpuTargetConfigProto, text format): the H100 SXM's public figures (132 SMs, 1.98 GHz,
+# 50 MiB L2, 228 KiB shared memory per SM, compute capability 9.0) and the bytes of
+# device memory the CUDA driver reports for an 80 GB card.
+GPU_TARGETS = {"h100_sxm": """
+gpu_device_info {
+  cuda_compute_capability { major: 9 minor: 0 }
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84942979072
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 0 patch: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""}
 
 
 class PreflightError(config_lib.ConfigError):
@@ -94,18 +129,23 @@ class PreflightError(config_lib.ConfigError):
 
 
 def chip_of(topology: str) -> Chip:
-    """The `Chip` of a topology name ``'<generation>:<AxBxC>'`` (``'v5e:4x4'``)."""
+    """The `Chip` of a topology name: ``'<TPU generation>:<AxB[xC]>'`` (``'v5e:4x4'``)
+    or ``'<GPU>:<count>'`` (``'h100:8'``, GPUs of one host)."""
     generation, _, shape = topology.partition(":")
     for chip in CHIPS:
-        if chip.name == generation and re.fullmatch(r"\d+(x\d+)+", shape):
+        pattern = r"\d+(x\d+)+" if chip.platform == "tpu" else r"[1-9]\d*"
+        if chip.name == generation and re.fullmatch(pattern, shape):
             return chip
     known = ", ".join(c.name for c in CHIPS)
     raise PreflightError(f"--topology={topology!r} is not '<generation>:<shape>' with a "
-                         f"generation of {known} (e.g. v5e:2x2, v4:2x2x2, v5p:2x2x1, v6e:2x2)")
+                         f"generation of {known} (e.g. v5e:2x2, v4:2x2x2, v5p:2x2x1, v6e:2x2, "
+                         f"h100:8)")
 
 
 def topology_devices(topology: str) -> list:
-    """The abstract devices of a TPU topology (needs libtpu; no TPU)."""
+    """The abstract devices of a topology: a TPU slice (needs libtpu) or GPUs (needs
+    JAX's CUDA plugin, ``jax-cuda12-plugin`` and ``jax-cuda12-pjrt`` of JAX's version;
+    no GPU, no CUDA libraries). Nothing is allocated on them."""
     chip = chip_of(topology)
     # Off Cloud there is no metadata server to ask about the local TPU, and there is no
     # TPU to guard: libtpu's one-process-per-host lock (/tmp/libtpu_lockfile) would only
@@ -113,25 +153,36 @@ def topology_devices(topology: str) -> list:
     # from running side by side.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
     try:
-        from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                            chip_config_name=chip.chip_config)
-    except Exception as e:  # pylint: disable=broad-except  # libtpu missing or bad name
+        if chip.platform == "tpu":
+            desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                                chip_config_name=chip.chip_config)
+        else:
+            desc = topologies.get_topology_desc(
+                platform=chip.platform, topology=f"1x1x{topology.partition(':')[2]}",
+                target_config=GPU_TARGETS[chip.chip_config])
+    except Exception as e:  # pylint: disable=broad-except  # a plugin missing, a bad name
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "tpu" in text.lower() and ("unknown backend" in text.lower()
-                                      or "not found" in text.lower()):
-            raise PreflightError(f"--mode=preflight needs libtpu to compile for "
-                                 f"{topology}: pip install -e '.[tpu]' ({text})") from e
+        if chip.platform == "tpu" and "not installed" in text:
+            raise PreflightError(f"--topology={topology} needs libtpu (its TPU compiler): "
+                                 f"pip install -e '.[tpu]'") from e
+        if chip.platform != "tpu" and "not implemented" in text:
+            version = jax.__version__
+            raise PreflightError(f"--topology={topology} needs JAX's CUDA plugin (its GPU "
+                                 f"compiler; no GPU needed): pip install "
+                                 f"jax-cuda12-plugin=={version} jax-cuda12-pjrt=={version}, "
+                                 f"and run with JAX_PLATFORMS=cpu") from e
         raise PreflightError(f"--topology={topology}: {text}") from e
     return list(desc.devices)
 
 
 def library_versions() -> dict:
-    """jax, jaxlib, flax and libtpu versions (None where not installed)."""
+    """jax, jaxlib, flax, libtpu and JAX's CUDA plugin versions (None where not
+    installed)."""
     import importlib.metadata as md  # pylint: disable=import-outside-toplevel
     versions = {}
-    for name in ("jax", "jaxlib", "flax", "libtpu"):
+    for name in ("jax", "jaxlib", "flax", "libtpu", "jax-cuda12-pjrt"):
         try:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
@@ -280,14 +331,19 @@ def eval_batch_shapes(config: ml_collections.ConfigDict, global_batch: int) -> d
 
 
 def oom_bytes(message: str) -> tuple[int | None, int | None]:
-    """``(needed, available)`` bytes from an XLA:TPU out-of-memory compile error
-    (``'Used 20.51G of 15.75G hbm. Exceeded hbm capacity by 4.76G.'``), else Nones."""
-    match = re.search(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", message)
-    if not match:
-        return None, None
+    """``(needed, available)`` bytes from an XLA:TPU out-of-memory compile error, else
+    Nones. Two forms: ``'Used 20.51G of 15.75G hbm.'`` and ``'the total memory required
+    for HLO temporaries (72.76G) exceeds available HBM (15.75G)'`` (temporaries alone:
+    a lower bound of what the step needs)."""
     unit = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    return (int(float(match.group(1)) * unit[match.group(2)]),
-            int(float(match.group(3)) * unit[match.group(4)]))
+    for pattern in (r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm",
+                    r"required for [\w ]+\(([\d.]+)([KMGT]?)\) exceeds available HBM "
+                    r"\(([\d.]+)([KMGT]?)\)"):
+        match = re.search(pattern, message)
+        if match:
+            return (int(float(match.group(1)) * unit[match.group(2)]),
+                    int(float(match.group(3)) * unit[match.group(4)]))
+    return None, None
 
 
 def collectives(hlo_text: str) -> dict:
