@@ -412,7 +412,8 @@ def compile_step(jitted, args) -> dict:
            "code_bytes": int(mem.generated_code_size_in_bytes),
            "flops_per_chip": float(cost.get("flops", 0.0)) or None,
            "bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0)) or None,
-           "xla_optimal_seconds": float(cost.get("optimal_seconds", 0.0)),
+           "xla_optimal_seconds": (float(cost["optimal_seconds"])
+                                   if "optimal_seconds" in cost else None),
            "collectives": collectives(compiled.as_text())}
     row["peak_bytes_per_chip"] = (row["argument_bytes"] + row["output_bytes"]
                                   - row["alias_bytes"] + row["temp_bytes"] + row["code_bytes"])
@@ -527,6 +528,7 @@ class Preflight:
             "model_flops_per_chip": model_flops,
             "est_step_s": est_s, "est_basis": basis,
             "xla_optimal_s": xla_s if xla_s and xla_s > 0 else None,
+            "xla_optimal_s_raw": xla_s,
             "est_img_per_s": global_batch / est_s if est_s else None,
             "est_mfu": model_flops / est_s / chip.peak_bf16_flops if est_s else None,
             "estimate": ESTIMATE_NOTE,

@@ -32,9 +32,11 @@ def test_chip_table_and_topology_names():
     assert preflight.chip_of("v5e:2x2").device_kind == "TPU v5 lite"
     assert preflight.chip_of("v4:2x2x2").chip_config == "megacore"
     for chip in preflight.CHIPS:
-        assert chip.source.startswith("https://cloud.google.com/tpu/docs/")
+        assert chip.source.startswith(("https://cloud.google.com/tpu/docs/",
+                                       "https://www.nvidia.com/"))
         assert 8 * GiB < chip.hbm_bytes < 128 * GiB and 1e14 < chip.peak_bf16_flops < 1e16
-    for bad in ("v5e", "v9:2x2", "v5e:2by2", "h100:1"):
+    assert preflight.chip_of("h100:8").platform == "cuda"
+    for bad in ("v5e", "v9:2x2", "v5e:2by2", "h100:2x2", "h100:0"):
         with pytest.raises(preflight.PreflightError, match="--topology"):
             preflight.chip_of(bad)
 
@@ -61,6 +63,9 @@ def test_oom_message_and_collectives_are_read():
     message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in "
                "memory space hbm. Used 20.50G of 15.75G hbm. Exceeded hbm capacity by 4.75G.")
     assert preflight.oom_bytes(message) == (int(20.5 * GiB), int(15.75 * GiB))
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+               "HLO temporaries (72.76G) exceeds available HBM (15.75G).")
+    assert preflight.oom_bytes(message) == (int(72.76 * GiB), int(15.75 * GiB))
     assert preflight.oom_bytes("some other error") == (None, None)
     hlo = "\n".join([
         "  %all-reduce.1 = f32[1024,3]{1,0} all-reduce(f32[1024,3]{1,0} %p), to_apply=%add",
