@@ -71,6 +71,7 @@ class Chip:
     peak_bf16_flops: float
     source: str
     platform: str = "tpu"
+    compiler_options: tuple = ()
 
 
 # Per-chip HBM capacity, HBM bandwidth and dense bf16 peak of each Cloud TPU generation,
@@ -91,8 +92,11 @@ CHIPS = (
     # https://www.nvidia.com/en-us/data-center/h100/ (SXM): 80 GB HBM3, 3.35 TB/s,
     # 989 TFLOPS dense bf16 (1,979 with sparsity). Compiled only for memory: XLA's GPU
     # compiler gives no cost analysis without a device, and no GPU time is estimated.
+    # Triton GEMMs off: without a device XLA cannot tile some of them ("Couldn't find
+    # output tile sizes"); the matrix products go to cuBLAS instead.
     Chip("h100", "NVIDIA H100 80GB HBM3", "h100_sxm", 80 * 10**9, 3.35e12, 989e12,
-         "https://www.nvidia.com/en-us/data-center/h100/", platform="cuda"),
+         "https://www.nvidia.com/en-us/data-center/h100/", platform="cuda",
+         compiler_options=(("xla_gpu_enable_triton_gemm", False),)),
 )
 
 # XLA's description of a GPU it compiles for without one (stream_executor's
@@ -382,15 +386,15 @@ def roofline(flops_per_chip: float | None, bytes_per_chip: float | None,
     return memory, "memory: XLA bytes accessed / HBM bandwidth"
 
 
-def compile_step(jitted, args) -> dict:
-    """Lower and compile; the memory and cost figures of the compiled program, or the
-    bytes an out-of-memory compile asked for."""
+def compile_step(jitted, args, compiler_options: tuple = ()) -> dict:
+    """Lower and compile (with XLA ``compiler_options``); the memory and cost figures
+    of the compiled program, or the bytes an out-of-memory compile asked for."""
     start = time.perf_counter()
     lowered = jitted.lower(*args)
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
     try:
-        compiled = lowered.compile()
+        compiled = lowered.compile(dict(compiler_options) or None)
     except Exception as e:  # pylint: disable=broad-except  # XLA's RESOURCE_EXHAUSTED
         needed, available = oom_bytes(str(e))
         if needed is None:
@@ -484,18 +488,58 @@ class Preflight:
         self.check_batch(global_batch, key)
         fn = self.steps.train_fn if step == "train" else self.steps.eval_fn
         jitted = self.target.compile_step(fn, donate_state=step == "train")
-        result = compile_step(jitted, self.arguments(step, global_batch))
+        result = compile_step(jitted, self.arguments(step, global_batch),
+                              self.chip.compiler_options)
         return self.row(step, global_batch, result)
 
+    def compile_ms_flip(self) -> dict:
+        """The multi-scale + flip evaluation (``predict.ms_eval_at_end``) as
+        `inference.evaluate_ms_flip` runs it: `inference.scale_probs` for each scale of
+        ``predict.ms_scales``, each a program on one chip (every process evaluates its
+        share of ``eval.batch_size`` on its first device). The row's peak is the
+        largest program's; FLOPs, bytes and compile times are summed over the scales."""
+        from scaleattn import inference  # pylint: disable=import-outside-toplevel
+        cfg = self.config
+        hosts = len({d.process_index for d in self.devices})
+        batch = max(1, cfg.eval.batch_size // hosts)
+        single = jax.sharding.SingleDeviceSharding(self.devices[0])
+        shapes = {"params": self.steps.state_shapes.params,
+                  "batch_stats": self.steps.state_shapes.batch_stats}
+        variables = abstract(shapes, jax.tree_util.tree_map(lambda _: single, shapes))
+        size = cfg.data.eval_size
+        images = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32, sharding=single)
+        model = build_model(cfg.model)
+        parts = []
+        for scale in cfg.predict.ms_scales:
+            program = type("ScaleProbs", (), {"lower": staticmethod(functools.partial(
+                inference.scale_probs.lower, model=model, scale=float(scale),
+                flip=bool(cfg.predict.flip)))})
+            parts.append(compile_step(program, (variables, images), self.chip.compiler_options))
+        total = dict(max(parts, key=lambda r: r["peak_bytes_per_chip"]))
+        for key in ("lower_s", "compile_s", "flops_per_chip", "bytes_accessed_per_chip"):
+            values = [r.get(key) for r in parts]
+            total[key] = sum(values) if all(v is not None for v in values) else None
+        total["compiled"] = all(r["compiled"] for r in parts)
+        total["xla_optimal_seconds"] = None
+        return self.row("eval_ms_flip", batch * hosts, total, chips=hosts)
+
     def model_flops(self, step: str, global_batch: int) -> float:
-        """The model FLOPs (`flops.step_flops`) of one step, all chips together."""
-        size = self.config.data.crop_size if step == "train" else self.config.data.eval_size
-        per_image = flops.step_flops(self.config.model, 1, size)
+        """The model FLOPs (`flops.step_flops`) of one step, all chips together
+        (``'eval_ms_flip'``: one inference forward per scale, two with flip)."""
+        cfg = self.config
+        if step == "eval_ms_flip":
+            size = (cfg.data.eval_size,) * 2
+            per_image = sum(
+                flops.step_flops(cfg.model, 1, layers.scaled_size(size, s)[0])["eval"]
+                for s in cfg.predict.ms_scales) * (2 if cfg.predict.flip else 1)
+            return float(per_image) * global_batch
+        size = cfg.data.crop_size if step == "train" else cfg.data.eval_size
+        per_image = flops.step_flops(cfg.model, 1, size)
         return float(per_image[step]) * global_batch
 
-    def row(self, step: str, global_batch: int, result: dict) -> dict:
+    def row(self, step: str, global_batch: int, result: dict, chips: int | None = None) -> dict:
         cfg, chip, target = self.config, self.chip, self.target
-        chips = target.chips
+        chips = chips or target.chips
         peak = result["peak_bytes_per_chip"]
         fits = bool(result["compiled"]) and peak <= chip.hbm_bytes
         model_flops = self.model_flops(step, global_batch) / chips
@@ -508,7 +552,8 @@ class Preflight:
             "hosts": len({d.process_index for d in self.devices}),
             "device_kind": self.devices[0].device_kind, "step": step,
             "global_batch": global_batch,
-            "per_chip_batch": global_batch / target.batch_shards,
+            "per_chip_batch": global_batch / (chips if step == "eval_ms_flip"
+                                              else target.batch_shards),
             "grad_accum_steps": cfg.train.grad_accum_steps if step == "train" else 1,
             "image_size": cfg.data.crop_size if step == "train" else cfg.data.eval_size,
             "augment_on": cfg.data.augment_on if step == "train" else "host",
@@ -659,6 +704,9 @@ def run(config: ml_collections.ConfigDict, topology: str, *, batch: str = "confi
             log(f"note: {note}")
         rows.append(pre.compile(step, global_batch))
         rows[-1]["batch_note"] = note
+        log(summary_line(rows[-1]))
+    if config.predict.ms_eval_at_end:
+        rows.append(pre.compile_ms_flip())
         log(summary_line(rows[-1]))
     if batch == "auto":
         rows += auto_batches(config, topology, pre, rows[0], log=log)
