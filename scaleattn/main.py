@@ -116,18 +116,15 @@ def load_config():
 def name_with_overrides(config, file_config) -> None:
     """Appends the model-defining keys overridden on the command line to ``config.name``
     (``demo_attention+merge=max``), so logs and run.json tell the run from its recipe."""
-    from scaleattn import checkpoint  # pylint: disable=import-outside-toplevel
+    from scaleattn import checkpoint, identity  # pylint: disable=import-outside-toplevel
     if file_config is None:
         return
-    changed = [(key, value) for key, value in
-               sorted(config_flags.get_override_values(FLAGS["config"]).items())
-               if checkpoint.is_model_defining(key)
-               and checkpoint.flat_config(file_config).get(key) !=
-               checkpoint.flat_config(config).get(key)]
+    overridden = config_flags.get_override_values(FLAGS["config"])
+    changed = [(key, new) for key, _, new in identity.differences(file_config, config)
+               if key in overridden]
     if changed:
-        suffix = "".join(f"+{key.removeprefix('model.')}="
-                         f"{checkpoint.flag_value(checkpoint.flat_config(config)[key])}"
-                         for key, _ in changed)
+        suffix = "".join(f"+{key.removeprefix('model.')}={checkpoint.flag_value(value)}"
+                         for key, value in changed)
         config.name = f"{config.name}{suffix}"
 
 
