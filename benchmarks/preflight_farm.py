@@ -11,7 +11,7 @@ in the row) at the config's batch; the ``__largest`` rows add ``--preflight_batc
 (two to four more train-step compiles) for the (topology, dtype) pairs of
 `AUTO_ROWS`. A persistent compilation cache (``--cache``) lets a ``__largest`` row
 reuse the compiles of its plain row. The configs are read from ``configs/`` at run time (`shipped_configs`): every
-``voc*`` / ``gsag*`` file, and every variant of a file that lists them (``AXES``).
+variant of every ``voc*`` / ``gsag*`` file.
 Rows are ordered cheapest first (`row_order`): bf16 before float32, small
 topologies first, VGG before ResNet, with the pod-sized ``voc_r101_s3`` row early.
 
@@ -20,8 +20,6 @@ docs/preflight.md.
 """
 
 import argparse
-import importlib.util
-import itertools
 import json
 import os
 import subprocess
@@ -30,7 +28,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "preflight")
-CONFIGS = os.path.join(ROOT, "configs")
 TOPOLOGIES = ("v5e:2x2", "v5e:4x4", "v4:2x2x2", "v5p:2x2x1", "v6e:2x2")
 AUTO_ROWS = (("v5e:2x2", "bfloat16"),)
 POD_ROWS = (("voc_r101_s3", "v5e:8x8", "bfloat16"),)  # 64 chips, 16 hosts
@@ -38,32 +35,14 @@ DTYPES = ("bfloat16", "float32")
 PREFIXES = ("voc", "gsag")
 
 
-def load_module(path: str):
-    spec = importlib.util.spec_from_file_location(
-        "scaleattn_farm_" + os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def shipped_configs(folder: str = CONFIGS) -> list[tuple[str, str]]:
-    """``[(config name, --config value)]`` of every ``voc*`` / ``gsag*`` config in
-    ``folder``: a file's ``get_config()``, or, for a file with ``AXES`` (a tuple of
-    ``{variant name: overrides}`` dicts, one name of each taken, ``''`` meaning none),
-    every combination ``file.py:a,b``."""
+def shipped_configs() -> list[tuple[str, str]]:
+    """``[(config name, --config value)]`` of every shipped ``voc`` / ``gsag`` config
+    (`scaleattn.config.shipped`: each file of ``configs/`` and each of its variants)."""
+    from scaleattn import config as config_lib  # pylint: disable=import-outside-toplevel
     found = []
-    for file in sorted(os.listdir(folder)):
-        if not (file.endswith(".py") and file.startswith(PREFIXES)):
-            continue
-        path = os.path.join(folder, file)
-        module = load_module(path)
-        rel = os.path.relpath(path, ROOT)
-        axes = getattr(module, "AXES", None)
-        args = ([",".join(n for n in names if n) for names in itertools.product(*axes)]
-                if axes else [None])
-        for arg in args:
-            config = module.get_config(arg) if arg is not None else module.get_config()
-            found.append((config.name, rel if not arg else f"{rel}:{arg}"))
+    for spec in config_lib.shipped():
+        if os.path.basename(spec).startswith(PREFIXES):
+            found.append((config_lib.load(os.path.join(ROOT, spec)).name, spec))
     return found
 
 
