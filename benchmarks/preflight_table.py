@@ -87,8 +87,9 @@ def render(results: list[dict]) -> str:
         train, evaluation = _step(result, "train"), _step(result, "eval")
         compile_s = sum(r["lower_s"] + r["compile_s"] for r in (train, evaluation) if r)
         note = " †" if train.get("batch_note") else ""
+        name = train["config"].replace(f"+dtype={train['dtype']}", "")  # its own column
         lines.append(
-            f"| {train['config']} | {train['topology']} ({train['chips']}, {train['hosts']}) "
+            f"| {name} | {train['topology']} ({train['chips']}, {train['hosts']}) "
             f"| {train['dtype']} | {train['parallel_mode']} / {train['param_sharding']} "
             f"| {train['global_batch']}{note} | {_fits(train)} | {_fits(evaluation)} "
             f"| {_largest(result)} | {_ms(train.get('est_step_s'))} "

@@ -278,11 +278,14 @@ def make_target(parallel_cfg: ml_collections.ConfigDict, devices: list) -> Targe
 # --------------------------------------------------------------------------- the steps
 
 
-def for_tpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of ``config`` with the TPU's choices where the config says 'auto'
-    (``model.dilated_conv``: `layers.DILATED_CONV_AUTO['tpu']`)."""
+def for_platform(config: ml_collections.ConfigDict, chip: Chip) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with the target's choices where the config says 'auto'
+    (``model.dilated_conv``: `layers.DILATED_CONV_AUTO` of the chip's platform, not of
+    the host that compiles)."""
     config = copy.deepcopy(config)
-    config.model.dilated_conv = layers.resolve_dilated_conv(config.model.dilated_conv, "tpu")
+    platform = {"cuda": "gpu"}.get(chip.platform, chip.platform)
+    config.model.dilated_conv = layers.resolve_dilated_conv(config.model.dilated_conv,
+                                                            platform)
     return config
 
 
@@ -439,11 +442,11 @@ class Preflight:
 
     @classmethod
     def create(cls, config: ml_collections.ConfigDict, topology: str) -> "Preflight":
-        config = for_tpu(config)
+        chip = chip_of(topology)
+        config = for_platform(config, chip)
         devices = topology_devices(topology)
         target = make_target(config.parallel, devices)
-        return cls(config, topology, chip_of(topology), devices, target,
-                   build_steps(config, target))
+        return cls(config, topology, chip, devices, target, build_steps(config, target))
 
     def runnable_batch(self, global_batch: int, key: str) -> tuple[int, str | None]:
         """``(batch, note)``: ``global_batch`` itself if it divides over the batch shards
