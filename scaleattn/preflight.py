@@ -676,7 +676,12 @@ def summary_line(row: dict) -> str:
     est = (f"est. {row['est_step_s'] * 1e3:.1f} ms/step, {row['est_img_per_s']:.0f} img/s, "
            f"MFU {row['est_mfu']:.0%} ({ESTIMATE_NOTE}; {row['est_basis']})"
            if row.get("est_step_s") else "no compiler estimate")
-    verdict = ("fits" if row["fits"] else "DOES NOT FIT")
+    spare = row["hbm_bytes_per_chip"] - row["peak_bytes_per_chip"]
+    key = "batch_size" if row["step"] == "train" else "eval.batch_size"
+    verdict = (f"fits ({gib(spare)} to spare)" if row["fits"] else
+               f"DOES NOT FIT (over by {gib(-spare)}: lower {key}"
+               + (", raise train.grad_accum_steps or set model.remat=True"
+                  if row["step"] == "train" else "") + ")")
     return (f"{row['step']:5s} batch {row['global_batch']} on {row['chips']} x "
             f"{row['device_kind']}: {verdict}, {gib(row['peak_bytes_per_chip'])} of "
             f"{gib(row['hbm_bytes_per_chip'])} per chip; compile {row['compile_s']:.0f} s "
