@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from scaleattn import config as config_lib
@@ -77,6 +78,31 @@ def test_oom_message_and_collectives_are_read():
     assert found["all-reduce"] == {"count": 2, "bytes": 1024 * 3 * 4 + 4 * 4 + 2 * 4}
     assert found["all-gather"] == {"count": 1, "bytes": 32 * 2}
     assert found["reduce-scatter"] == {"count": 0, "bytes": 0}
+
+
+# ---- the pmap program, written as shard_map -----------------------------------------
+
+def test_pmap_target_computes_what_pmap_computes():
+    """On the 8 CPU devices: the shard_map program the pre-flight compiles for a pmap
+    config takes the same train step as `jax.pmap` (trained, synchronised batch norm:
+    the collectives run over the same axis name)."""
+    from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+    from scaleout_common import compiled_run, fixed_batch, run_steps, tiny_config
+    run, state, rng = compiled_run(mode="pmap")
+    batch = fixed_batch()
+    expected, losses = run_steps(run, state, [batch], rng)
+    config = tiny_config("pmap")
+    target = preflight.make_target(config.parallel, jax.devices())
+    assert (target.chips, target.batch_shards, target.param_sharding) == (8, 8, "replicated")
+    steps = preflight.build_steps(config, target)
+    step = target.compile_step(steps.train_fn)
+    put = lambda tree, spec: jax.device_put(tree, NamedSharding(target.mesh, spec))
+    args = (put(state, PartitionSpec()), put(batch, PartitionSpec("batch")),
+            put(rng, PartitionSpec()))
+    new_state, metrics = step.lower(*args).compile()(*args)
+    assert float(metrics["loss"]) == pytest.approx(losses[0], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.device_get(new_state)), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 # ---- compiled for v5e:2x2 -------------------------------------------------------------
