@@ -80,12 +80,16 @@ def render(results: list[dict]) -> str:
         "| config | topology (chips, hosts) | dtype | mode / params | train batch | "
         "train fits (GiB/chip) | eval fits (GiB/chip) | largest train batch | "
         "est. train step ms | est. img/s | est. MFU | est. chip-hours (schedule) | "
-        "compile s (train + eval) |",
+        "compile s, wall (CPU), train + eval |",
         "|" + "---|" * 13]
     for key in sorted(merged, key=lambda k: (k[0], k[2], len(k[1]), k[1])):
         result = {"rows": merged[key]}
         train, evaluation = _step(result, "train"), _step(result, "eval")
-        compile_s = sum(r["lower_s"] + r["compile_s"] for r in (train, evaluation) if r)
+        steps_compiled = [r for r in (train, evaluation) if r]
+        compile_s = sum(r["lower_s"] + r["compile_s"] for r in steps_compiled)
+        cpu = [r.get("lower_cpu_s", 0) + r.get("compile_cpu_s", 0) for r in steps_compiled
+               if "compile_cpu_s" in r]
+        compile_text = f"{compile_s:.0f}" + (f" ({sum(cpu):.0f} CPU)" if cpu else "")
         note = " †" if train.get("batch_note") else ""
         name = train["config"].replace(f"+dtype={train['dtype']}", "")  # its own column
         lines.append(
@@ -96,7 +100,7 @@ def render(results: list[dict]) -> str:
             f"| {_num(train.get('est_img_per_s'), '.0f')} "
             f"| {_num(train.get('est_mfu'), '.0%')} "
             f"| {_num(train.get('est_chip_hours'), '.1f')} ({train.get('train_steps', '–')} steps) "
-            f"| {compile_s:.0f} |")
+            f"| {compile_text} |")
     versions = sorted({(r["rows"][0].get("jax"), r["rows"][0].get("libtpu"), r.get("commit"))
                        for r in results if r["rows"]})
     lines += ["", "Rows from: " + "; ".join(
