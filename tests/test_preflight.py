@@ -42,6 +42,16 @@ def test_chip_table_and_topology_names():
             preflight.chip_of(bad)
 
 
+def test_gpu_topology_without_the_cuda_plugin_says_what_to_install():
+    if importlib.util.find_spec("jax_cuda12_plugin") is not None:
+        pytest.skip("JAX's CUDA plugin is installed here")
+    with pytest.raises(preflight.PreflightError,
+                       match=rf"h100:2 needs JAX's CUDA plugin .* pip install "
+                             rf"jax-cuda12-plugin=={jax.__version__} "
+                             rf"jax-cuda12-pjrt=={jax.__version__}"):
+        preflight.topology_devices("h100:2")
+
+
 def test_roofline_takes_the_slower_of_compute_and_memory():
     chip = preflight.chip_of("v5e:2x2")  # 197e12 FLOP/s, 819e9 B/s
     seconds, basis = preflight.roofline(197e12, 819e9 / 2, chip)
