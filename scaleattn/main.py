@@ -38,7 +38,8 @@ flags.DEFINE_string("output", None, "--mode=bench, crf_search, preflight: JSON f
                     "(default WORKDIR/<mode>.json; preflight: none); predict, analyze: "
                     "folder (default WORKDIR/<mode>).")
 flags.DEFINE_string("topology", None, "--mode=preflight: the Cloud TPU topology to compile "
-                    "for, as JAX names it (v5e:2x2, v5e:4x4, v4:2x2x2, v5p:2x2x1, v6e:2x2).")
+                    "for, as JAX names it (v5e:2x2, v5e:4x4, v4:2x2x2, v5p:2x2x1, v6e:2x2), or "
+                    "h100:N (N GPUs of one host; docs/preflight.md).")
 flags.DEFINE_enum("preflight_batch", "config", ["config", "auto"], "--mode=preflight: "
                   "'config' compiles batch_size; 'auto' also finds the largest train batch "
                   "that fits, and which parallel.param_sharding fits the most.")
