@@ -93,7 +93,7 @@ def run_row(name: str, spec: str, topology: str, dtype: str, batch: str,
                ALLOW_MULTIPLE_LIBTPU_LOAD="1", JAX_PLATFORMS="cpu")
     if cache:
         env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    start = time.time()
+    start, commit = time.time(), git_commit()  # the code the row compiles
     proc = subprocess.run([sys.executable] + command[1:], cwd=ROOT, env=env, text=True,
                           capture_output=True, check=False)
     summary = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -104,7 +104,7 @@ def run_row(name: str, spec: str, topology: str, dtype: str, batch: str,
     with open(tmp, encoding="utf-8") as f:
         rows = json.load(f)
     os.remove(tmp)
-    result = {"command": " ".join(command[:-1]), "commit": git_commit(),
+    result = {"command": " ".join(command[:-1]), "commit": commit,
               "exit_status": proc.returncode, "summary": summary,
               "wall_s": round(time.time() - start, 1), "rows": rows}
     with open(path + ".tmp", "w", encoding="utf-8") as f:
