@@ -13,10 +13,31 @@ compile. Overrides are ``section.key=value`` (Python literals).
 
 import argparse
 import ast
+import collections
 import json
 import os
+import re
 import resource
 import time
+
+
+def operation_counts(text: str, top: int, depth: int = 4) -> dict:
+    """``{'kinds': [(op, n)], 'scopes': [(scope, n)]}``: the operations of a lowered
+    program (StableHLO text with debug locations) by kind and by the first ``depth``
+    parts of the name scope JAX gave them (``jvp(MultiScaleSegmenter)/net/backbone/...``)."""
+    locations = dict(re.findall(r"^(#loc\d+) = loc\((.*)\)$", text, re.M))
+    kinds, scopes = collections.Counter(), collections.Counter()
+    for line in text.splitlines():
+        if " = " not in line or line.startswith("#loc"):
+            continue
+        kind = re.search(r'=\s*"?([\w.]+)"?[ (]', line)
+        if kind:
+            kinds[kind.group(1)] += 1
+        where = re.search(r"loc\((#loc\d+)\)", line)
+        name = re.search(r'"([^"]*)"', locations.get(where.group(1), "") if where else "")
+        parts = [p for p in (name.group(1) if name else "").split("/") if p]
+        scopes["/".join(parts[:depth]) or "(none)"] += 1
+    return {"kinds": kinds.most_common(top), "scopes": scopes.most_common(top)}
 
 
 def main(argv=None) -> None:
@@ -28,6 +49,8 @@ def main(argv=None) -> None:
     parser.add_argument("--unrolled", action="store_true", help="ResNet blocks unrolled "
                         "(ResNet.scan_blocks=False): the program without the scan")
     parser.add_argument("--lower_only", action="store_true", help="lower, do not compile")
+    parser.add_argument("--scopes", type=int, default=0, help="also count the lowered "
+                        "operations by kind and by their first name scopes (top N)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -57,6 +80,8 @@ def main(argv=None) -> None:
     lowered = jitted.lower(*pre.arguments(args.step, batch))
     lower = (time.perf_counter() - start, time.process_time() - cpu)
     ops = sum(1 for line in lowered.as_text().splitlines() if " = " in line)
+    if args.scopes:
+        print(json.dumps(operation_counts(lowered.as_text(debug_info=True), args.scopes)))
     row = {"config": config.name, "step": args.step, "topology": args.topology,
            "global_batch": batch, "unrolled": args.unrolled, "overrides": args.overrides,
            "lowered_ops": ops, "lower_s": round(lower[0], 1), "lower_cpu_s": round(lower[1], 1)}
