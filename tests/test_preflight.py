@@ -136,6 +136,7 @@ def demo_rows(tmp_path_factory):
     return json.loads(output.read_text()), result.stdout
 
 
+@pytest.mark.slow
 def test_demo_train_and_eval_steps_fit_v5e(demo_rows):
     rows, stdout = demo_rows
     train, evaluation = rows
@@ -172,6 +173,7 @@ def test_demo_train_and_eval_steps_fit_v5e(demo_rows):
     assert "compiler estimate, not a measurement" in stdout and "fits" in stdout
 
 
+@pytest.mark.slow
 def test_oversized_batch_does_not_fit(tmp_path):
     """Two thousand 512x512 demo images per chip need far more than 16 GB: the row says
     fits: false with the bytes XLA asked for, and the command exits with one line naming
