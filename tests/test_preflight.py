@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -68,6 +69,50 @@ def test_affine_batch_solves_the_line_for_the_hbm():
     assert fit["fixed_bytes"] == pytest.approx(GiB) and fit["per_chip"] == 30
     assert preflight.affine_batch(points, 16 * GiB, unit=4)["per_chip"] == 28
     assert preflight.affine_batch(points, GiB // 2, unit=1)["per_chip"] == 0
+
+
+class FakeLayout:
+    """A `preflight.Preflight` stand-in whose train step needs ``fixed + per_image * b``
+    bytes per chip at per-chip batch ``b``, plus ``bend`` beyond ``knee`` images (XLA's
+    memory is not exactly affine near the limit): the search's arithmetic, without
+    compiling."""
+
+    def __init__(self, sharding, fixed, per_image, *, shards=4, accum=1, bend=0, knee=10**9):
+        self.target = types.SimpleNamespace(mode="sharded", param_sharding=sharding,
+                                            batch_shards=shards)
+        self.config = types.SimpleNamespace(train=types.SimpleNamespace(
+            grad_accum_steps=accum))
+        self.chip = types.SimpleNamespace(hbm_bytes=16 * GiB)
+        self.fixed, self.per_image, self.bend, self.knee = fixed, per_image, bend, knee
+        self.compiled = []
+
+    def compile(self, step, global_batch):
+        assert step == "train"
+        b = global_batch // self.target.batch_shards
+        self.compiled.append(b)
+        peak = self.fixed + self.per_image * b + (self.bend if b > self.knee else 0)
+        return {"per_chip_batch": b, "peak_bytes_per_chip": peak,
+                "fits": peak <= self.chip.hbm_bytes}
+
+
+def test_largest_batch_fits_a_line_and_confirms_the_best_sharding():
+    own = FakeLayout("replicated", 4 * GiB, GiB // 2, bend=GiB, knee=20)
+    fsdp = FakeLayout("fsdp", 2 * GiB, GiB // 2, bend=GiB, knee=20)
+    rows = preflight.largest_batch([own, fsdp], own.compile("train", 4 * 2), log=lambda _: None)
+    # replicated: (16 - 4) / 0.5 = 24 per chip, fsdp: 28; the bend past 20 images costs
+    # 1 GiB, so fsdp confirms at 26 per chip (one compile at 28, then 27, 26)
+    assert [r["predicted_per_chip"] for r in rows] == [24, 28]
+    assert rows[0]["largest_batch"] is None and rows[1]["largest_batch"] == 26 * 4
+    assert own.compiled == [2, 4] and fsdp.compiled == [2, 28, 27, 26]
+    assert rows[1]["fixed_bytes"] == pytest.approx(2 * GiB)
+
+
+def test_largest_batch_from_a_batch_that_does_not_fit():
+    """The config's batch is over the HBM: the second point is half of it; steps of
+    ``grad_accum_steps`` images per shard."""
+    own = FakeLayout("replicated", GiB, GiB, accum=2)
+    rows = preflight.largest_batch([own], own.compile("train", 4 * 20), log=lambda _: None)
+    assert own.compiled == [20, 10, 14] and rows[0]["largest_batch"] == 14 * 4
 
 
 def test_oom_message_and_collectives_are_read():
