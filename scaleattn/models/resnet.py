@@ -36,20 +36,11 @@ Parameter names mirror torchvision's state dict, so converting weights is a tabl
 with ``s`` in 1..4 and ``b`` counting from 0. Convolution kernels are HWIO (torch
 OIHW -> ``transpose(2, 3, 1, 0)``; a grouped kernel is ``[3, 3, Cin / groups, Cout]``
 in both layouts' group order), the fc kernel is ``weight.T``. No convolution has a bias.
-
-Compiling: the blocks after a stage's first one are identical (same shapes, stride 1,
-the same dilation unless multi-grid varies it), so `ResNet` runs each such run of
-blocks as one `jax.lax.scan` over their parameters stacked on the fly
-(`ResNet.scan_blocks`): XLA compiles one block body instead of up to 22 copies, which
-is most of a ResNet-101's compile time. The parameters stay where the table above
-puts them (one entry per block; checkpoints and converted weights load unchanged) and
-the block computes the same function; only the program's structure changes.
 """
 
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from scaleattn.models import layers
@@ -99,21 +90,6 @@ def stage_layout(stage_sizes: Sequence[int], output_stride: int,
         grid = multi_grid if (multi_grid and stage == 3) else (1,) * blocks
         layout.append([(stride if b == 0 else 1, rate * grid[b]) for b in range(blocks)])
     return layout
-
-
-def identical_runs(blocks: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``[(first block, count)]`` covering one stage's ``(stride, dilation)`` list: the
-    first block alone (it may stride and project its shortcut), then maximal runs of
-    consecutive blocks with the same dilation, e.g. ``[(2, 1)] + [(1, 1)] * 22`` ->
-    ``[(0, 1), (1, 22)]``; multi-grid ``[(1, 4), (1, 8), (1, 16)]`` -> three runs of 1."""
-    runs = [(0, 1)] if blocks else []
-    for b in range(1, len(blocks)):
-        first, count = runs[-1]
-        if first > 0 and blocks[b] == blocks[first]:
-            runs[-1] = (first, count + 1)
-        else:
-            runs.append((b, 1))
-    return runs
 
 
 class Bottleneck(nn.Module):
@@ -188,9 +164,6 @@ class ResNet(nn.Module):
       remat: recompute each bottleneck block's activations in the backward pass
         instead of keeping them (``nn.remat``): less memory, about one more forward.
       num_classes: None for segmentation (feature map out), else classifier logits.
-      scan_blocks: run each stage's identical blocks (`identical_runs`) as one
-        ``jax.lax.scan`` (`scan_run`) rather than unrolled: the same function and
-        parameter tree, a program that compiles several times faster.
     """
     stage_sizes: Sequence[int]
     groups: int = 1
@@ -206,7 +179,6 @@ class ResNet(nn.Module):
     fold_bn: bool = True
     remat: bool = False
     num_classes: int | None = None
-    scan_blocks: bool = True
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
@@ -219,61 +191,21 @@ class ResNet(nn.Module):
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
         block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
-        scan = self.scan_blocks and not self.is_initializing()
         for stage, (planes, blocks) in enumerate(zip(STAGE_PLANES, layout), start=1):
             group_width = scaled(planes * self.width_per_group // 64, self.width)
-            for first, count in (identical_runs(blocks) if scan else
-                                 [(b, 1) for b in range(len(blocks))]):
-                stride, dilation = blocks[first]
-                attrs = dict(inner_channels=group_width * self.groups,
-                             out_channels=scaled(planes * EXPANSION, self.width),
-                             groups=self.groups, stride=stride, dilation=dilation,
-                             stride_in_1x1=self.stride_in_1x1, bn_mode=self.bn_mode,
-                             bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-                             dilated_conv=self.dilated_conv, fold_bn=self.fold_bn)
-                names = [f"layer{stage}_{b}" for b in range(first, first + count)]
-                if count == 1:
-                    x = block_cls(**attrs, name=names[0])(x, train)
-                else:
-                    x = self.scan_run(Bottleneck(**attrs, parent=None), names, x, train)
+            for b, (stride, dilation) in enumerate(blocks):
+                x = block_cls(inner_channels=group_width * self.groups,
+                              out_channels=scaled(planes * EXPANSION, self.width),
+                              groups=self.groups, stride=stride, dilation=dilation,
+                              stride_in_1x1=self.stride_in_1x1, bn_mode=self.bn_mode,
+                              bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+                              dilated_conv=self.dilated_conv, fold_bn=self.fold_bn,
+                              name=f"layer{stage}_{b}")(x, train)
 
         if self.num_classes is None:
             return x
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
-
-    def scan_run(self, block: Bottleneck, names: list[str], x: jnp.ndarray,
-                 train: bool) -> jnp.ndarray:
-        """``x`` through the blocks ``names`` (same shapes) with one ``jax.lax.scan``.
-
-        Each collection's entries of the blocks (``params``, ``batch_stats``) are stacked
-        on a leading axis and scanned over with the unbound ``block``; trained batch norm
-        returns its new statistics per block, which are written back to each block's
-        own entry. With ``remat`` the scan body is recomputed in the backward pass, as
-        `nn.remat` does for an unrolled block.
-        """
-        variables = self.variables
-        collections = [c for c in variables if all(n in variables[c] for n in names)]
-        stacked = {c: jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves),
-                                             *[variables[c][n] for n in names])
-                   for c in collections}
-        mutable = ["batch_stats"] if (train and self.bn_mode == "train"
-                                      and self.is_mutable_collection("batch_stats")) else False
-
-        def body(y, block_variables):
-            if mutable:
-                y, updates = block.apply(block_variables, y, train, mutable=mutable)
-                return y, updates["batch_stats"]
-            return block.apply(block_variables, y, train), None
-
-        if self.remat:
-            body = jax.checkpoint(body)
-        x, new_stats = jax.lax.scan(body, x, stacked)
-        if mutable:
-            for i, name in enumerate(names):
-                self.put_variable("batch_stats", name,
-                                  jax.tree_util.tree_map(lambda s, i=i: s[i], new_stats))
-        return x
 
 
 def resnet(arch: str, /, *, depth: Sequence[int] = (), **kwargs) -> ResNet:
