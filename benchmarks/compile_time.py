@@ -46,8 +46,6 @@ def main(argv=None) -> None:
     parser.add_argument("--step", choices=("train", "eval"), default="train")
     parser.add_argument("--topology", default="v5e:2x2")
     parser.add_argument("--batch", type=int, default=0, help="global batch (0: the config's)")
-    parser.add_argument("--unrolled", action="store_true", help="ResNet blocks unrolled "
-                        "(ResNet.scan_blocks=False): the program without the scan")
     parser.add_argument("--lower_only", action="store_true", help="lower, do not compile")
     parser.add_argument("--scopes", type=int, default=0, help="also count the lowered "
                         "operations by kind and by their first name scopes (top N)")
@@ -67,10 +65,6 @@ def main(argv=None) -> None:
         except (ValueError, SyntaxError):
             target[name] = value
     jax.config.update("jax_default_prng_impl", config.prng_impl)
-    if args.unrolled:
-        from scaleattn.models import resnet  # pylint: disable=import-outside-toplevel
-        scanned = resnet.resnet
-        resnet.resnet = lambda arch, **kwargs: scanned(arch, scan_blocks=False, **kwargs)
     pre = preflight.Preflight.create(config, args.topology)
     key = "batch_size" if args.step == "train" else "eval.batch_size"
     batch = args.batch or config_lib.lookup(config, key)
@@ -83,7 +77,7 @@ def main(argv=None) -> None:
     if args.scopes:
         print(json.dumps(operation_counts(lowered.as_text(debug_info=True), args.scopes)))
     row = {"config": config.name, "step": args.step, "topology": args.topology,
-           "global_batch": batch, "unrolled": args.unrolled, "overrides": args.overrides,
+           "global_batch": batch, "overrides": args.overrides,
            "lowered_ops": ops, "lower_s": round(lower[0], 1), "lower_cpu_s": round(lower[1], 1)}
     if args.lower_only:
         print(json.dumps(row))
