@@ -15,7 +15,7 @@ variant of every ``voc*`` / ``gsag*`` file.
 Rows are ordered cheapest first (`row_order`): bf16 before float32, small
 topologies first, VGG before ResNet, with the pod-sized ``voc_r101_s3`` row early.
 
-After a farm run, ``python -m benchmarks.preflight_table`` renders the table into
+After a farm run, ``python -m benchmarks.docs_tables`` renders the table into
 docs/preflight.md.
 """
 

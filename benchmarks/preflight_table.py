@@ -1,23 +1,16 @@
-"""The pre-flight table of docs/preflight.md, rendered from the JSON rows that
+"""The pre-flight table of docs/preflight.md, rendered from the JSON files that
 `benchmarks.preflight_farm` wrote under ``benchmarks/results/preflight/``.
 
-    python -m benchmarks.preflight_table [--check]
-
-`render(results)` is a pure function of the loaded files; the command writes its
-output between the ``<!-- preflight-table:begin -->`` / ``end`` markers of the page
-(``--check``: exit 1 if the page is not what the JSON gives).
+`render(results)` is a pure function of the loaded files (`load`);
+``python -m benchmarks.docs_tables`` writes it into the page with the other tables.
 """
 
-import argparse
 import glob
 import json
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "preflight")
-PAGE = os.path.join(ROOT, "docs", "preflight.md")
-BEGIN, END = "<!-- preflight-table:begin -->", "<!-- preflight-table:end -->"
 GiB = 2**30
 
 
@@ -101,6 +94,8 @@ def render(results: list[dict]) -> str:
             f"| {_num(train.get('est_mfu'), '.0%')} "
             f"| {_num(train.get('est_chip_hours'), '.1f')} ({train.get('train_steps', '–')} steps) "
             f"| {compile_text} |")
+    if not merged:
+        return "No rows compiled yet: `python -m benchmarks.preflight_farm`.\n"
     versions = sorted({(r["rows"][0].get("jax"), r["rows"][0].get("libtpu"), r.get("commit"))
                        for r in results if r["rows"]})
     lines += ["", "Rows from: " + "; ".join(
@@ -111,27 +106,3 @@ def render(results: list[dict]) -> str:
         lines.append("† the config's batch does not divide over the topology's chips "
                      "(`--mode=train` would stop); compiled at the next batch that does.")
     return "\n".join(lines) + "\n"
-
-
-def replace_between_markers(text: str, table: str) -> str:
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    return text[:start] + "\n" + table + text[end:]
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 if docs/preflight.md's table differs from the JSON's")
-    args = parser.parse_args(argv)
-    with open(PAGE, encoding="utf-8") as f:
-        text = f.read()
-    new = replace_between_markers(text, render(load()))
-    if args.check:
-        sys.exit(0 if new == text else "docs/preflight.md: the pre-flight table is not the "
-                 "one its JSON gives; run python -m benchmarks.preflight_table")
-    with open(PAGE, "w", encoding="utf-8") as f:
-        f.write(new)
-
-
-if __name__ == "__main__":
-    main()

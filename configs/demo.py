@@ -93,7 +93,7 @@ def get_config(arg=None):
     c.eval.batch_size = 16
     # Augmentation in tf.data on the host: the demo runs on a CPU, where moving it to
     # the "device" saves nothing (the same ~42 img/s in a 400-step run), and the demo
-    # tables of the README were measured this way.
+    # tables of docs/results.md were measured this way.
     c.data.augment_on = "host"
     c.optim.base_lr = 0.01
     c.optim.schedule = "poly"

@@ -79,7 +79,7 @@ def get_config(arg=None):
     c.model.gsag_global_attention = "pooled"  # one context vector per image
     c.model.gsag_dropout = 0.0
     c.model.scales = (1.0,)
-    c.model.init_from = "imagenet"       # converted ResNet-101 ImageNet weights (see README)
+    c.model.init_from = "imagenet"       # converted ResNet-101 ImageNet weights (docs/getting_started.md)
 
     # Loss: OHEM-softmax on logits upsampled to the label size.
     c.loss.extra_supervision = False     # one scale, one loss

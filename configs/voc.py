@@ -52,7 +52,7 @@ def get_config(arg=None):
     c.model.scales = (1.0, 0.75, 0.5)
     c.model.merge = "attention"
     c.model.attention_width, c.model.attention_dropout = 512, 0.5
-    c.model.init_from = "imagenet"      # converted VGG16 ImageNet weights (see README)
+    c.model.init_from = "imagenet"      # converted VGG16 ImageNet weights (docs/getting_started.md)
 
     # Loss: CE on the merged map + one CE per scale on that branch's own map.
     c.loss.extra_supervision = True

@@ -42,7 +42,7 @@ def get_config(arg=None):
     c.model.scales = (1.0, 0.75, 0.5)
     c.model.merge = "attention"
     c.model.attention_width, c.model.attention_dropout = 512, 0.5
-    c.model.init_from = "imagenet"      # converted ResNet-101 ImageNet weights (see README)
+    c.model.init_from = "imagenet"      # converted ResNet-101 ImageNet weights (docs/getting_started.md)
 
     c.loss.extra_supervision = True
     c.loss.scale_loss_size = "branch"

@@ -260,8 +260,10 @@ def config_module(path: str, where: str):
     """The module of config file ``path``, executed; `ConfigError` (naming ``where``)
     when it is missing, does not parse or fails to import."""
     if not os.path.isfile(path):
-        raise ConfigError(f"{where}: no such file (the recipes are configs/*.py, e.g. "
-                          f"--config=configs/demo.py)")
+        shipped_files = ", ".join(sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".py")))
+        raise ConfigError(f"{where}: no such file (the shipped recipes are configs/"
+                          f"{{{shipped_files}}}, their variants named after a colon, e.g. "
+                          f"--config=configs/voc.py:s2; docs/configs.md lists them)")
     try:
         spec = importlib.util.spec_from_file_location(
             "scaleattn_config_" + os.path.basename(path)[:-3], path)
