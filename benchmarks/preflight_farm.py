@@ -10,10 +10,9 @@ started again (compiles take minutes each on a small CPU host). Each row runs
 in the row) at the config's batch; the ``__largest`` rows add ``--preflight_batch=auto``
 (two to four more train-step compiles) for the (topology, dtype) pairs of
 `AUTO_ROWS`. A persistent compilation cache (``--cache``) lets a ``__largest`` row
-reuse the compiles of its plain row. The configs are read from ``configs/`` at run time (`shipped_configs`): every
-variant of every ``voc*`` / ``gsag*`` file.
-Rows are ordered cheapest first (`row_order`): bf16 before float32, small
-topologies first, VGG before ResNet, with the pod-sized ``voc_r101_s3`` row early.
+reuse the compiles of its plain row. The configs are read from ``configs/`` at run time
+(`shipped_configs`): every variant of every ``voc*`` / ``gsag*`` file. Rows are ordered
+cheapest first within each pass (`row_order`), the pod-sized rows (`POD_ROWS`) early.
 
 After a farm run, ``python -m benchmarks.docs_tables`` renders the table into
 docs/preflight.md.
