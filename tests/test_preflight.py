@@ -176,7 +176,7 @@ def demo_rows(tmp_path_factory):
     result = subprocess.run(
         [sys.executable, "-m", "scaleattn.main", "--config=configs/demo.py",
          "--mode=preflight", "--topology=v5e:2x2", f"--output={output}"],
-        cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+        cwd=REPO, capture_output=True, text=True, timeout=1800, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(output.read_text()), result.stdout
 
@@ -229,7 +229,7 @@ def test_oversized_batch_does_not_fit(tmp_path):
          "--mode=preflight", "--topology=v5e:2x2", f"--output={output}",
          "--config.data.crop_size=512", "--config.data.eval_size=512",
          "--config.batch_size=8192", "--config.eval.batch_size=8192"],
-        cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+        cwd=REPO, capture_output=True, text=True, timeout=1800, check=False)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"error: demo_attention does not fit v5e:2x2: the train step at batch "
