@@ -233,6 +233,9 @@ def crf_keys() -> ml_collections.ConfigDict:
     r.bilateral_rgb_std = 5.0    # theta_beta: its colour standard deviation, 0..255 RGB
     r.gaussian_weight = 3.0      # w2: smoothness (position) kernel weight
     r.gaussian_xy_std = 3.0      # theta_gamma: its standard deviation, pixels
+    r.normalization = "row"      # each pixel's message over its kernel sum: 'row' (the 2011
+                                 # densecrf that DeepLab's CRF is built on) | 'symmetric'
+                                 # (D^-1/2 K D^-1/2, the 2013 release, pydensecrf)
     # --mode=crf_search: every combination of these on the first `search_images` images of
     # data.eval_split, as DeepLab searched (w2, theta_gamma fixed; 100 val images; its
     # first, coarse grid: w1 5..10, theta_alpha 50..100 step 10, theta_beta 3..6).
@@ -324,6 +327,7 @@ CHOICES = {
     "parallel.mode": ("pmap", "jit", "sharded"),
     "parallel.param_sharding": ("replicated", "fsdp", "model"),
     "prng_impl": ("rbg", "unsafe_rbg", "threefry2x32"),
+    "crf.normalization": ("row", "symmetric"),
 }
 
 
