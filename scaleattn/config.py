@@ -54,7 +54,9 @@ def data_keys() -> ml_collections.ConfigDict:
     d.train_split = "train_aug"
     d.eval_split = "val"
     d.crop_size = 321            # square train crop
-    d.scale_range = (0.5, 2.0)   # random rescale before cropping
+    d.scale_range = (0.5, 2.0)   # random rescale before cropping, uniform in (low, high) ...
+    d.scale_set = ()             # ... or, when not empty, one of these scales (uniformly;
+                                 # DeepLab-v2: (0.5, 0.75, 1.0, 1.25, 1.5))
     d.flip = True
     d.augment_on = "device"      # where rescale / pad / crop / flip run: 'device' (in the
                                  # train step, `scaleattn.augment`; the host only decodes) |
@@ -380,6 +382,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0 < low <= high:
         raise ConfigError(f"config.data.scale_range={tuple(config.data.scale_range)} must be "
                           f"(low, high) with 0 < low <= high")
+    if any(not s > 0 for s in config.data.scale_set):
+        raise ConfigError(f"config.data.scale_set={tuple(config.data.scale_set)} must hold "
+                          f"positive scales (or be () for data.scale_range)")
     if config.parallel.param_sharding != "replicated" and config.parallel.mode != "sharded":
         raise ConfigError(f"config.parallel.param_sharding={config.parallel.param_sharding!r} "
                           f"needs config.parallel.mode='sharded'")
