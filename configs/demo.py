@@ -9,7 +9,8 @@ Recipe: the paper's optimiser (SGD momentum 0.9, weight decay 5e-4, 10x on fc8 a
 attention head, Caffe's 2x on biases, extra supervision on each branch's own map) at
 demo size: base LR 0.01 with a poly schedule, batch 8, crop 128, 1,000 steps, random
 rescale 0.75-1.25 + mirror, trained from scratch (there are no ImageNet weights for a
-1/8-width network).
+1/8-width network). The demo reproduces no paper's numbers: every value here is a
+choice made for a CPU-sized run (docs/recipes.md), none is marked one by one.
 """
 from scaleattn import config
 

@@ -9,7 +9,8 @@ def get_config():
     c.name = "gsag_hybrid_r101_s3"
     c.model.scales = (1.0, 0.75, 0.5)
     c.model.merge = "attention"
-    c.model.attention_width, c.model.attention_dropout = 512, 0.5
+    c.model.attention_width = 512       # the attention paper's head
+    c.model.attention_dropout = 0.5     # choice: no source gives it (as voc_s3)
     c.loss.extra_supervision = True
     c.loss.scale_loss_size = "branch"
     return c
