@@ -4,8 +4,8 @@
 swapped for the GSAG one at demo size: a ResNet-50 layout at 1/8 width with one block
 per stage (output stride 8), trained batch norm, the GSAG head at 1/8 width (64
 channels) with a 5x5 window, one scale. Loss as `gsag_hybrid_r101`'s: OHEM-softmax on
-logits upsampled to the label size, threshold 0.7, min_kept 6,000 per device (4.6% of
-a batch of eight 128x128 crops, about the share 100,000 is of eight 513x513 crops).
+logits upsampled to the label size, threshold 0.7, min_kept 6,000 per image (37% of a
+128x128 crop, about the share 100,000 is of a 513x513 crop).
 `demo_gsag_basic` and `demo_gsag_incremental` change only the head and, as their VOC
 configs do, train with plain cross-entropy.
 """
@@ -32,7 +32,7 @@ def get_config():
     c.loss.label_resize = "upsample_logits"
     c.loss.type = "ohem"
     c.loss.ohem_threshold = 0.7
-    c.loss.ohem_min_kept = 6_000          # per device, at the label's resolution
+    c.loss.ohem_min_kept = 6_000          # per image, at the label's resolution
 
     c.optim.new_layer_patterns = ("gsag",)  # the head at new_layer_lr_mult (10x)
     return c

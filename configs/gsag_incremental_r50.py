@@ -4,7 +4,7 @@ Head: the key layer and the query layer (pointwise self-attention).
 Loss: plain softmax cross-entropy on logits upsampled to the label size. The
 write-up reports OHEM-softmax only with the hybrid head; here OHEM is one switch
 away, ``--config.loss.type=ohem`` (the recipe's threshold 0.7 and min_kept
-100,000 per device, at the label's resolution).
+100,000 per image, at the label's resolution).
 """
 from scaleattn import config
 

@@ -134,8 +134,9 @@ def loss_keys() -> ml_collections.ConfigDict:
                                  # boundaries: the files' 255 is mapped to it); num_classes..255
     l.type = "ce"                # 'ce' | 'ohem' (online hard example mining, GSAG)
     l.ohem_threshold = 0.7       # OHEM: keep pixels whose true-class probability is below
-    l.ohem_min_kept = 100_000    # ... and at least this many per device's batch, counted at
-                                 # the loss's resolution (see label_resize)
+    l.ohem_min_kept = 100_000    # ... and at least this many of each image (the same on
+                                 # any device layout), counted at the loss's resolution
+                                 # (see label_resize)
     return l
 
 
