@@ -81,20 +81,52 @@ def agreement(path: str, classes: int) -> dict:
     return row
 
 
-def main(argv=None) -> list[dict]:
+COLUMNS = ["photo", "size", "labels the CRF changes (row / symmetric)",
+           "same labels as pydensecrf2: row", "same labels as pydensecrf2: symmetric",
+           "pydensecrf2: row vs symmetric"]
+
+
+def table_row(row: dict) -> list[str]:
+    """One photo's cells, in `COLUMNS` order."""
+    def percent(x, digits=2):
+        return f"{100 * x:.{digits}f} %"
+    return [row["photo"], "x".join(str(n) for n in row["size"]),
+            f"{percent(row['row']['changed_by_crf'], 1)} / "
+            f"{percent(row['symmetric']['changed_by_crf'], 1)}",
+            percent(row["row"]["jax_vs_pydensecrf"]),
+            percent(row["symmetric"]["jax_vs_pydensecrf"]), percent(row["row_vs_symmetric"])]
+
+
+def versions() -> dict:
+    from importlib import metadata  # pylint: disable=import-outside-toplevel
+    import platform  # pylint: disable=import-outside-toplevel
+    return {"python": platform.python_version(),
+            **{name: metadata.version(name) for name in ("jax", "jaxlib", "numpy", "pillow",
+                                                          "pydensecrf2")}}
+
+
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("photos", nargs="+")
     parser.add_argument("--classes", type=int, default=5)
-    parser.add_argument("--output", help="also write the rows to this JSON file")
+    parser.add_argument("--commit", default="unknown", help="recorded with the figures")
+    parser.add_argument("--output", help="also write the result (benchmarks/results format)")
     args = parser.parse_args(argv)
     rows = []
     for path in args.photos:
         rows.append(agreement(path, args.classes))
         print(json.dumps(rows[-1]))
+    result = {"command": "python -m benchmarks.crf_agreement " + " ".join(
+                  os.path.join(os.path.basename(os.path.dirname(p)), os.path.basename(p))
+                  for p in args.photos) + f" --classes={args.classes}",
+              "commit": args.commit, "versions": versions(), "constraints": None,
+              "machine": f"CPU; DeepLab-LargeFOV's parameters, 10 iterations, "
+                         f"{args.classes} colour classes",
+              "columns": COLUMNS, "rows": [table_row(r) for r in rows], "photos": rows}
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
-    return rows
+            json.dump(result, f, indent=1, ensure_ascii=False)
+    return result
 
 
 if __name__ == "__main__":

@@ -363,7 +363,7 @@ def test_scale_set_draws_each_scale_uniformly_on_the_host():
 
 
 def test_scale_set_reaches_the_train_step_and_is_checked():
-    config = config_lib.recipe("voc_r101_s3")
+    config = config_lib.recipe("voc_r101")
     assert tuple(config.data.scale_set) == SCALE_SET
     config.data.augment_on = "device"
     assert augment.from_config(config).keywords["scale_set"] == SCALE_SET

@@ -20,9 +20,7 @@ there (`test_grouped_convolution_gradient_on_a_two_dimensional_mesh`); a fix tur
 into errors to remove the marks.
 """
 import functools
-import glob
 import json
-import os
 
 import flax
 import jax
@@ -47,9 +45,10 @@ LAYOUTS = [("pmap", (-1, 1)), ("sharded", (4, 2))]
 RTOL, UPDATE_ATOL = 2e-5, 1e-4
 
 
-def shrunk(path: str):
-    """The config of ``path`` at test size, on the jit layout."""
-    c = config_lib.recipe(path)
+def shrunk(name: str):
+    """The shipped config ``name`` (`config.recipe`'s ``file[:variants]``) at test size,
+    on the jit layout."""
+    c = config_lib.recipe(name)
     real_crop = c.data.crop_size
     c.data.crop_size = CROP
     c.model.width = WIDTH
@@ -68,18 +67,19 @@ def shrunk(path: str):
 
 
 def distinct_configs() -> dict:
-    """``{names: path}``: the shipped configs, one per distinct shrunk computation."""
+    """``{names: name}``: the shipped configs (`config.shipped`), one per distinct shrunk
+    computation."""
     groups = {}
-    for path in sorted(glob.glob(os.path.join(config_lib.CONFIGS_DIR, "*.py"))):
-        c = shrunk(path)
+    for spec in config_lib.shipped():
+        name = spec.split("/", 1)[1].replace(".py", "")
+        c = shrunk(name)
         parts = {k: c[k].to_dict() for k in ("model", "loss", "optim")}
         if c.model.backbone in resnet.ARCHITECTURES:  # the layers, whatever the name says
             architecture = dict(resnet.ARCHITECTURES[c.model.backbone], stage_sizes=None)
             parts["model"]["backbone"] = sorted(architecture.items())
         key = json.dumps(parts, sort_keys=True, default=str)
-        groups.setdefault(key, []).append(path)
-    return {"+".join(os.path.basename(p)[:-3] for p in paths): paths[0]
-            for paths in groups.values()}
+        groups.setdefault(key, []).append(name)
+    return {"+".join(names): names[0] for names in groups.values()}
 
 
 CONFIGS = distinct_configs()
@@ -98,9 +98,9 @@ def one_step(run, state, batch, rng):
 
 
 @functools.lru_cache(maxsize=None)
-def reference(path: str):
-    """``(config, host initial state, batch, rng, jit scalars, jit update)`` of ``path``."""
-    config = shrunk(path)
+def reference(recipe: str):
+    """``(config, host initial state, batch, rng, jit scalars, jit update)`` of ``recipe``."""
+    config = shrunk(recipe)
     run = experiment.setup_run(config)
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     state = jax.device_get(experiment.initial_state(run, init_rng))
@@ -111,27 +111,27 @@ def reference(path: str):
     return (config, state, batch, train_rng) + one_step(run, state, batch, train_rng)
 
 
-def grouped_convolutions(path: str) -> bool:
-    return resnet.ARCHITECTURES.get(shrunk(path).model.backbone, {}).get("groups", 1) > 1
+def grouped_convolutions(recipe: str) -> bool:
+    return resnet.ARCHITECTURES.get(shrunk(recipe).model.backbone, {}).get("groups", 1) > 1
 
 
 def cases():
-    """(path, layout) pairs; ResNeXt's grouped convolutions on a 2-D mesh are a known
+    """(recipe, layout) pairs; ResNeXt's grouped convolutions on a 2-D mesh are a known
     XLA failure (`test_grouped_convolution_gradient_on_a_two_dimensional_mesh`)."""
-    for name, path in CONFIGS.items():
+    for name, recipe in CONFIGS.items():
         for mode, mesh in LAYOUTS:
             marks = []
-            if mode == "sharded" and min(mesh) > 1 and grouped_convolutions(path):
+            if mode == "sharded" and min(mesh) > 1 and grouped_convolutions(recipe):
                 marks = [pytest.mark.xfail(strict=True, reason=(
                     "XLA on a (data, model) mesh with both > 1 computes wrong kernel "
                     "gradients of grouped convolutions (see the minimal test below)"))]
-            yield pytest.param(path, mode, mesh, marks=marks, id=f"{name}-{mode}")
+            yield pytest.param(recipe, mode, mesh, marks=marks, id=f"{name}-{mode}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path, mode, mesh", list(cases()))
-def test_one_step_is_the_same_on_every_layout(path, mode, mesh):
-    config, state, batch, train_rng, ref_scalars, ref_update = reference(path)
+@pytest.mark.parametrize("recipe, mode, mesh", list(cases()))
+def test_one_step_is_the_same_on_every_layout(recipe, mode, mesh):
+    config, state, batch, train_rng, ref_scalars, ref_update = reference(recipe)
     assert np.isfinite(ref_scalars["loss"]) and ref_scalars["loss"] > 0
     assert any(np.any(u) for u in ref_update.values())
     scale = max(float(np.max(np.abs(u))) for u in ref_update.values())
@@ -145,7 +145,7 @@ def test_one_step_is_the_same_on_every_layout(path, mode, mesh):
         np.testing.assert_allclose(update[name], value, rtol=RTOL,
                                    atol=UPDATE_ATOL * scale, err_msg=f"{mode} {name}")
         worst = max(worst, float(np.max(np.abs(update[name] - value))) / scale)
-    print(f"{path} {mode}: largest update difference / largest update: {worst:.1e}")
+    print(f"{recipe} {mode}: largest update difference / largest update: {worst:.1e}")
 
 
 @pytest.mark.xfail(strict=True, reason="XLA: grouped convolution kernel gradient with the "

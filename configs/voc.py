@@ -1,9 +1,9 @@
 """VOC 2012, the paper's main model: DeepLab-LargeFOV (VGG16), scales {1, 0.75, 0.5},
 attention merge, extra supervision. The recipe of the Attention-to-Scale paper.
 
-Every value that defines this row is set here; the other VGG16 rows (`voc_s2`,
-`voc_baseline`, `voc_avg`, `voc_max`, `voc_s3_noextra`) load this file and change only
-what defines them. Sources (see docs/design.md, "Attention to Scale"):
+Every value that defines this row is set here; the other VGG16 rows are its variants
+(`VARIANTS`: ``--config=configs/voc.py:s2``, `baseline`, `avg`, `max`, `s3_noextra`),
+which change only what defines them. Sources (see docs/design.md, "Attention to Scale"):
 
 * the attention paper: VGG16 initialised from ImageNet, all scales and the attention
   head trained jointly; SGD, mini-batch 30, base LR 1e-3 divided by 10 after 2,000
@@ -14,14 +14,29 @@ what defines them. Sources (see docs/design.md, "Attention to Scale"):
   weight decay; the new classifier (fc8) at 10x, its bias 20x.
 
 Every value below cites its source; a value no source gives is marked ``# choice:``
-with the reason (docs/recipes.md lists them all).
+with the reason (docs/recipes.md lists them all). The two-scale variant `s2` trains on
+{1, 0.5}, the attention paper's two-scale rows. The single-scale `baseline` is
+DeepLab-LargeFOV itself, so its CRF values (the ones set below) are sourced there:
+DeepLab v1's CRF settings for its released DeepLab-LargeFOV, bi_w 4, bi_xy_std 121,
+bi_rgb_std 5, pos_w 3, pos_xy_std 3, with its densecrf's row normalisation.
 """
 from scaleattn import config
 
+VARIANTS = {
+    "s3": {},
+    "s2": {"model.scales": (1.0, 0.5)},      # the attention paper's two-scale rows
+    # single-scale DeepLab-LargeFOV: no merge, no extra supervision (one branch, one loss)
+    "baseline": {"model.scales": (1.0,), "loss.extra_supervision": False},
+    "avg": {"model.merge": "avg"},           # average pooling over the three scales
+    "max": {"model.merge": "max"},           # max pooling over the three scales
+    "s3_noextra": {"loss.extra_supervision": False},  # one loss, on the merged map
+}
 
-def get_config():
+AXES = (VARIANTS,)  # get_config's choices: one name of each, comma-separated
+
+
+def get_config(arg=None):
     c = config.base_config()
-    c.name = "voc_s3"
     c.seed = 0
 
     # Data: VOC 2012 train_aug (10,582 images), evaluated on val (both papers).
@@ -47,7 +62,8 @@ def get_config():
     c.model.attention_dropout = 0.5     # choice: no source gives the attention head's
                                         # dropout; fc6/fc7's 0.5
     c.model.init_from = "imagenet"      # choice: torchvision's VGG16 ImageNet weights
-                                        # (DeepLab's Caffe VGG16 cannot be downloaded here)
+                                        # (DeepLab's Caffe VGG16 cannot be downloaded
+                                        # here); docs/getting_started.md converts them
 
     # Loss: CE on the merged map + one CE per scale on that branch's own map.
     c.loss.extra_supervision = True     # the attention paper's extra supervision
@@ -83,4 +99,4 @@ def get_config():
     c.crf.bilateral_weight, c.crf.bilateral_xy_std, c.crf.bilateral_rgb_std = 4.0, 121.0, 5.0
     c.crf.gaussian_weight, c.crf.gaussian_xy_std = 3.0, 3.0
     c.crf.iterations, c.crf.normalization = 10, "row"
-    return c
+    return config.variant(c, arg, AXES, "voc")

@@ -10,13 +10,37 @@ in deeplab-pytorch's DeepLab-v2 reproduction (configs/voc12.yaml: SCALES [0.5, 0
 1.0, 1.25, 1.5], batch 5 x iter_size 2, LR 2.5e-4, poly 0.9, 20,000 iterations, crop
 321, and the CRF values below). A value no source gives is marked ``# choice:``
 (docs/recipes.md lists them all).
+
+Variant `hier` (``--config=configs/voc_r101.py:hier``): hierarchical multi-scale
+attention (Tao, Sapra and Catanzaro 2020), trained on scales {0.5, 1}, chained at
+inference over {0.5, 1, 2} (NVIDIA's n_scales 0.5,1.0,2.0). The alpha head (conv3x3
+256 -> conv3x3 256 -> conv1x1 -> sigmoid, shared by the branches; NVIDIA's
+make_attn_head, SEGATTN_BOT_CH 256) learns at the new layers' 10x rate.
+
+choice: `hier` keeps `s3`'s loss and merge resolution, so that it differs from the
+attention rows in the merge alone: the merged map plus each scale's own map (weight 1,
+labels shrunk to the branch), merged at output stride 8. NVIDIA's code
+(NVIDIA/semantic-segmentation, network/ocrnet.py MscaleOCR.two_scale_forward,
+config.py) does otherwise: it upsamples each scale's logits to the input size before
+merging; the per-scale losses weigh LOSS.SUPERVISED_MSCALE_WT (0 by default, 0.05 in
+its Cityscapes training scripts), on logits at the input size; and an auxiliary loss of
+weight LOSS.OCR_ALPHA = 0.4 sits on OCR's auxiliary head, merged by the same attention.
+DeepLab-v2's ASPP model has no auxiliary head, so that term has nothing to apply to
+here. docs/recipes.md gives the comparison.
 """
 from scaleattn import config
 
+VARIANTS = {
+    "s3": {},
+    "hier": {"model.merge": "hierarchical", "model.scales": (0.5, 1.0),
+             "model.inference_scales": (0.5, 1.0, 2.0), "model.alpha_width": 256},
+}
 
-def get_config():
+AXES = (VARIANTS,)  # get_config's choices: one name of each, comma-separated
+
+
+def get_config(arg=None):
     c = config.base_config()
-    c.name = "voc_r101_s3"
     c.seed = 0
 
     c.data.name = "voc2012"
@@ -38,7 +62,7 @@ def get_config():
     c.model.merge = "attention"         # choice: the attention paper's merge on DeepLab-v2
                                         # (DeepLab-v2's own MSC rows fuse by max)
     c.model.attention_width = 512       # the attention paper's head
-    c.model.attention_dropout = 0.5     # choice: no source gives it (as voc_s3)
+    c.model.attention_dropout = 0.5     # choice: no source gives it (as voc.py)
     c.model.init_from = "imagenet"      # choice: torchvision's ResNet-101 ImageNet weights
                                         # (DeepLab-v2 starts from its Caffe ResNet-101)
 
@@ -70,4 +94,4 @@ def get_config():
     c.crf.bilateral_weight, c.crf.bilateral_xy_std, c.crf.bilateral_rgb_std = 4.0, 67.0, 3.0
     c.crf.gaussian_weight, c.crf.gaussian_xy_std = 3.0, 1.0
     c.crf.iterations, c.crf.normalization = 10, "row"
-    return c
+    return config.variant(c, arg, AXES, "voc_r101")
