@@ -292,7 +292,7 @@ def tiny_config(**data):
 def test_from_config():
     assert augment.from_config(tiny_config(augment_on="host")) is None
     fn = augment.from_config(tiny_config(augment_on="device"))
-    assert fn.keywords == SETTINGS
+    assert fn.keywords == dict(SETTINGS, scale_set=())
     with pytest.raises(config_lib.ConfigError, match="data.augment_on"):
         augment.from_config(tiny_config(augment_on="gpu"))
 
