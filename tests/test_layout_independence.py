@@ -15,9 +15,10 @@ every true-class probability is about 1 / classes, below the recipes' 0.7, and O
 would keep every pixel whatever the rule). Dropout is off: its masks are drawn per
 replica, random by design. Configs that are the same computation once shrunk (ResNet-50
 and -101 at one block per stage) are run once. The ResNeXt configs on the 4x2 mesh are
-expected failures, strict: XLA gets their grouped convolutions' kernel gradients wrong
-there (`test_grouped_convolution_gradient_on_a_two_dimensional_mesh`); a fix turns them
-into errors to remove the marks.
+skipped: XLA gets their grouped convolutions' kernel gradients wrong there (they fail
+with the grad norm off by 1-9 %), which the strict expected failure
+`test_grouped_convolution_gradient_on_a_two_dimensional_mesh` shows in four lines; when
+XLA is fixed that test fails, and the skips go with its mark.
 """
 import functools
 import json
@@ -116,15 +117,16 @@ def grouped_convolutions(recipe: str) -> bool:
 
 
 def cases():
-    """(recipe, layout) pairs; ResNeXt's grouped convolutions on a 2-D mesh are a known
-    XLA failure (`test_grouped_convolution_gradient_on_a_two_dimensional_mesh`)."""
+    """(recipe, layout) pairs; ResNeXt's grouped convolutions on a 2-D mesh, a known XLA
+    failure, are skipped (module docstring)."""
     for name, recipe in CONFIGS.items():
         for mode, mesh in LAYOUTS:
             marks = []
             if mode == "sharded" and min(mesh) > 1 and grouped_convolutions(recipe):
-                marks = [pytest.mark.xfail(strict=True, reason=(
+                marks = [pytest.mark.skip(reason=(
                     "XLA on a (data, model) mesh with both > 1 computes wrong kernel "
-                    "gradients of grouped convolutions (see the minimal test below)"))]
+                    "gradients of grouped convolutions: the strict xfail "
+                    "test_grouped_convolution_gradient_on_a_two_dimensional_mesh"))]
             yield pytest.param(recipe, mode, mesh, marks=marks, id=f"{name}-{mode}")
 
 
