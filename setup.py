@@ -36,7 +36,8 @@ setup(
         # tests that compile the demo for a v5e topology on the CPU (no TPU needed).
         "test": ["pytest>=7", "pytest-xdist>=3.5", "jax[tpu]>=0.4.30; sys_platform == 'linux'"],
         # Krähenbühl's C++ dense CRF, only to compare scaleattn.crf against
-        # (tests/test_crf.py, benchmarks/crf_bench.py); a source package: needs a C++ compiler.
+        # (tests/test_crf.py, benchmarks/crf_bench.py, benchmarks/crf_agreement.py); a source
+        # package: needs a C++ compiler.
         "crf": ["pydensecrf2>=1.1"],
         # Accelerators: JAX with its CUDA 12 plugin and CUDA libraries (needs an NVIDIA
         # driver on the machine), or with libtpu. Without either, JAX runs on the CPU.
