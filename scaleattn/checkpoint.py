@@ -424,7 +424,7 @@ def sync_processes(name: str) -> None:
 
 def restore_latest(manager: ocp.CheckpointManager, state, rng: jax.Array, *,
                    config: ml_collections.ConfigDict | None = None,
-                   writable: bool = False, fallback: bool | None = None):
+                   writable: bool = False, fallback: bool | None = None, retries: int = 3):
     """``(state, rng, meta)`` from the newest good checkpoint, or ``None`` if there is none.
 
     ``state`` and ``rng`` are templates (the freshly initialised values, laid out as
@@ -437,7 +437,9 @@ def restore_latest(manager: ocp.CheckpointManager, state, rng: jax.Array, *,
     default for the ``writable`` training run) it is named in a warning and the next
     older step is tried; without, `DamagedCheckpoint` names it. ``writable``: the
     damaged steps are moved aside (`set_aside`) once a good one is found; readers
-    change nothing. No good step at all: `CheckpointError`.
+    change nothing. No good step at all: `CheckpointError`. A reader beside a
+    training run whose steps were rotated away while it read them lists the steps
+    again (up to ``retries`` times) and reads the newest.
     """
     quiet_failed_reads()
     fallback = writable if fallback is None else fallback
@@ -445,7 +447,7 @@ def restore_latest(manager: ocp.CheckpointManager, state, rng: jax.Array, *,
     expected = shapes(target)
     abstract = jax.tree_util.tree_map(  # numpy leaves come back as numpy
         lambda x: x if isinstance(x, np.ndarray) else ocp.utils.to_shape_dtype_struct(x), target)
-    damaged = []
+    damaged, vanished = [], []
     for step in sorted(manager.all_steps(), reverse=True):
         path = step_path(manager, step)
         try:
@@ -469,6 +471,7 @@ def restore_latest(manager: ocp.CheckpointManager, state, rng: jax.Array, *,
             if not epath.Path(path).exists():  # a training run's keep policy removed it
                 logging.info("Checkpoint %s was removed while it was read; trying the next.",
                              path)
+                vanished.append(step)
                 continue
             damaged.append((step, path, e))
             if not fallback:
@@ -484,6 +487,10 @@ def restore_latest(manager: ocp.CheckpointManager, state, rng: jax.Array, *,
         state = flax.serialization.from_state_dict(state, restored.tree["state"])
         logging.info("Restored checkpoint %s (step %d, checksums verified).", path, step)
         return state, restored.tree["rng"], restored.meta
+    if vanished and not writable and retries > 0:  # a training run saved newer steps
+        manager.reload()
+        return restore_latest(manager, state, rng, config=config, writable=writable,
+                              fallback=fallback, retries=retries - 1)
     if damaged:
         raise CheckpointError(
             f"no checkpoint in {manager.directory} is good: "

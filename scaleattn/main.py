@@ -218,6 +218,10 @@ def run_tool(config) -> None:
                                           (".json" if FLAGS.mode in ("bench", "crf_search")
                                            else ""))
     from scaleattn import outputs
+    outputs.check_not_over(output, "--output", folder=FLAGS.mode in ("predict", "analyze"),
+                           inputs=[FLAGS["config"].config_filename.split(":", 1)[0],
+                                   *FLAGS.input],
+                           workdirs=[FLAGS.workdir] if FLAGS.workdir else [])
     if FLAGS.mode == "bench":
         from scaleattn import bench
         bench.main(config, outputs.check_file(output, "--output", missing_folder_ok=True))

@@ -57,7 +57,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from scaleattn import config as config_lib
-from scaleattn.data import errors, eval_input, shapes
+from scaleattn.data import buildlock, errors, eval_input, shapes
 
 _EVAL_SIZE_ERROR = "image larger than data.eval_size"
 _CANVAS_SIZE_ERROR = "image larger than data.canvas_size"
@@ -130,12 +130,16 @@ def ensure_prepared(data_config) -> None:
         return
     if data_config.name != "scale_shapes":
         raise DatasetNotFoundError(_not_prepared_message(data_config, builder))
-    logging.info("Building the demo dataset %s (config %s) in %s ...",
-                 builder.name, builder.builder_config.name, builder.data_path)
-    start = time.time()
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        try_download_gcs=False))
-    logging.info("Built %s in %.1f s", builder.data_path, time.time() - start)
+    with buildlock.held(data_config.data_dir, data_config.name):
+        builder = get_builder(data_config)  # another process may have built it meanwhile
+        if builder.is_prepared():
+            return
+        logging.info("Building the demo dataset %s (config %s) in %s ...",
+                     builder.name, builder.builder_config.name, builder.data_path)
+        start = time.time()
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False))
+        logging.info("Built %s in %.1f s", builder.data_path, time.time() - start)
 
 
 def _prepared_builder(data_config) -> tfds.core.DatasetBuilder:
