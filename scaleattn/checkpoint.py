@@ -205,29 +205,39 @@ def save(manager: ocp.CheckpointManager, step: int, state, rng: jax.Array,
                  metrics=metrics, force=force)
 
 
-def write_error(manager: ocp.CheckpointManager, step: int | None, error: BaseException,
-                intact: int | None) -> CheckpointError:
+def complete_steps(directory) -> list[int]:
+    """The steps whose saves finished in ``directory`` (Orbax renames a step's
+    temporary folder to its number only once all of it is written)."""
+    directory = epath.Path(directory)
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def write_error(manager: ocp.CheckpointManager, step: int | None,
+                error: BaseException) -> CheckpointError:
     """The one-line `CheckpointError` of a save that failed (a full disk, a file-size
-    limit, a store that refused the write): the step, the folder, the reason and the
-    checkpoint a rerun resumes from."""
-    reason = first_line(error)
+    limit, a store that refused the write): the step being saved, the folder, the
+    reason and the newest complete checkpoint, which a rerun resumes from. (An
+    asynchronous save reports its failure at the next save or wait, so the failed
+    write may be an earlier step's.)"""
+    reason = None
     for cause in (error, error.__cause__, error.__context__):
         if isinstance(cause, OSError) and cause.strerror:
             reason = cause.strerror
             break
-    else:
-        for text in ("No space left on device", "File too large", "Disk quota exceeded",
-                     "Read-only file system", "Permission denied"):
-            if text.lower() in str(error).lower():
-                reason = text
-                break
-    kept = (f"the last complete checkpoint (step {intact}) is intact and a rerun resumes "
-            f"from it" if intact is not None else "a rerun resumes from the newest complete "
-            f"checkpoint")
-    which = f"step {step}" if step is not None else "a step"
+    for text in ("No space left on device", "File too large", "Disk quota exceeded",
+                 "Read-only file system", "Permission denied"):
+        if reason is None and text.lower() in str(error).lower():
+            reason = text
+    reason = reason or first_line(error)
+    done = complete_steps(manager.directory)
+    kept = (f"the newest complete checkpoint (step {done[-1]}) is intact and a rerun "
+            f"resumes from it" if done else "no complete checkpoint was written")
+    which = "" if step is None else f" at step {step}"
     return CheckpointError(
-        f"cannot write checkpoint {which} in {manager.directory} ({reason}): the run stopped; "
-        f"{kept}. Free space (or raise the file-size limit) there and rerun")
+        f"cannot write checkpoints in {manager.directory} ({reason}){which}: the run "
+        f"stopped; {kept}. Free space (or raise the file-size limit) there and rerun")
 
 
 # ------------------------------------------------------------------------ checks ---

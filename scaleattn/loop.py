@@ -231,7 +231,7 @@ class Trainer:
         except checkpoint.CheckpointError:
             raise
         except Exception as e:  # pylint: disable=broad-except  # Orbax / TensorStore / OS
-            raise checkpoint.write_error(self.manager, step_done, e, self.last_saved) from None
+            raise checkpoint.write_error(self.manager, step_done, e) from None
         self.last_saved = step_done
 
     def position_images(self, step_done: int) -> int:
@@ -243,7 +243,7 @@ class Trainer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # pylint: disable=broad-except
-            raise checkpoint.write_error(self.manager, self.last_saved, e, None) from None
+            raise checkpoint.write_error(self.manager, None, e) from None
 
     def evaluate(self, step_done: int) -> dict:
         """Scores on the eval split, logged, with pictures in TensorBoard."""

@@ -249,6 +249,8 @@ class QuietLibraries:
     def filter(self, record) -> bool:
         path = record.pathname.replace("\\", "/")
         noisy = any(f"/{p}" in path for p in self.prefixes)
+        if noisy and record.exc_info:  # the error is reported in one line by the caller
+            record.exc_info, record.exc_text = None, None
         if noisy and any(text in str(record.msg) for text in self.expected):
             return False
         return record.levelno > std_logging.INFO or not noisy  # absl's INFO is 0, not 20
