@@ -101,9 +101,8 @@ def batch_script(args) -> str:
 def main(argv: list[str]) -> None:
     args = parse(argv)
     shell = Shell(args.dry_run)
-    checked = check_config(args.config, args.overrides)  # before any plan
+    check_config(args.config, args.overrides)  # before any plan
     script = batch_script(args)
-    shell.comment(f"config: {checked}")
     shell.comment(f"batch script {args.script}:")
     if args.dry_run:
         print(script, end="", flush=True)
