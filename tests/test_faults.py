@@ -136,7 +136,7 @@ def places(tmp_path):
 REFUSED = [  # (output, folder output?, what the message says)
     ("images/a.png", False, "is also an input"),
     ("link.png", False, "is also an input"),             # the same file under a link
-    ("images", True, "holds the input"),                 # predict --output=--input
+    ("images", True, "is also an input"),                # predict --output=--input
     (".", True, "holds the input"),
     ("run/run.json", False, "the run's own run.json"),
     ("run/train.lock", False, "the run's own train.lock"),
