@@ -347,8 +347,8 @@ def lookup(config: ml_collections.ConfigDict, key: str):
 @dataclasses.dataclass(frozen=True)
 class Range:
     """The numbers a key may hold: ``low``..``high`` (``None``: unbounded; ``open_low`` /
-    ``open_high`` exclude the end), every value finite, plus the ``special`` values
-    outside it that mean something (``{0: 'the whole split'}``)."""
+    ``open_high`` exclude the end), every value finite and not a bool, plus the
+    ``special`` values outside it that mean something (``((0, 'the whole split'),)``)."""
     low: float | None = None
     high: float | None = None
     open_low: bool = False
@@ -356,6 +356,7 @@ class Range:
     special: tuple = ()          # ((value, meaning), ...)
 
     def holds(self, value) -> bool:
+        """Whether ``value`` is allowed."""
         if any(value == v and type(value) is not bool for v, _ in self.special):
             return True
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -368,6 +369,7 @@ class Range:
         return low_ok and high_ok
 
     def describe(self) -> str:
+        """The allowed values in words, e.g. ``'in (0, 1]'``, ``'>= 1 or 0 (the whole split)'``."""
         if self.low is not None and self.high is not None:
             text = (f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}"
                     f"{')' if self.open_high else ']'}")
@@ -517,12 +519,13 @@ def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
     return out
 
 
-# Conditions that involve several keys: (what must hold, the message when it does not).
 DEPTH_BLOCKS = {"vgg16": 5}      # model.depth entries per backbone (ResNets: 4 stages)
 
 
 def check_relations(config: ml_collections.ConfigDict) -> None:
-    """Raises `ConfigError` for values that are each in range but do not work together."""
+    """Raises `ConfigError` for values that are each in range (`RANGES`) but do not work
+    together: the depth's length for the backbone, the output stride for the backbone,
+    and scales so small that an input gives less than one output pixel."""
     model, data = config.model, config.data
     blocks = DEPTH_BLOCKS.get(model.backbone, 4)
     if model.depth and len(model.depth) != blocks:

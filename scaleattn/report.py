@@ -211,16 +211,16 @@ def check_distinct(records: list[dict]) -> None:
     two workdirs holding the same record (a copied run would count twice in a mean)."""
     seen = {}
     for r in records:
-        identity = (r.get("params_sha256"), r.get("date"), r.get("name"), r.get("seed"))
-        where = os.path.realpath(str(r.get("workdir", "")))
-        for key in (("workdir", where), ("record", identity)):
-            if key[0] == "record" and identity[0] is None:
-                continue
-            if key in seen:
-                raise ValueError(f"{r.get('workdir')} is the same run as {seen[key]} (the same "
-                                 f"{'folder' if key[0] == 'workdir' else 'record: parameters, date and seed'}); "
-                                 f"give each run once, or its mean over seeds would count it twice")
-            seen[key] = r.get("workdir")
+        keys = {"folder": os.path.realpath(str(r.get("workdir", "")))}
+        if r.get("params_sha256") is not None:
+            keys["record: parameters, date and seed"] = (
+                r.get("params_sha256"), r.get("date"), r.get("name"), r.get("seed"))
+        for what, key in keys.items():
+            if (what, key) in seen:
+                raise ValueError(f"{r.get('workdir')} is the same run as {seen[what, key]} "
+                                 f"(the same {what}); give each run once, or its mean over "
+                                 f"seeds would count it twice")
+            seen[what, key] = r.get("workdir")
 
 
 def mean_std(values: list) -> str:

@@ -848,8 +848,8 @@ def test_eval_beside_training_reads_the_newest_step_after_a_rotation(trained, tm
     manager = checkpoint.open_for_reading(str(workdir))  # lists [2]
     shutil.rmtree(steps / "2")                          # rotated away ...
     shutil.move(tmp_path / "4", steps / "4")            # ... by a newer step
-    _, _, meta = checkpoint.restore_for_reading(
-        manager, restore_template(config), jax.random.PRNGKey(config.seed), config=config)
+    state, rng = restore_template(config)
+    _, _, meta = checkpoint.restore_for_reading(manager, state, rng, config=config)
     assert meta["step"] == 4
 
 
