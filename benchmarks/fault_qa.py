@@ -7,7 +7,7 @@ fault of `faults` as the command line a user would type (``python -m scaleattn.m
 ``scaleattn.report``, ``scaleattn.convert``, the launchers), one after the other, and
 records its exit status and its last line on stderr (or, for a fault whose correct
 answer is to work, what it did). Prints a Markdown table (fault, exit status, outcome)
-and writes the records as JSON. Nothing outside ``--out`` is written.
+and writes the records as JSON, with the commit and the library versions. Nothing outside ``--out`` is written.
 """
 
 import argparse
@@ -203,8 +203,12 @@ def main() -> int:
         print(f"| {rows[-1]['fault']} | {rows[-1]['exit']} | {rows[-1]['outcome']} |",
               flush=True)
     if args.json:
+        sys.path.insert(0, REPO)
+        from scaleattn import records  # pylint: disable=import-outside-toplevel
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"command": "python benchmarks/fault_qa.py --out=OUT --json=" + args.json,
+                       "commit": records.git_commit(REPO),
+                       "versions": records.package_versions(), "rows": rows}, f, indent=1)
     return 0
 
 

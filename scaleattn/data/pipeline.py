@@ -48,6 +48,7 @@ Design choices:
 
 import math
 import os
+import re
 import time
 from typing import Iterator
 
@@ -595,9 +596,12 @@ def _raise_data_errors(batches, builder):
     except tf.errors.InvalidArgumentError as e:
         if _LABEL_ERROR in e.message:
             detail = e.message.split("assertion failed:", 1)[-1].splitlines()[0]
-            detail = detail.replace("[", "").replace("]", "").strip()
-            raise LabelError(f"a label of the dataset in {builder.data_path} is {detail}: "
-                             f"fix the label files or model.num_classes / "
+            found = re.search(r"classes (.+\)) and not the ignore label (\d+): image\W+(\w+)"
+                              r"\W+has label\W+(-?\d+)", detail)
+            classes, ignore, image_id, value = found.groups()
+            raise LabelError(f"image {image_id} of the dataset in {builder.data_path} has "
+                             f"label {value}, neither a class {classes} nor the ignore label "
+                             f"{ignore}: fix the label files, or model.num_classes / "
                              f"loss.ignore_label") from None
         if _EVAL_SIZE_ERROR in e.message:
             key, what, fix = "eval_size", "An eval image", ""
