@@ -54,7 +54,7 @@ def copy(out: str, name: str) -> str:
 
 def faults(out: str) -> list[dict]:
     """``[{'fault', 'argv', 'setup' (optional callable), 'limit' (RLIMIT_FSIZE),
-    'env', 'check' (a callable returning what happened when the command works)}]``."""
+    'env', 'beside' (a command started at the same time)}]``."""
     trained = os.path.join(out, "trained")
     fresh = lambda name: os.path.join(out, name)  # noqa: E731
     m = lambda workdir, *extra: main_cmd(out, workdir, *extra)  # noqa: E731
@@ -139,8 +139,12 @@ def faults(out: str) -> list[dict]:
         ("bench.steps=0", m(fresh("v"), "--mode=bench", "--config.bench.steps=0")),
         ("JAX_PLATFORMS=cuda on a CPU-only JAX", m(fresh("v"), "--mode=bench"), None, False,
          {"JAX_PLATFORMS": "cuda"}),
+        ("two first runs at once on a fresh data_dir (the second of two)",
+         m(fresh("race_b"), f"--config.data.data_dir={out}/race_data"), None, False, None,
+         m(fresh("race_a"), f"--config.data.data_dir={out}/race_data")),
     ]
-    return [dict(zip(("fault", "argv", "setup", "limit", "env"), item)) for item in items]
+    return [dict(zip(("fault", "argv", "setup", "limit", "env", "beside"), item))
+            for item in items]
 
 
 def damage_data(out: str) -> None:
@@ -191,9 +195,15 @@ def main() -> int:
         if item.get("setup"):
             item["setup"]()
         start = time.time()
+        beside = item.get("beside") and subprocess.Popen(
+            item["beside"], cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
         result = subprocess.run(item["argv"], cwd=REPO, env=dict(env(), **(item.get("env") or {})),
                                 capture_output=True, text=True, timeout=600,
                                 preexec_fn=limit_file_size if item.get("limit") else None)
+        if beside and beside.wait(timeout=600):
+            result.stderr += f"\nerror: the run beside it failed (exit {beside.returncode})"
+            result.returncode = result.returncode or beside.returncode
         workdir = next((a.split("=", 1)[1] for a in item["argv"] if a.startswith("--workdir=")),
                        None)
         rows.append({"fault": item["fault"], "exit": result.returncode,
