@@ -180,6 +180,7 @@ class Trainer:
             self.start_step = self.last_saved = self.resumed_at = int(meta["step"])
             self.start = meta.get("start")  # where the run's first step started from
             self.start_image = resume_position(config, meta, workdir)
+            logging.info("Resuming at step %d.", self.start_step)
         else:
             state = experiment.initial_state(run, init_rng)
             self.start_step, self.last_saved, self.start_image = 0, None, 0
