@@ -588,7 +588,8 @@ def _raise_data_errors(batches, builder):
     try:
         yield from batches
     except tf.errors.DataLossError as e:
-        detail = " ".join(e.message.split())[:200]
+        detail = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message)  # TensorFlow's internals
+        detail = " ".join(detail.split()).strip(" :") or "unreadable record"
         raise DamagedDatasetError(
             f"the dataset files in {builder.data_path} are damaged ({detail}): delete that "
             f"folder and build it again (the demo set is rebuilt on the next run; VOC with "
