@@ -190,6 +190,9 @@ def main() -> int:
     if not os.path.isfile(f"{out}/trained/run.json"):
         subprocess.run(main_cmd(out, f"{out}/trained"), cwd=REPO, env=env(), check=True,
                        capture_output=True)
+    sys.path.insert(0, REPO)
+    from scaleattn import records  # pylint: disable=import-outside-toplevel
+    commit, versions = records.git_commit(REPO), records.package_versions()  # what runs
     rows = []
     for item in faults(out):
         if item.get("setup"):
@@ -213,12 +216,9 @@ def main() -> int:
         print(f"| {rows[-1]['fault']} | {rows[-1]['exit']} | {rows[-1]['outcome']} |",
               flush=True)
     if args.json:
-        sys.path.insert(0, REPO)
-        from scaleattn import records  # pylint: disable=import-outside-toplevel
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"command": "python benchmarks/fault_qa.py --out=OUT --json=" + args.json,
-                       "commit": records.git_commit(REPO),
-                       "versions": records.package_versions(), "rows": rows}, f, indent=1)
+                       "commit": commit, "versions": versions, "rows": rows}, f, indent=1)
     return 0
 
 
