@@ -191,7 +191,9 @@ def largest_image(data_config, split: str) -> tuple[int, int, str]:
 
 def check_sizes(data_config) -> None:
     """Before training: the splits exist, and the images fit data.eval_size (and, with
-    data.augment_on='device', the canvas); `DataError` / `ValueError` naming the key."""
+    data.augment_on='device', the canvas); `DataError` / `ValueError` naming the key.
+    Each process reads the headers of its own part of the splits (one pass over the
+    encoded records, nothing decoded)."""
     builder = _prepared_builder(data_config)
     check_split(data_config, builder, data_config.train_split, "train_split")
     check_split(data_config, builder, data_config.eval_split, "eval_split")
@@ -201,7 +203,8 @@ def check_sizes(data_config) -> None:
                        canvas_size(data_config),
                        " (0 = data.eval_size), or augment on the host (data.augment_on='host')"))
     for split_key, split, key, size, fix in checks:
-        side, _, image_id = largest_image(data_config, split)
+        index, count = _process(None, None)  # each process checks the part it reads
+        side, _, image_id = largest_image(data_config, tfds.even_splits(split, n=count)[index])
         if side > size:
             raise ValueError(
                 f"data.{key}={size} is smaller than image {image_id} of "
