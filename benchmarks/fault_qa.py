@@ -188,8 +188,10 @@ def main() -> int:
     with open(f"{out}/src.pth", "wb") as f:
         f.write(b"source weights")
     if not os.path.isfile(f"{out}/trained/run.json"):
-        subprocess.run(main_cmd(out, f"{out}/trained"), cwd=REPO, env=env(), check=True,
-                       capture_output=True)
+        base = subprocess.run(main_cmd(out, f"{out}/trained"), cwd=REPO, env=env(),
+                              capture_output=True, text=True, check=False)
+        if base.returncode:
+            sys.exit(f"error: the base run failed:\n{base.stderr[-3000:]}")
     sys.path.insert(0, REPO)
     from scaleattn import records  # pylint: disable=import-outside-toplevel
     commit, versions = records.git_commit(REPO), records.package_versions()  # what runs
