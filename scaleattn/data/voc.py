@@ -585,6 +585,7 @@ def prepare(data_dir: os.PathLike | str, manual_dir: os.PathLike | str | None = 
     """Builds ``voc2012`` under ``data_dir`` (if not built yet); returns the builder."""
     config = tfds.download.DownloadConfig(
         manual_dir=os.fspath(manual_dir) if manual_dir else None)
+    check_writable(Path(data_dir), "data_dir")  # before the lock file is made there
     with buildlock.held(os.fspath(data_dir), "voc2012"):  # one build at a time
         builder = Voc2012(data_dir=os.fspath(data_dir), expected_md5=expected_md5,
                           download=download)
