@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from scaleattn import outputs
+from scaleattn import identity, outputs
 from scaleattn.records import load_run, run_path
 
 # Published VOC 2012 numbers we could source, each with its split, CRF and MS-COCO
@@ -149,31 +149,14 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def flat_config(record: dict) -> dict:
-    """A record's config as ``{'section.key': value}``."""
-    def walk(tree, prefix):
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                yield from walk(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-    return dict(walk(record.get("config", {}), ""))
-
-
-# Keys that change how a run computes, not what it computes: runs that differ only in
-# them (and the seed) are one setting.
-HOW_NOT_WHAT = ("seed", "model.dilated_conv", "model.fold_frozen_bn", "model.remat",
-                "data.augment_on", "data.canvas_size")
-
-
 def same_but_seed(a: dict, b: dict) -> bool:
     """Whether two records are runs of one setting: same steps and the same value for
-    every config key both have, the seed and `HOW_NOT_WHAT` aside. A key only one
-    record has was added to the schema after the other run; its default keeps the
-    earlier behaviour."""
-    ca, cb = flat_config(a), flat_config(b)
-    return a.get("steps") == b.get("steps") and all(
-        ca[k] == cb[k] for k in ca.keys() & cb.keys() if k not in HOW_NOT_WHAT)
+    every config key both have that defines the setting (`identity.defines_setting`:
+    the model and the recipe, not the draw or the execution). A key only one record has
+    was added to the schema after the other run; its default keeps the earlier
+    behaviour."""
+    return a.get("steps") == b.get("steps") and not identity.differences(
+        a.get("config", {}), b.get("config", {}), identity.defines_setting)
 
 
 def seed_groups(records: list[dict]) -> list[list[dict]]:
@@ -198,9 +181,12 @@ def group_labels(groups: list[list[dict]]) -> list[str]:
         if len(twins) == 1:
             labels.append(name)
             continue
-        flats = [dict(flat_config(r), steps=r.get("steps")) for r in twins]
-        mine = dict(flat_config(group[0]), steps=group[0].get("steps"))
-        keys = sorted(k for k in set().union(*flats) if k not in HOW_NOT_WHAT
+        flats = [dict(identity.flat_config(r.get("config", {})), steps=r.get("steps"))
+                 for r in twins]
+        mine = dict(identity.flat_config(group[0].get("config", {})),
+                    steps=group[0].get("steps"))
+        keys = sorted(k for k in set().union(*flats)
+                      if (k == "steps" or identity.defines_setting(k))
                       and len({repr(f.get(k)) for f in flats}) > 1)
         labels.append(f"{name} ({', '.join(f'{k}={mine.get(k)}' for k in keys)})")
     return labels
