@@ -84,7 +84,7 @@ def check_config(path: str, overrides: list[str]) -> str:
     printed or run; `LaunchError` with the one line otherwise. ``path`` is looked up
     here and in the repository (where the job runs). Returns what was checked.
     Without ml_collections on this machine only the file's existence is checked."""
-    file = path.split(":", 1)[0]
+    file, *arg = path.split(":", 1)
     if not os.path.isabs(file) and not os.path.isfile(file):
         file = os.path.join(REPO, file)
     if not os.path.isfile(file):
@@ -97,19 +97,23 @@ def check_config(path: str, overrides: list[str]) -> str:
         return f"{file} exists (its values are not checked: ml_collections is not installed here)"
     sys.path.insert(0, REPO)
     from scaleattn import config as config_lib  # pylint: disable=import-outside-toplevel
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True)
     own = [a for a in overrides if a.startswith("--config.")]
     try:
-        values(["launcher", f"--config={file}", *own])
+        config_lib.load(":".join([file, *arg]))  # the loader main uses: its one-line errors
+    except config_lib.ConfigError as e:
+        raise LaunchError(str(e)) from None
+    try:
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True)
+        values(["launcher", "--config=" + ":".join([file, *arg]), *own])
         config_lib.validate(values.config)
     except config_lib.ConfigError as e:
         raise LaunchError(f"--config={path}: {e}") from None
-    except Exception as e:  # pylint: disable=broad-except  # the user's file or override
+    except Exception as e:  # pylint: disable=broad-except  # a bad override
         text = " ".join(str(e).replace("\\n", " ").replace("\\'", "").strip("'").split())[:240]
         raise LaunchError(f"--config={path} {' '.join(own)}: cannot be loaded "
                           f"({type(e).__name__}: {text})") from None
-    return f"{file} with {len(own)} override(s): every value in range"
+    return f"{path} with {len(own)} override(s): every value in range"
 
 
 def train_arguments(args: argparse.Namespace) -> list[str]:
