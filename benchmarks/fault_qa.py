@@ -176,10 +176,25 @@ def outcome(result: subprocess.CompletedProcess, workdir: str | None) -> str:
         f" ({result.stdout.strip().splitlines()[-1][:200]})" if result.stdout.strip() else "")
 
 
+def result_json(rows: list[dict], commit: str, versions: dict, out: str) -> dict:
+    """The records in the form of ``benchmarks/results/`` (`benchmarks.docs_tables`):
+    one row per fault, its exit status and outcome (the scratch folder shown as OUT)."""
+    def cell(text) -> str:
+        return str(text).replace(out, "OUT").replace(REPO, "REPO").replace("|", "\\|")
+    return {"command": "python benchmarks/fault_qa.py --out=OUT "
+                       "--json=benchmarks/results/fault_qa.json",
+            "commit": commit, "versions": versions, "constraints": None,
+            "machine": "CPU (JAX_PLATFORMS=cpu), the demo config at 1/16 width, 4 steps",
+            "columns": ["fault", "exit status", "what happens now"],
+            "rows": [[cell(r["fault"]), r["exit"], cell(r["outcome"])] for r in rows]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="scratch folder (created)")
-    parser.add_argument("--json", default=None, help="also write the records here")
+    parser.add_argument("--json", default=None,
+                        help="also write the records here (benchmarks/results/fault_qa.json "
+                             "is rendered into docs/reliability.md)")
     args = parser.parse_args()
     out = os.path.abspath(args.out)
     os.makedirs(f"{out}/images", exist_ok=True)
@@ -211,16 +226,16 @@ def main() -> int:
             result.returncode = result.returncode or beside.returncode
         workdir = next((a.split("=", 1)[1] for a in item["argv"] if a.startswith("--workdir=")),
                        None)
+        trains = "scaleattn.main" in item["argv"] and not any(
+            a.startswith("--mode") for a in item["argv"])
         rows.append({"fault": item["fault"], "exit": result.returncode,
-                     "outcome": outcome(result, workdir if "--mode" not in " ".join(
-                         item["argv"]) else None),
+                     "outcome": outcome(result, workdir if trains else None),
                      "seconds": round(time.time() - start, 1)})
         print(f"| {rows[-1]['fault']} | {rows[-1]['exit']} | {rows[-1]['outcome']} |",
               flush=True)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"command": "python benchmarks/fault_qa.py --out=OUT --json=" + args.json,
-                       "commit": commit, "versions": versions, "rows": rows}, f, indent=1)
+            json.dump(result_json(rows, commit, versions, out), f, indent=1)
     return 0
 
 
