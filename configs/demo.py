@@ -10,7 +10,8 @@ Recipe: the paper's optimiser (SGD momentum 0.9, weight decay 5e-4, 10x on fc8 a
 attention head, Caffe's 2x on biases, extra supervision on each branch's own map) at
 demo size: base LR 0.01 with a poly schedule, batch 8, crop 128, 1,000 steps, random
 rescale 0.75-1.25 + mirror, trained from scratch (there are no ImageNet weights for a
-1/8-width network).
+1/8-width network). The demo reproduces no paper's numbers: every value here is a
+choice made for a CPU-sized run (docs/recipes.md), none is marked one by one.
 
 Variants: `single` (scale 1 only, one loss), `avg`, `max` (the merge), `noextra` (no
 extra supervision), `hier` (hierarchical multi-scale attention, Tao, Sapra and Catanzaro
@@ -24,8 +25,8 @@ from scaleattn import config
 # layout at 1/8 width with one block per stage (output stride 8), trained batch norm,
 # the GSAG head at 1/8 width (64 channels) with a 5x5 window, one scale. Loss as
 # `configs/gsag.py`'s hybrid: OHEM-softmax on logits upsampled to the label size,
-# threshold 0.7, min_kept 6,000 per device (4.6% of a batch of eight 128x128 crops,
-# about the share 100,000 is of eight 513x513 crops). The basic head (key layer only)
+# threshold 0.7, min_kept 6,000 per image (37% of a 128x128 crop, about the share
+# 100,000 is of a 513x513 crop). The basic head (key layer only)
 # and the incremental head (+ the query layer: pointwise self-attention) train, as
 # their VOC configs do, with plain cross-entropy (OHEM: --config.loss.type=ohem).
 GSAG = {
@@ -44,7 +45,7 @@ GSAG = {
     "loss.label_resize": "upsample_logits",
     "loss.type": "ohem",
     "loss.ohem_threshold": 0.7,
-    "loss.ohem_min_kept": 6_000,          # per device, at the label's resolution
+    "loss.ohem_min_kept": 6_000,          # per image, at the label's resolution
     "optim.new_layer_patterns": ("gsag",),  # the head at new_layer_lr_mult (10x)
 }
 
