@@ -67,7 +67,8 @@ def test_every_numeric_and_tuple_key_has_a_declared_range():
     assert sorted(set(config_lib.RANGES) - set(flat)) == []  # no rule for a missing key
 
 
-# (key, bad value, a fragment of the message): the values and their neighbours.
+# (key, bad value, a fragment of the message): values the fault pass found accepted, and
+# their neighbours.
 BAD_VALUES = [
     ("optim.base_lr", -0.01, "must be > 0"),
     ("optim.base_lr", math.nan, "must be > 0"),
