@@ -213,6 +213,7 @@ TABLES = (
     Table("fold_frozen_bn_cpu", "docs/performance.md", figures("fold_frozen_bn_cpu")),
     Table("parallel_equivalence", "docs/scaling.md", figures("parallel_equivalence")),
     Table("results_in_brief", "README.md", brief_table),
+    Table("fault_qa", "docs/reliability.md", figures("fault_qa")),
     Table("compile_time", "docs/preflight.md", figures("compile_time")),
     Table("preflight", "docs/preflight.md", preflight_table),
 )

@@ -41,8 +41,8 @@ import shlex
 import sys
 import time
 
-from common import (PREEMPTED_EXIT, REPO, LaunchError, Shell, run_main, split_overrides,
-                    train_arguments)
+from common import (PREEMPTED_EXIT, REPO, LaunchError, Shell, at_least, check_config,
+                    run_main, split_overrides, train_arguments)
 
 RUNTIME_VERSIONS = {  # accelerator-type prefix -> TPU VM software version
     "v4": "tpu-ubuntu2204-base",
@@ -82,7 +82,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workdir", default=None, help="gs://BUCKET/runs/NAME (shared)")
     p.add_argument("--data-dir", default=None, help="TFDS data_dir, e.g. gs://BUCKET/tfds")
     p.add_argument("--parallel-mode", default="sharded", choices=("sharded", "pmap"))
-    p.add_argument("--max-restarts", type=int, default=3,
+    p.add_argument("--max-restarts", type=at_least(0), default=3,
                    help="all: start over this many times after a preemption")
     p.add_argument("--skip-preflight", action="store_true",
                    help="do not compile the run for the slice's topology before creating it")
@@ -238,8 +238,10 @@ def down(shell: Shell, args) -> None:
 def main(argv: list[str]) -> None:
     args = parse(argv)
     shell = Shell(args.dry_run)
-    steps = {"preflight": preflight, "up": up, "setup": setup, "train": train, "logs": logs, "status": status,
-             "down": down}
+    if args.step in ("train", "all"):  # the config is checked before any plan
+        shell.comment(f"config: {check_config(args.config, args.overrides)}")
+    steps = {"preflight": preflight, "up": up, "setup": setup, "train": train, "logs": logs,
+             "status": status, "down": down}
     if args.step == "all":
         sys.exit(all_steps(shell, args))
     if args.step == "up":  # a slice is created only after the pre-flight

@@ -203,8 +203,9 @@ esac
 
 
 def test_tpu_preflight_that_fails_stops_before_any_slice(tmp_path):
-    """A pre-flight that fails (here: a config value that cannot work, found before any
-    compiling) stops `all` with its reason; gcloud is never called."""
+    """A pre-flight that fails (here: a mesh of 3 x n that 4 chips cannot hold, found
+    before anything is compiled; the config itself is valid) stops `all` with its
+    reason; gcloud is never called."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "gcloud").write_text(f"#!/bin/bash\necho \"$*\" >> {tmp_path}/calls\n")
@@ -213,11 +214,11 @@ def test_tpu_preflight_that_fails_stops_before_any_slice(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "launch", "tpu_vm.py"), "all",
                              "--accelerator-type=v5litepod-4",
                              *[a for a in TPU if a != "--dry-run"], "--",
-                             "--config.batch_size=0"],
-                            capture_output=True, text=True, timeout=120, env=env)
+                             "--config.parallel.mesh_shape=(3,-1)"],
+                            capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert "config.batch_size=0 must be positive" in result.stderr  # the pre-flight's reason
+    assert "parallel.mesh_shape=(3, -1) does not fit 4 devices" in result.stderr  # its reason
     assert lines[-1].startswith("error: the pre-flight for v5litepod-4 (v5e:2x2) failed")
     assert "--skip-preflight" in lines[-1]
     assert not (tmp_path / "calls").exists()
