@@ -164,7 +164,9 @@ def main(argv):
         if FLAGS.mode != "bench" and not FLAGS.workdir:
             raise config_lib.ConfigError(f"--mode={FLAGS.mode} needs --workdir")
         if FLAGS.mode == "train":
-            loop.train_and_evaluate(config, FLAGS.workdir)
+            scores = loop.train_and_evaluate(config, FLAGS.workdir)
+            if jax.process_index() == 0:
+                print_summary(config, scores)
         elif FLAGS.mode == "eval":
             experiment.evaluate_checkpoint(config, FLAGS.workdir,
                                            fallback=FLAGS.checkpoint_fallback)
@@ -180,6 +182,21 @@ def main(argv):
     except OSError as e:  # a file or folder that cannot be read or written, named
         where = f"{e.filename}: " if e.filename else ""
         sys.exit(f"error: {where}{e.strerror or first_line(e)}")
+
+
+def print_summary(config, scores: dict) -> None:
+    """The last lines of a training run (`run_summary`): scores by class, where the
+    checkpoint, logs and pictures are, the next commands."""
+    # pylint: disable=import-outside-toplevel
+    from scaleattn import checkpoint, run_summary, summaries
+    from scaleattn.data import pipeline
+    folder = os.path.join(checkpoint.resolve_workdir(FLAGS.workdir), summaries.PICTURES_DIR)
+    pictures = sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                      if name.endswith(".png")) if os.path.isdir(folder) else []
+    print("\n".join(run_summary.lines(
+        config_file=FLAGS["config"].config_filename, workdir=FLAGS.workdir, scores=scores,
+        steps=config.train.steps, class_names=pipeline.class_names(config.data),
+        pictures=pictures)), flush=True)
 
 
 def run_tool(config) -> None:
