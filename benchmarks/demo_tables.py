@@ -1,0 +1,117 @@
+"""The demo tables: the merges and the GSAG heads on `scale_shapes`, over seeds.
+
+    python -m benchmarks.demo_tables run --table=merges --root=/tmp/demo_seeds [--seeds=0,1,2]
+    python -m scaleattn.report /tmp/demo_seeds/merges/*/ --json=benchmarks/results/demo_merges.json
+    python -m benchmarks.demo_tables render benchmarks/results/demo_merges.json
+
+``run`` trains every (row, seed) of a table, one after the other, each with
+``python -m scaleattn.main`` in ``<root>/<table>/<row>_s<seed>``; a workdir that holds a
+finished run (``run.json``) is skipped and one with checkpoints resumes, so the command
+can be stopped and started again. Every row is the same recipe (``configs/demo.py``, or
+``configs/demo_gsag_hybrid.py`` for the GSAG heads) with only its merge or head changed.
+
+``render`` turns the JSON of ``python -m scaleattn.report --json`` (`report.seed_summary`)
+into the Markdown table of docs/results.md (`render`).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+# table -> rows: (workdir stem, config file, extra flags, what the row is)
+TABLES = {
+    "merges": (
+        ("single", "configs/demo_single.py", (), "single scale"),
+        ("max", "configs/demo_max.py", (), "max over scales"),
+        ("avg", "configs/demo_avg.py", (), "average over scales"),
+        ("noextra", "configs/demo_noextra.py", (), "attention, no extra supervision"),
+        ("attention", "configs/demo.py", (), "attention"),
+        ("hier", "configs/demo_hier.py", (), "hierarchical attention"),
+    ),
+    "gsag": (
+        ("basic", "configs/demo_gsag_basic.py", (), "GSAG basic, CE"),
+        ("incremental", "configs/demo_gsag_incremental.py", (), "GSAG incremental, CE"),
+        ("hybrid", "configs/demo_gsag_hybrid.py", (), "GSAG hybrid, OHEM"),
+        ("hybrid_ce", "configs/demo_gsag_hybrid.py",
+         ("--config.loss.type=ce", "--config.name=demo_gsag_hybrid_ce"), "GSAG hybrid, CE"),
+    ),
+}
+CLASS_NAMES = ("background", "circle", "square", "triangle")  # scale_shapes' labels
+
+
+def run_table(table: str, root: str, seeds: list[int], extra: list[str]) -> None:
+    """Trains the missing runs of ``table`` under ``root/table`` (see the module doc)."""
+    for seed in seeds:
+        for stem, config_file, flags, _ in TABLES[table]:
+            workdir = os.path.join(root, table, f"{stem}_s{seed}")
+            if os.path.isfile(os.path.join(workdir, "run.json")):
+                print(f"done already: {workdir}", flush=True)
+                continue
+            command = [sys.executable, "-m", "scaleattn.main", f"--config={config_file}",
+                       f"--workdir={workdir}", f"--config.seed={seed}", *flags, *extra]
+            print("running: " + " ".join(command[1:]), flush=True)
+            subprocess.run(command, check=True)
+
+
+def mean_std(values) -> str:
+    """'mean ± sample std' in % (one value: the value)."""
+    values = 100 * np.asarray(values, np.float64)
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+
+
+def render(summary: dict) -> str:
+    """The Markdown table of a `report.seed_summary` JSON: one row per group, mIoU and
+    each class's IoU as mean ± sample std over its seeds (in %), then mIoU per seed."""
+    lines = ["| config | scales | merge / head | extra supervision | seeds | val mIoU | "
+             + " | ".join(f"IoU {name}" for name in CLASS_NAMES) + " | mIoU per seed |",
+             "|" + "---|" * (10)]
+    for group in summary["groups"]:
+        setting, runs = group["setting"], group["runs"]
+        head = (f"GSAG {setting['model.gsag_variant']}, {setting['loss.type'].upper()}"
+                if setting.get("model.head") == "gsag" else setting["model.merge"])
+        scales = setting["model.scales"]
+        per_class = np.asarray([r["per_class_iou"] for r in runs], np.float64)
+        lines.append("| " + " | ".join([
+            f"`{group['name']}`", "{" + ", ".join(f"{s:g}" for s in scales) + "}",
+            head if len(scales) > 1 or setting.get("model.head") == "gsag" else "—",
+            ("yes" if setting["loss.extra_supervision"] else "no") if len(scales) > 1 else "—",
+            ", ".join(str(r["seed"]) for r in runs),
+            "**" + mean_std([r["miou"] for r in runs]) + "**",
+            *(mean_std(per_class[:, c]) for c in range(per_class.shape[1])),
+            " / ".join(f"{100 * r['miou']:.1f}" for r in runs)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo_tables",
+                                     description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train the missing runs of a table")
+    run.add_argument("--table", choices=sorted(TABLES), required=True)
+    run.add_argument("--root", required=True)
+    run.add_argument("--seeds", default="0,1,2")
+    run.add_argument("extra", nargs="*", help="more flags for every run (after --)")
+    show = sub.add_parser("render", help="print the Markdown table of a report JSON")
+    show.add_argument("json_file")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        run_table(args.table, args.root, [int(s) for s in args.seeds.split(",")], args.extra)
+        return 0
+    try:
+        with open(args.json_file, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"error: {args.json_file}: {e}", file=sys.stderr)
+        return 1
+    print(render(summary), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
