@@ -46,7 +46,8 @@ def lines(*, config_file: str, workdir: str, scores: dict, steps: int,
     else:
         out.append(f"Finished {steps} steps (no evaluation: train.eval_at_end is off)")
     out.append(f"  checkpoint:  {os.path.join(checkpoint.checkpoint_dir(workdir), str(steps))}")
-    out.append(f"  TensorBoard: tensorboard --logdir {shlex.quote(os.path.join(workdir, 'tensorboard'))}")
+    logs = shlex.quote(os.path.join(workdir, "tensorboard"))
+    out.append(f"  TensorBoard: tensorboard --logdir {logs}")
     out.append(f"  run record:  {os.path.join(workdir, 'run.json')}")
     panels = [p for p in pictures if not p.endswith("_input.png")]
     inputs = [p for p in pictures if p.endswith("_input.png")]
