@@ -140,8 +140,6 @@ def loss_keys() -> ml_collections.ConfigDict:
 def optim_keys() -> ml_collections.ConfigDict:
     """``config.optim``: SGD with momentum, schedule, weight decay, learning-rate multipliers."""
     o = ml_collections.ConfigDict()
-    o.optimizer = "sgd"          # 'sgd' (with momentum; the papers') | 'adam' (beta1 =
-                                 # momentum, beta2 0.999; the demo's)
     o.base_lr = 1e-3
     o.momentum = 0.9
     o.weight_decay = 5e-4        # L2 on kernels (Caffe-style, added to the gradient)
@@ -322,7 +320,6 @@ CHOICES = {
     "loss.label_resize": ("nearest", "upsample_logits"),
     "loss.scale_loss_size": ("branch", "merged"),
     "loss.type": ("ce", "ohem"),
-    "optim.optimizer": ("sgd", "adam"),
     "optim.schedule": ("step", "poly", "constant"),
     "parallel.mode": ("pmap", "jit", "sharded"),
     "parallel.param_sharding": ("replicated", "fsdp", "model"),

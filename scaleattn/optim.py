@@ -105,16 +105,12 @@ def create_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
     """The optimiser for ``config.optim`` and its base schedule (for logging)."""
     schedule = learning_rate_schedule(cfg, total_steps)
 
-    config_lib.check_choice("optim.optimizer", cfg.optimizer)
-
-    def update_rule(multiplier: float) -> optax.GradientTransformation:
-        rate = lambda step: schedule(step) * multiplier
+    def sgd(multiplier: float) -> optax.GradientTransformation:
         return optax.chain(
             optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
-            optax.sgd(rate, momentum=cfg.momentum) if cfg.optimizer == "sgd" else
-            optax.adam(rate, b1=cfg.momentum))
+            optax.sgd(lambda step: schedule(step) * multiplier, momentum=cfg.momentum))
 
-    transforms = {group: update_rule(multiplier) if multiplier else optax.set_to_zero()
+    transforms = {group: sgd(multiplier) if multiplier else optax.set_to_zero()
                   for group, multiplier in group_lr_multipliers(cfg).items()}
     labels = lambda params: param_groups(params, tuple(cfg.new_layer_patterns), bn_frozen)
     return optax.multi_transform(transforms, labels), schedule

@@ -53,36 +53,6 @@ def test_momentum_accumulates():
                                rtol=1e-6)
 
 
-def test_adam_two_steps_match_numpy():
-    """optim.optimizer='adam': Adam (beta1 = optim.momentum, beta2 0.999, eps 1e-8) on the
-    L2-decayed gradient, with the same per-group learning-rate multipliers as SGD."""
-    cfg = config_lib.base_config().optim
-    cfg.optimizer, cfg.base_lr, cfg.weight_decay, cfg.schedule = "adam", 0.1, 0.01, "constant"
-    cfg.new_layer_lr_mult, cfg.bias_lr_mult = 10.0, 2.0
-    tx, _ = optim.create_optimizer(cfg, total_steps=100, bn_frozen=True)
-    params, _ = params_and_grads()
-    state = tx.init(params)
-    g = [0.5, -0.25]  # two steps of constant gradients
-    m = v = 0.0
-    w = 2.0  # fc8's kernel; the update is computed at the same params both times
-    for t, gt in enumerate(g, start=1):
-        grads = jax.tree_util.tree_map(lambda x, gt=gt: jnp.full_like(x, gt), params)
-        updates, state = tx.update(grads, state, params)
-        d = gt + 0.01 * w
-        m, v = 0.9 * m + 0.1 * d, 0.999 * v + 0.001 * d * d
-        expected = -10 * 0.1 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
-        np.testing.assert_allclose(updates["net"]["largefov"]["fc8"]["kernel"], expected,
-                                   rtol=1e-4)  # float32
-    np.testing.assert_allclose(updates["net"]["backbone"]["bn1"]["scale"], 0.0)
-
-
-def test_unknown_optimizer_names_the_key():
-    cfg = config_lib.base_config().optim
-    cfg.optimizer = "lamb"
-    with pytest.raises(ValueError, match="optim.optimizer"):
-        optim.create_optimizer(cfg, total_steps=10, bn_frozen=False)
-
-
 def test_step_schedule_is_caffe_step_policy():
     cfg = config_lib.base_config().optim
     schedule = optim.learning_rate_schedule(cfg, 6000)
