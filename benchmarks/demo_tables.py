@@ -1,8 +1,9 @@
 """The demo tables: the merges and the GSAG heads on `scale_shapes`, over seeds.
 
     python -m benchmarks.demo_tables run --table=merges --root=/tmp/demo_seeds [--seeds=0,1,2]
-    python -m scaleattn.report /tmp/demo_seeds/merges/*/ --json=benchmarks/results/demo_merges.json
-    python -m benchmarks.demo_tables render benchmarks/results/demo_merges.json
+    python -m scaleattn.report /tmp/demo_seeds/merges/*/ --json=/tmp/demo_seeds/merges.json
+    python -m benchmarks.demo_tables render /tmp/demo_seeds/merges.json \
+        [--result=benchmarks/results/demo_merges.json --command=... --machine=...]
 
 ``run`` trains every (row, seed) of a table, one after the other, each with
 ``python -m scaleattn.main`` in ``<root>/<table>/<row>_s<seed>``; a workdir that holds a
@@ -11,7 +12,9 @@ can be stopped and started again. Every row is the same recipe (``configs/demo.p
 ``configs/demo_gsag_hybrid.py`` for the GSAG heads) with only its merge or head changed.
 
 ``render`` turns the JSON of ``python -m scaleattn.report --json`` (`report.seed_summary`)
-into the Markdown table of docs/results.md (`render`).
+into the Markdown table of docs/results.md (`render`); ``--result`` also writes it as a
+``benchmarks/results/`` file (`result_file`: columns, rows, commands, commit, library
+versions), the form the docs' table generator reads.
 """
 
 import argparse
@@ -65,27 +68,46 @@ def mean_std(values) -> str:
     return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
 
 
-def render(summary: dict) -> str:
-    """The Markdown table of a `report.seed_summary` JSON: one row per group, mIoU and
-    each class's IoU as mean ± sample std over its seeds (in %), then mIoU per seed."""
-    lines = ["| config | scales | merge / head | extra supervision | seeds | val mIoU | "
-             + " | ".join(f"IoU {name}" for name in CLASS_NAMES) + " | mIoU per seed |",
-             "|" + "---|" * (10)]
+def columns_and_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """The table of a `report.seed_summary` JSON: one row per group, mIoU and each
+    class's IoU as mean ± sample std over its seeds (in %), then mIoU per seed."""
+    columns = ["config", "scales", "merge / head", "extra supervision", "seeds", "val mIoU",
+               *(f"IoU {name}" for name in CLASS_NAMES), "mIoU per seed"]
+    rows = []
     for group in summary["groups"]:
         setting, runs = group["setting"], group["runs"]
+        gsag = setting.get("model.head") == "gsag"
         head = (f"GSAG {setting['model.gsag_variant']}, {setting['loss.type'].upper()}"
-                if setting.get("model.head") == "gsag" else setting["model.merge"])
+                if gsag else setting["model.merge"])
         scales = setting["model.scales"]
         per_class = np.asarray([r["per_class_iou"] for r in runs], np.float64)
-        lines.append("| " + " | ".join([
+        rows.append([
             f"`{group['name']}`", "{" + ", ".join(f"{s:g}" for s in scales) + "}",
-            head if len(scales) > 1 or setting.get("model.head") == "gsag" else "—",
+            head if len(scales) > 1 or gsag else "—",
             ("yes" if setting["loss.extra_supervision"] else "no") if len(scales) > 1 else "—",
             ", ".join(str(r["seed"]) for r in runs),
             "**" + mean_std([r["miou"] for r in runs]) + "**",
             *(mean_std(per_class[:, c]) for c in range(per_class.shape[1])),
-            " / ".join(f"{100 * r['miou']:.1f}" for r in runs)]) + " |")
-    return "\n".join(lines) + "\n"
+            " / ".join(f"{100 * r['miou']:.1f}" for r in runs)])
+    return columns, rows
+
+
+def render(summary: dict) -> str:
+    """`columns_and_rows` as a Markdown table."""
+    columns, rows = columns_and_rows(summary)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def result_file(summary: dict, command: list[str], machine: str) -> dict:
+    """The table as a ``benchmarks/results/<name>.json`` result (columns, rows and where
+    they came from: the commands, the runs' commit(s) and library versions)."""
+    runs = [r for group in summary["groups"] for r in group["runs"]]
+    commits = sorted({r.get("commit") or "unknown" for r in runs})
+    versions = next((r["versions"] for r in runs if r.get("versions")), {})
+    columns, rows = columns_and_rows(summary)
+    return {"command": command, "commit": ", ".join(commits), "versions": versions,
+            "constraints": None, "machine": machine, "columns": columns, "rows": rows}
 
 
 def main(argv=None) -> int:
@@ -99,6 +121,10 @@ def main(argv=None) -> int:
     run.add_argument("extra", nargs="*", help="more flags for every run (after --)")
     show = sub.add_parser("render", help="print the Markdown table of a report JSON")
     show.add_argument("json_file")
+    show.add_argument("--result", help="also write it as a benchmarks/results/ file")
+    show.add_argument("--command", action="append", default=[],
+                      help="for --result: a command that produced the runs (repeatable)")
+    show.add_argument("--machine", default="", help="for --result: where the runs ran")
     args = parser.parse_args(argv)
     if args.command == "run":
         run_table(args.table, args.root, [int(s) for s in args.seeds.split(",")], args.extra)
@@ -110,6 +136,11 @@ def main(argv=None) -> int:
         print(f"error: {args.json_file}: {e}", file=sys.stderr)
         return 1
     print(render(summary), end="")
+    if args.result:
+        with open(args.result, "w", encoding="utf-8") as f:
+            json.dump(result_file(summary, args.command, args.machine), f, indent=1,
+                      ensure_ascii=False)
+            f.write("\n")
     return 0
 
 
