@@ -1,5 +1,6 @@
-"""Install scaleattn: `pip install -e .` (add `[test]` for the test suite, `[cuda]` for
-NVIDIA GPUs, `[tpu]` for Cloud TPUs)."""
+"""Install scaleattn: `pip install -e . -c constraints.txt` (add `[test]` for the test
+suite, `[cuda]` for NVIDIA GPUs, `[tpu]` for Cloud TPUs). The ranges below are loose, for
+use as a library; constraints.txt pins the tested versions."""
 from setuptools import find_packages, setup
 
 setup(
@@ -30,7 +31,7 @@ setup(
         "importlib_resources",
     ],
     extras_require={
-        # pytest-xdist: the suite runs on every core (`-n auto`), see README.
+        # pytest-xdist: the suite runs on every core (`-n auto`), see docs/getting_started.md.
         "test": ["pytest>=7", "pytest-xdist>=3.5"],
         # Krähenbühl's C++ dense CRF, only to compare scaleattn.crf against
         # (tests/test_crf.py, benchmarks/crf_bench.py); a source package: needs a C++ compiler.

@@ -1,6 +1,6 @@
 """scaleattn (JAX) against its PyTorch peer: same config, same process tree, one table.
 
-    python -m benchmarks.compare --config=configs/voc_r101_s3.py \\
+    python -m benchmarks.compare --config=configs/voc_r101.py \\
         [--config.model.width=0.25 --config.bench.batch_size=2 ...] \\
         [--peer_args="--compile"] [--rounds=3] [--cpus=0] [--output_dir=bench_out]
 

@@ -8,8 +8,8 @@
 ``run`` trains every (row, seed) of a table, one after the other, each with
 ``python -m scaleattn.main`` in ``<root>/<table>/<row>_s<seed>``; a workdir that holds a
 finished run (``run.json``) is skipped and one with checkpoints resumes, so the command
-can be stopped and started again. Every row is the same recipe (``configs/demo.py``, or
-``configs/demo_gsag_hybrid.py`` for the GSAG heads) with only its merge or head changed.
+can be stopped and started again. Every row is the same recipe (``configs/demo.py``) with
+only its merge or head changed (its variants, ``configs/demo.py:max`` ...).
 
 ``render`` turns the JSON of ``python -m scaleattn.report --json`` (`report.seed_summary`)
 into the Markdown table of docs/results.md (`render`); ``--result`` also writes it as a
@@ -28,18 +28,18 @@ import numpy as np
 # table -> rows: (workdir stem, config file, extra flags, what the row is)
 TABLES = {
     "merges": (
-        ("single", "configs/demo_single.py", (), "single scale"),
-        ("max", "configs/demo_max.py", (), "max over scales"),
-        ("avg", "configs/demo_avg.py", (), "average over scales"),
-        ("noextra", "configs/demo_noextra.py", (), "attention, no extra supervision"),
+        ("single", "configs/demo.py:single", (), "single scale"),
+        ("max", "configs/demo.py:max", (), "max over scales"),
+        ("avg", "configs/demo.py:avg", (), "average over scales"),
+        ("noextra", "configs/demo.py:noextra", (), "attention, no extra supervision"),
         ("attention", "configs/demo.py", (), "attention"),
-        ("hier", "configs/demo_hier.py", (), "hierarchical attention"),
+        ("hier", "configs/demo.py:hier", (), "hierarchical attention"),
     ),
     "gsag": (
-        ("basic", "configs/demo_gsag_basic.py", (), "GSAG basic, CE"),
-        ("incremental", "configs/demo_gsag_incremental.py", (), "GSAG incremental, CE"),
-        ("hybrid", "configs/demo_gsag_hybrid.py", (), "GSAG hybrid, OHEM"),
-        ("hybrid_ce", "configs/demo_gsag_hybrid.py",
+        ("basic", "configs/demo.py:gsag_basic", (), "GSAG basic, CE"),
+        ("incremental", "configs/demo.py:gsag_incremental", (), "GSAG incremental, CE"),
+        ("hybrid", "configs/demo.py:gsag_hybrid", (), "GSAG hybrid, OHEM"),
+        ("hybrid_ce", "configs/demo.py:gsag_hybrid",
          ("--config.loss.type=ce", "--config.name=demo_gsag_hybrid_ce"), "GSAG hybrid, CE"),
     ),
 }

@@ -34,7 +34,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" || true
-python3 -m benchmarks.compare --config=configs/voc_r101_s3.py \
+python3 -m benchmarks.compare --config=configs/voc_r101.py \
   --config.bench.dtypes="$dtype" --config.bench.batch_size=8 --config.data.crop_size=321 \
   --config.bench.dilated_convs=native,space_to_batch,taps --config.data.augment_on=host \
   --config.bench.profile_dir=/tmp/scaleattn_profile --config.bench.steps=10 --config.bench.warmup=3 \

@@ -2,7 +2,7 @@
 
     python -m benchmarks.gsag_table [--size=513] [--variants=basic,incremental,hybrid]
 
-One row per shipped ``configs/gsag_<variant>_<backbone>.py``, inference forward pass of
+One row per shipped ``configs/gsag.py:<variant>,<backbone>``, inference forward pass of
 one ``size x size`` image, no device time, no TensorFlow. Two FLOP counts, 2 per
 multiply-add: the model's (`scaleattn.flops.model_flops`: convolutions at their true
 taps and matrix products, the count MFU uses) and XLA's cost analysis of the lowered
@@ -46,7 +46,7 @@ def main():
     print("|---|---|---|---|---|")
     for backbone in BACKBONES:
         for variant in config_lib.comma_list(args.variants):
-            config = config_lib.recipe(f"gsag_{variant}_{backbone}")
+            config = config_lib.recipe(f"gsag:{variant},{backbone}")
             params, model_flops, xla_flops = model_cost(config, args.size)
             print(f"| {config.name} | {config.model.backbone} | {params / 1e6:.2f} | "
                   f"{model_flops / 1e9:.1f} | {xla_flops / 1e9:.1f} |", flush=True)

@@ -99,7 +99,7 @@ def voc_data_config(data_dir: str):
     """The VOC data section of the recipes with the widest random rescale (0.5-2.0, the
     GSAG recipe's; the heaviest host work of the shipped configs), mirror, reading from
     ``data_dir``."""
-    data = copy.deepcopy(config_lib.recipe("voc_r101_s3").data)
+    data = copy.deepcopy(config_lib.recipe("voc_r101").data)
     data.scale_range = (0.5, 2.0)
     data.data_dir = os.fspath(data_dir)
     return data
@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
                            eval_batch_size=args.eval_batch or None, seconds=args.seconds,
                            warmup_seconds=args.warmup, repeats=args.repeats, seed=args.seed,
                            augment_on=args.augment_ons, stages=args.breakdown,
-                           ignore_label=config_lib.recipe("voc_r101_s3").loss.ignore_label)
+                           ignore_label=config_lib.recipe("voc_r101").loss.ignore_label)
         result["synthetic"] = synthetic
         if synthetic:
             result["dataset"]["synthetic_image_size"] = list(args.image_size)

@@ -1,6 +1,6 @@
 """The PyTorch peer of scaleattn's model, timed the way ``--mode=bench`` times JAX.
 
-    python -m benchmarks.torch_peer --config=configs/voc_r101_s3.py \\
+    python -m benchmarks.torch_peer --config=configs/voc_r101.py \\
         [--config.model.width=0.25 ...] [--compile] [--output=peer.json]
 
 Reads the same config files and ``--config.*`` overrides as ``scaleattn.main`` (only

@@ -1,10 +1,10 @@
 """The demo: attention over scales {1, 0.5} on the generated `scale_shapes` set, on a CPU
 in minutes. The VOC code at demo size; every value that defines the demo is set here,
-and `demo_single`, `demo_avg`, `demo_max`, `demo_noextra`, `demo_hier` change only the
-merge.
+and the variants (`VARIANTS`: ``--config=configs/demo.py:max``) change only what
+defines their row.
 
-Design choices, each for a demo that learns every class in minutes on 2 CPU cores while
-the scale problem stays real:
+Design choices, each for a demo that learns in minutes on 2 CPU cores while the scale
+problem stays real:
 
 * Data (`scaleattn/data/shapes.py`): classes told apart by outline only, sizes log-uniform
   over a 16x span (radius 3-48 px in 128x128 images), so that no single input scale
@@ -22,13 +22,61 @@ the scale problem stays real:
   ResNet-50 layout with trained batch norm all learnt more slowly per step than this.
 * Schedule: 1,200 steps, about two minutes of training on an otherwise idle 2-core
   machine (about 0.1 s a step).
+
+Variants: `single` (scale 1 only, one loss), `avg`, `max` (the merge), `noextra` (no
+extra supervision), `hier` (hierarchical multi-scale attention, Tao, Sapra and Catanzaro
+2020, trained on {1, 0.5}; ``--config.model.inference_scales='(0.25,0.5,1.0)'`` in
+--mode=eval runs it on other scales without retraining), and the GSAG ablation
+`gsag_hybrid`, `gsag_basic`, `gsag_incremental` (see `GSAG`).
 """
 from scaleattn import config
 
+# The GSAG network at demo size, on `demo`'s data, optimiser and schedule: a ResNet-50
+# layout at 1/8 width with one block per stage (output stride 8), trained batch norm,
+# the GSAG head at 1/8 width (64 channels) with a 5x5 window, one scale. Loss as
+# `configs/gsag.py`'s hybrid: OHEM-softmax on logits upsampled to the label size,
+# threshold 0.7, min_kept 6,000 per device (4.6% of a batch of eight 128x128 crops,
+# about the share 100,000 is of eight 513x513 crops). The basic head (key layer only)
+# and the incremental head (+ the query layer: pointwise self-attention) train, as
+# their VOC configs do, with plain cross-entropy (OHEM: --config.loss.type=ohem).
+GSAG = {
+    "model.backbone": "resnet50", "model.head": "gsag",
+    "model.width": 0.125,
+    "model.depth": (1, 1, 1, 1),          # one bottleneck block per stage
+    "model.output_stride": 8,
+    "model.bn_mode": "train", "model.sync_bn": True,
+    "model.gsag_variant": "hybrid",
+    "model.gsag_channels": 512,           # x width: 64
+    "model.gsag_window": 5,
+    "model.gsag_global_attention": "pooled",
+    "model.gsag_dropout": 0.0,
+    "model.scales": (1.0,),
+    "loss.extra_supervision": False,      # one scale, one loss
+    "loss.label_resize": "upsample_logits",
+    "loss.type": "ohem",
+    "loss.ohem_threshold": 0.7,
+    "loss.ohem_min_kept": 6_000,          # per device, at the label's resolution
+    "optim.new_layer_patterns": ("gsag",),  # the head at new_layer_lr_mult (10x)
+}
 
-def get_config():
+VARIANTS = {
+    "attention": {},
+    "single": {"model.scales": (1.0,), "loss.extra_supervision": False},
+    "avg": {"model.merge": "avg"},
+    "max": {"model.merge": "max"},
+    "noextra": {"loss.extra_supervision": False},
+    "hier": {"model.merge": "hierarchical",
+             "model.alpha_width": 256},   # x model.width (1/8): 32 channels
+    "gsag_hybrid": GSAG,
+    "gsag_basic": {**GSAG, "model.gsag_variant": "basic", "loss.type": "ce"},
+    "gsag_incremental": {**GSAG, "model.gsag_variant": "incremental", "loss.type": "ce"},
+}
+
+AXES = (VARIANTS,)  # get_config's choices: one name of each, comma-separated
+
+
+def get_config(arg=None):
     c = config.base_config()
-    c.name = "demo_attention"
     c.seed = 0
 
     c.data.name = "scale_shapes"
@@ -56,7 +104,7 @@ def get_config():
     c.eval.batch_size = 16
     # Augmentation in tf.data on the host: the demo runs on a CPU, where moving it to
     # the "device" saves nothing (the same ~42 img/s in a 400-step run), and the demo
-    # tables of the README were measured this way.
+    # tables of docs/results.md were measured this way.
     c.data.augment_on = "host"
     c.optim.base_lr = 0.01
     c.optim.schedule = "poly"
@@ -70,4 +118,4 @@ def get_config():
     c.train.log_every = 50
     c.train.eval_every = 0               # evaluate once, at the end
     c.train.checkpoint_every = 600
-    return c
+    return config.variant(c, arg, AXES, "demo")

@@ -2,7 +2,7 @@
 """Train on several GPU nodes of a SLURM cluster: writes a batch script and submits it.
 
     python launch/slurm_gpu.py --nodes=2 --gpus-per-node=8 --partition=gpu \\
-        --config=configs/voc_s3.py --workdir=/shared/runs/voc_s3 \\
+        --config=configs/voc.py --workdir=/shared/runs/voc_s3 \\
         --venv=/shared/venvs/scaleattn --dry-run -- --config.batch_size=32
 
 The job runs one task per node (``srun``); each is one JAX process driving all GPUs of
@@ -46,7 +46,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--job-name", default="scaleattn")
     p.add_argument("--signal-seconds", type=int, default=300,
                    help="SIGTERM this long before the time limit (time to save)")
-    p.add_argument("--config", default="configs/voc_s3.py")
+    p.add_argument("--config", default="configs/voc.py")
     p.add_argument("--workdir", required=True, help="shared directory of the run")
     p.add_argument("--data-dir", default=None, help="TFDS data_dir on a shared filesystem")
     p.add_argument("--repo", default=REPO, help="this repository, as the nodes see it")

@@ -2,7 +2,7 @@
 """Train on a Cloud TPU VM pod slice (e.g. v4-32, v5litepod-16) with gcloud.
 
     python launch/tpu_vm.py all --name=sa-v4 --project=P --zone=us-central2-b \\
-        --accelerator-type=v4-32 --config=configs/voc_s3.py \\
+        --accelerator-type=v4-32 --config=configs/voc.py \\
         --workdir=gs://BUCKET/runs/voc_s3 --data-dir=gs://BUCKET/tensorflow_datasets \\
         --dry-run -- --config.batch_size=32 --config.eval.batch_size=32
 
@@ -64,7 +64,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--runtime-version", default=None,
                    help="default: by accelerator type (%s)" % RUNTIME_VERSIONS)
     p.add_argument("--spot", action="store_true", help="spot (preemptible) capacity")
-    p.add_argument("--config", default="configs/voc_s3.py")
+    p.add_argument("--config", default="configs/voc.py")
     p.add_argument("--workdir", default=None, help="gs://BUCKET/runs/NAME (shared)")
     p.add_argument("--data-dir", default=None, help="TFDS data_dir, e.g. gs://BUCKET/tfds")
     p.add_argument("--parallel-mode", default="sharded", choices=("sharded", "pmap"))

@@ -28,12 +28,10 @@ uses the newest good step, and never changes the workdir. A killed save leaves a
 ``<step>.orbax-checkpoint-tmp-*`` directory: never listed as a step, removed by the
 next training run.
 
-The saved config is the truth of a trained run: its model-defining keys
-(`is_model_defining`: every ``model.*`` key except `NOT_MODEL_DEFINING`, those that
-only change how training runs or how the same function is computed, plus
-`ALSO_MODEL_DEFINING`, ``data.mean``/``data.std``) must equal the current config's, or
-`restore_latest` stops with a `CheckpointError` naming each key, its saved and its
-current value.
+The saved config is the truth of a trained run: its model-defining keys (class
+``model`` of `scaleattn.identity`, the one table of what identifies a run) must equal
+the current config's, or `restore_latest` stops with a `CheckpointError` naming each
+key, its saved and its current value.
 """
 
 import hashlib
@@ -50,24 +48,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from scaleattn import outputs
+from scaleattn import identity, outputs
 from scaleattn.checksums import CHECKSUM_FORMAT, tree_checksums
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
 UNREADABLE_DIR = "checkpoints_unreadable"
-
-# ``model.*`` keys that do not change the function a checkpoint computes: regularisers
-# and training-only settings, the compute dtype, exact rewrites of the same maths, and
-# where a fresh run took its first weights from. Every other ``model.*`` key defines it.
-NOT_MODEL_DEFINING = ("model.dropout", "model.attention_dropout", "model.gsag_dropout",
-                      "model.bn_mode", "model.sync_bn", "model.dtype", "model.dilated_conv",
-                      "model.remat", "model.fold_frozen_bn", "model.init_from",
-                      "model.pretrained_dir",
-                      # hierarchical attention runs the same parameters on any scale list
-                      "model.inference_scales")
-# Outside ``model``: the input normalisation the weights were trained with.
-ALSO_MODEL_DEFINING = ("data.mean", "data.std")
-
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (another model, damaged or missing files)."""
@@ -178,26 +163,10 @@ def shapes(tree) -> dict[str, tuple]:
     return {k: tuple(v.shape) if hasattr(v, "shape") else np.shape(v) for k, v in flat.items()}
 
 
-def flat_config(config: dict | ml_collections.ConfigDict) -> dict:
-    """``{'model.merge': 'attention', ...}`` of a config (or its JSON dict), values as in
-    JSON (tuples are lists)."""
-    if isinstance(config, ml_collections.ConfigDict):
-        config = json.loads(config.to_json())
-    return flax.traverse_util.flatten_dict(config, sep=".")
-
-
-def is_model_defining(key: str) -> bool:
-    """Whether config key ``key`` changes the function a trained model computes."""
-    return ((key.startswith("model.") and key not in NOT_MODEL_DEFINING)
-            or key in ALSO_MODEL_DEFINING)
-
-
 def model_differences(saved: dict, current: ml_collections.ConfigDict) -> list[tuple]:
     """``[(key, saved value, current value), ...]`` of the model-defining keys that differ
     (keys only one side has are not compared: a checkpoint of an older version)."""
-    before, after = flat_config(saved), flat_config(current)
-    return [(k, before[k], after[k]) for k in sorted(set(before) & set(after))
-            if is_model_defining(k) and before[k] != after[k]]
+    return identity.differences(saved, current, identity.is_model_defining)
 
 
 def config_differences(saved: dict, current: ml_collections.ConfigDict,

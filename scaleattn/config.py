@@ -7,14 +7,21 @@ of a silently ignored setting. Config files change values, never add keys:
 
 The *recipes* (the values that define a paper's row: schedule, batch, crop,
 augmentation, learning-rate multipliers, the start) live in the files of
-``configs/``, where a reader of ``configs/voc_s3.py`` sees them; a variant file
-loads the recipe it varies with `recipe` and changes only what defines its row.
+``configs/``, where a reader of ``configs/voc.py`` sees them. A file states its recipe
+once and names its variants, the rows that differ from it in a few values:
+``get_config(arg)`` applies the variants named in ``arg`` with `variant`
+(``--config=configs/gsag.py:incremental,r50``). `load` is the one loader of a config
+file, for the command line and for tools alike.
 """
 
 import importlib.util
+import itertools
 import os
+from collections.abc import Mapping, Sequence
 
 import ml_collections
+
+from scaleattn.outputs import error_line
 
 # ImageNet mean / std in 0..255 RGB (torchvision's values, scaled).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -249,21 +256,107 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
                            "configs")
 
 
-def recipe(name: str) -> ml_collections.ConfigDict:
-    """The config of a recipe file: ``configs/<name>.py`` (or a path) -> its `get_config()`.
-
-    Variant files use it to start from the recipe they vary (``voc_avg.py`` is
-    ``recipe('voc_s3')`` with ``model.merge='avg'``); tests and tools use it to read the
-    shipped recipes.
-    """
-    path = name if name.endswith(".py") else os.path.join(CONFIGS_DIR, f"{name}.py")
+def config_module(path: str, where: str):
+    """The module of config file ``path``, executed; `ConfigError` (naming ``where``)
+    when it is missing, does not parse or fails to import."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(
-        f"scaleattn_recipe_{os.path.basename(path)[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+        shipped_files = ", ".join(sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".py")))
+        raise ConfigError(f"{where}: no such file (the shipped recipes are configs/"
+                          f"{{{shipped_files}}}, their variants named after a colon, e.g. "
+                          f"--config=configs/voc.py:s2; docs/configs.md lists them)")
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "scaleattn_config_" + os.path.basename(path)[:-3], path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"{where} does not parse: {e.msg} (line {e.lineno})") from None
+    except Exception as e:  # pylint: disable=broad-except  # any error in the user's file
+        raise ConfigError(f"{where} cannot be loaded: "
+                          f"{error_line(e, with_type=True)}") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"{where}: the file has no get_config() function (a config "
+                          f"file defines get_config() returning a ConfigDict, see "
+                          f"configs/demo.py)")
+    return module
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """The config of ``spec``, ``PATH`` or ``PATH:ARG``: the file's ``get_config()`` or
+    ``get_config(ARG)``, unlocked. Raises `ConfigError` in one line when the file is
+    missing, does not parse, has no ``get_config`` or fails in it."""
+    path, *arg = spec.split(":", 1)
+    where = f"--config={spec}"
+    module = config_module(path, where)
+    try:
+        config = module.get_config(*arg)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except Exception as e:  # pylint: disable=broad-except  # any error in the user's file
+        raise ConfigError(f"{where} cannot be loaded: "
+                          f"{error_line(e, with_type=True)}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"{where}: get_config() returned a {type(config).__name__}, not a "
+                          f"ConfigDict")
+    return config
+
+
+def shipped() -> list[str]:
+    """Every shipped config as ``configs/<file>.py[:ARG]``: each file of ``configs/``
+    with each combination of the variants its ``AXES`` name (the defaults without ARG)."""
+    specs = []
+    for file in sorted(f for f in os.listdir(CONFIGS_DIR) if f.endswith(".py")):
+        path = os.path.join("configs", file)
+        axes = config_module(os.path.join(CONFIGS_DIR, file), path).AXES
+        for names in itertools.product(*axes):
+            chosen = [n for axis, n in zip(axes, names) if n and n != next(iter(axis))]
+            specs.append(path + (":" + ",".join(chosen) if chosen else ""))
+    return specs
+
+
+def recipe(name: str) -> ml_collections.ConfigDict:
+    """A shipped config by its short name: ``recipe('voc:avg')`` is `load` of
+    ``configs/voc.py:avg`` (tests and tools read the shipped recipes with it)."""
+    file, *arg = name.split(":", 1)
+    return load(":".join([os.path.join(CONFIGS_DIR, f"{file}.py"), *arg]))
+
+
+Variants = Mapping[str, Mapping[str, object]]
+
+
+def variant(config: ml_collections.ConfigDict, arg: str | None, axes: Sequence[Variants],
+            prefix: str) -> ml_collections.ConfigDict:
+    """``config`` changed by the variants named in ``arg`` and named after them.
+
+    ``axes``: one ``{variant name: {'section.key': value}}`` per independent choice (the
+    head, the backbone, ...), its first entry the default. ``arg`` names at most one
+    variant per axis, comma-separated, in any order (None or '' = the defaults). The
+    result's ``name`` is ``prefix`` and the chosen names of every axis joined by '_'
+    (an empty name adds nothing): ``variant(c, 'r50,incremental', (HEADS, BACKBONES),
+    'gsag')`` is named ``gsag_incremental_r50``. An unknown name, or two from one axis,
+    raise `ConfigError`.
+    """
+    chosen = [next(iter(axis)) for axis in axes]
+    given = set()
+    for word in comma_list(arg or ""):
+        index = next((i for i, axis in enumerate(axes) if word in axis), None)
+        if index is None:
+            known = ", ".join(name for axis in axes for name in axis if name)
+            raise ConfigError(f"config variant {word!r} of {prefix} is not one of: {known}")
+        if index in given:
+            raise ConfigError(f"config variants {chosen[index]!r} and {word!r} of {prefix} "
+                              f"are two choices of one kind: name one")
+        given.add(index)
+        chosen[index] = word
+    for axis, name in zip(axes, chosen):
+        for key, value in axis[name].items():
+            *sections, last = key.split(".")
+            node = config
+            for section in sections:
+                node = node[section]
+            node[last] = value
+    config.name = "_".join([prefix, *(name for name in chosen if name)])
+    return config
 
 
 def pretrained_file(model_config: ml_collections.ConfigDict) -> str | None:

@@ -9,6 +9,7 @@ Any config value can be overridden,
 e.g. ``--config.train.steps=200``.
 """
 
+import copy
 import logging as std_logging
 import os
 import re
@@ -23,7 +24,8 @@ from scaleattn import config as config_lib
 from scaleattn.outputs import error_line as first_line
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+config_flags.DEFINE_config_file("config", None, "A config file and its variants, PATH or "
+                                "PATH:VARIANTS (e.g. configs/gsag.py:incremental,r50).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "bench", "predict", "analyze",
@@ -55,48 +57,35 @@ PREEMPTED_EXIT = 75
 INTERRUPTED_EXIT = 128 + signal.SIGINT
 
 
-def config_path(argv) -> str | None:
-    """The value of ``--config`` in ``argv`` (``--config=PATH`` or ``--config PATH``)."""
-    for i, arg in enumerate(argv[1:], start=1):
-        if arg.startswith(("--config=", "-config=")):
-            return arg.split("=", 1)[1]
-        if arg in ("--config", "-config") and i + 1 < len(argv):
-            return argv[i + 1]
-    return None
+class ConfigFileParser(flags.ArgumentParser):
+    """Reads ``--config=PATH[:ARG]`` with `config_lib.load`, the one loader, once per
+    start; a file that cannot be loaded stops with one line. ``file_config`` keeps the
+    file's values before the command line's ``--config.*`` overrides."""
+
+    file_config = None
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def flag_type(self):
+        return "config object"
+
+    def parse(self, path):
+        try:
+            config = config_lib.load(path)
+        except config_lib.ConfigError as e:
+            sys.exit(f"error: {e}")
+        ConfigFileParser.file_config = copy.deepcopy(config)
+        config.lock()
+        return config
 
 
-def load_config_file(path: str):
-    """``get_config()`` of a config file; exits with one line if it cannot be loaded."""
-    import importlib.util  # pylint: disable=import-outside-toplevel
-    file = path.split(":", 1)[0]
-    where = f"--config={path}"
-    if not os.path.isfile(file):
-        sys.exit(f"error: {where}: no such file (the recipes are configs/*.py, e.g. "
-                 f"--config=configs/demo.py)")
-    try:
-        spec = importlib.util.spec_from_file_location("scaleattn_checked_config", file)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if not callable(getattr(module, "get_config", None)):
-            sys.exit(f"error: {where}: the file has no get_config() function (a config file "
-                     f"defines get_config() returning a ConfigDict, see configs/demo.py)")
-        config = module.get_config(*path.split(":", 1)[1:])
-    except SyntaxError as e:
-        sys.exit(f"error: {where} does not parse: {e.msg} (line {e.lineno})")
-    except Exception as e:  # pylint: disable=broad-except  # any error in the user's file
-        sys.exit(f"error: {where} cannot be loaded: {type(e).__name__}: {first_line(e)}")
-    if not hasattr(config, "to_json"):
-        sys.exit(f"error: {where}: get_config() returned a {type(config).__name__}, not a "
-                 f"ConfigDict")
-    return config
+FLAGS["config"].parser = ConfigFileParser("config")
 
 
 def parse_flags(argv):
     """Parses flags; a config file that does not load or a bad --config override stops
     with one line that names it."""
-    path = config_path(argv)
-    if path is not None:
-        parse_flags.file_config = load_config_file(path)
     try:
         return FLAGS(argv)
     except flags.Error as e:
@@ -113,9 +102,6 @@ def parse_flags(argv):
                  f"The keys and their types are in scaleattn/config.py.")
 
 
-parse_flags.file_config = None
-
-
 def load_config():
     """The parsed config; a config file that fails to load stops with one line."""
     try:
@@ -130,18 +116,15 @@ def load_config():
 def name_with_overrides(config, file_config) -> None:
     """Appends the model-defining keys overridden on the command line to ``config.name``
     (``demo_attention+merge=max``), so logs and run.json tell the run from its recipe."""
-    from scaleattn import checkpoint  # pylint: disable=import-outside-toplevel
+    from scaleattn import checkpoint, identity  # pylint: disable=import-outside-toplevel
     if file_config is None:
         return
-    changed = [(key, value) for key, value in
-               sorted(config_flags.get_override_values(FLAGS["config"]).items())
-               if checkpoint.is_model_defining(key)
-               and checkpoint.flat_config(file_config).get(key) !=
-               checkpoint.flat_config(config).get(key)]
+    overridden = config_flags.get_override_values(FLAGS["config"])
+    changed = [(key, new) for key, _, new in identity.differences(file_config, config)
+               if key in overridden]
     if changed:
-        suffix = "".join(f"+{key.removeprefix('model.')}="
-                         f"{checkpoint.flag_value(checkpoint.flat_config(config)[key])}"
-                         for key, _ in changed)
+        suffix = "".join(f"+{key.removeprefix('model.')}={checkpoint.flag_value(value)}"
+                         for key, value in changed)
         config.name = f"{config.name}{suffix}"
 
 
@@ -155,7 +138,7 @@ def main(argv):
     config = load_config()
     try:
         config_lib.validate(config)
-        name_with_overrides(config, parse_flags.file_config)
+        name_with_overrides(config, ConfigFileParser.file_config)
         jax.config.update("jax_default_prng_impl", config.prng_impl)
         if parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                            FLAGS.process_id, auto=FLAGS.distributed):

@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from scaleattn import outputs
+from scaleattn import identity, outputs
 from scaleattn.records import load_run
 
 # Published VOC 2012 numbers we could source, each with its split, CRF and MS-COCO
@@ -152,31 +152,14 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def flat_config(record: dict) -> dict:
-    """A record's config as ``{'section.key': value}``."""
-    def walk(tree, prefix):
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                yield from walk(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-    return dict(walk(record.get("config", {}), ""))
-
-
-# Keys that change how a run computes, not what it computes: runs that differ only in
-# them (and the seed) are one setting.
-HOW_NOT_WHAT = ("seed", "model.dilated_conv", "model.fold_frozen_bn", "model.remat",
-                "data.augment_on", "data.canvas_size")
-
-
 def same_but_seed(a: dict, b: dict) -> bool:
     """Whether two records are runs of one setting: same steps and the same value for
-    every config key both have, the seed and `HOW_NOT_WHAT` aside. A key only one
-    record has was added to the schema after the other run; its default keeps the
-    earlier behaviour."""
-    ca, cb = flat_config(a), flat_config(b)
-    return a.get("steps") == b.get("steps") and all(
-        ca[k] == cb[k] for k in ca.keys() & cb.keys() if k not in HOW_NOT_WHAT)
+    every config key both have that defines the setting (`identity.defines_setting`:
+    the model and the recipe, not the draw or the execution). A key only one record has
+    was added to the schema after the other run; its default keeps the earlier
+    behaviour."""
+    return a.get("steps") == b.get("steps") and not identity.differences(
+        a.get("config", {}), b.get("config", {}), identity.defines_setting)
 
 
 def seed_groups(records: list[dict]) -> list[list[dict]]:

@@ -23,7 +23,7 @@ CROP = 25
 
 def tiny_config(mode: str = "jit", *, mesh=(-1, 1), param_sharding: str = "replicated",
                 bn_mode: str = "train", accum: int = 1, dtype: str = "float32"):
-    c = config_lib.recipe("demo_single")
+    c = config_lib.recipe("demo:single")
     c.model.width, c.model.head, c.model.gsag_variant = 1 / 16, "gsag", "basic"
     c.model.gsag_channels, c.model.bn_mode, c.model.dtype = 64, bn_mode, dtype
     c.model.dropout = c.model.attention_dropout = 0.0

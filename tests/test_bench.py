@@ -71,7 +71,7 @@ finally:
 def test_bench_mode_runs_without_tensorflow(tmp_path):
     """Also without ImageNet weights: a paper config's bench needs none."""
     output = tmp_path / "bench.json"
-    args = ["--config=configs/voc_s3.py", "--mode=bench", f"--output={output}",
+    args = ["--config=configs/voc.py", "--mode=bench", f"--output={output}",
             f"--config.model.pretrained_dir={tmp_path / 'no_weights'}",
             "--config.model.width=0.0625", "--config.model.fc_width=32",
             "--config.model.depth=(1,1,1,1,1)",
@@ -155,7 +155,7 @@ def test_torch_peer_computes_the_same_function(backbone):
     import torch_peer  # pylint: disable=import-outside-toplevel
     from scaleattn import config as config_lib  # pylint: disable=import-outside-toplevel
     from scaleattn.models import build_model  # pylint: disable=import-outside-toplevel
-    config = config_lib.recipe("voc_s3" if backbone == "vgg16" else "voc_r101_s3")
+    config = config_lib.recipe("voc" if backbone == "vgg16" else "voc_r101")
     m = config.model
     m.width, m.num_classes, m.fc6_dilation, m.scales = 1 / 16, 5, 2, (1.0, 0.75)
     m.depth = (1, 1, 1, 1, 1) if backbone == "vgg16" else (1, 1, 2, 1)
@@ -200,7 +200,7 @@ def test_convolution_windows_show_kernel_dilation():
 
 def test_fold_frozen_bn_sweep_config_and_column():
     from scaleattn import config as config_lib  # pylint: disable=import-outside-toplevel
-    config = config_lib.recipe("voc_r101_s3")
+    config = config_lib.recipe("voc_r101")
     assert bench.bench_config(config, "float32").model.fold_frozen_bn is True
     assert bench.bench_config(config, "float32", None, False).model.fold_frozen_bn is False
     config.bench.fold_frozen_bn = "true,false"

@@ -143,7 +143,7 @@ def test_bad_uses_raise():
 
 
 def tiny_model_config(backbone, head, **model):
-    config = config_lib.recipe("voc_s3" if backbone == "vgg16" else "voc_r101_s3")
+    config = config_lib.recipe("voc" if backbone == "vgg16" else "voc_r101")
     config.model.head, config.model.width, config.model.num_classes = head, 1 / 16, 5
     config.model.depth = (1, 1, 1, 1) if backbone.startswith("res") else (1, 1, 1, 1, 2)
     config.model.scales = (1.0, 0.5)
@@ -205,7 +205,7 @@ def test_remat_puts_the_blocks_behind_optimization_barriers():
 
 def test_auto_resolves_per_platform_from_the_table():
     assert config_lib.base_config().model.dilated_conv == "auto"
-    assert config_lib.recipe("voc_r101_s3").model.dilated_conv == "auto"
+    assert config_lib.recipe("voc_r101").model.dilated_conv == "auto"
     assert layers.resolve_dilated_conv("auto", "cpu") == "native"
     assert jax.default_backend() == "cpu"
     assert layers.resolve_dilated_conv("auto") == "native"

@@ -365,7 +365,7 @@ def test_crf_search_scores_the_grid_and_writes_only_its_output(tiny_run, tmp_pat
 
 
 def test_run_record_says_whether_and_how_and_report_matches_crf_rows():
-    config = config_lib.recipe("voc_baseline")
+    config = config_lib.recipe("voc:baseline")
     scores = {"miou": 0.70, "pixel_accuracy": 0.9, "no_crf": {"miou": 0.65}}
     kwargs = dict(steps=1, ms_flip_scores=None, wall_time_s=1.0,
                   params={"w": np.zeros(2, np.float32)})

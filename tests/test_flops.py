@@ -86,7 +86,7 @@ def vgg_branch(size, batch):
 
 
 def test_tiny_vgg_largefov_is_its_hand_count():
-    m = tiny("voc_s3", depth=(1, 1, 1, 1, 1), fc_width=32, scales=(1.0,))
+    m = tiny("voc", depth=(1, 1, 1, 1, 1), fc_width=32, scales=(1.0,))
     # 17 -> 9 -> 5 -> 3 after the three stride-2 pools
     hand = 2 * (conv_count(17, 17, 3, 4, 3) + conv_count(9, 9, 4, 8, 3)
                 + conv_count(5, 5, 8, 16, 3) + conv_count(3, 3, 16, 32, 3)
@@ -98,7 +98,7 @@ def test_tiny_vgg_largefov_is_its_hand_count():
 
 
 def test_two_scale_vgg_adds_the_resizes_and_the_merge():
-    m = tiny("voc_s3", depth=(1, 1, 1, 1, 1), fc_width=32, scales=(1.0, 0.5), merge="avg")
+    m = tiny("voc", depth=(1, 1, 1, 1, 1), fc_width=32, scales=(1.0, 0.5), merge="avg")
     b = 2
     # the 0.5 branch reads the image resized 17 -> 9 (rows, then columns: two products
     # with interpolation matrices over the 17 input positions), runs at 9 -> 5 -> 3 -> 2
@@ -112,7 +112,7 @@ def test_two_scale_vgg_adds_the_resizes_and_the_merge():
 
 
 def test_tiny_resnet_aspp_is_its_hand_count():
-    m = tiny("voc_r101_s3", depth=(1, 1, 1, 1), scales=(1.0,))
+    m = tiny("voc_r101", depth=(1, 1, 1, 1), scales=(1.0,))
     # 17 -> stem 7x7/2 -> 9 -> max pool 3x3/2 -> 5; layer2's 3x3/2 -> 3; layers 3 and
     # 4 dilated (rates 2 and 4) at 3 x 3. Bottleneck widths (inner, out) at width 1/16:
     # (4, 16), (8, 32), (16, 64), (32, 128); every first block projects its shortcut.
@@ -142,14 +142,14 @@ def test_one_count_for_every_lowering():
     lowering traces does differ (space-to-batch pads, taps drops dead taps)."""
     shape = (2, 33, 33, 3)
     base = dict(depth=(1, 1, 1, 1), scales=(1.0, 0.5), aspp_rates=(2, 12))
-    counts = {impl: flops.model_flops(tiny("voc_r101_s3", dilated_conv=impl, **base), shape)
+    counts = {impl: flops.model_flops(tiny("voc_r101", dilated_conv=impl, **base), shape)
               for impl in ("native", "space_to_batch", "taps", "auto")}
     counts["unfolded"] = flops.model_flops(
-        tiny("voc_r101_s3", fold_frozen_bn=False, **base), shape)
-    counts["remat"] = flops.model_flops(tiny("voc_r101_s3", remat=True, **base), shape)
+        tiny("voc_r101", fold_frozen_bn=False, **base), shape)
+    counts["remat"] = flops.model_flops(tiny("voc_r101", remat=True, **base), shape)
     assert len(set(counts.values())) == 1, counts
     traced = {impl: flops.forward_flops(
-        models.build_model(tiny("voc_r101_s3", dilated_conv=impl, **base)), shape)
+        models.build_model(tiny("voc_r101", dilated_conv=impl, **base)), shape)
         for impl in ("native", "space_to_batch", "taps")}
     assert traced["native"] == counts["native"]
     assert traced["space_to_batch"] > traced["native"] > traced["taps"]

@@ -68,7 +68,7 @@ def test_two_scale_training_merge_is_the_papers_formula():
 
 
 def tiny_config(backbone="vgg16", head=None, **model):
-    c = config_lib.recipe("demo_hier")
+    c = config_lib.recipe("demo:hier")
     m = c.model
     m.backbone, m.num_classes, m.width, m.fc_width, m.alpha_width = backbone, 3, 1 / 16, 32, 64
     m.depth = (1, 1, 1, 1, 1) if backbone == "vgg16" else (1, 1, 1, 1)
@@ -132,7 +132,7 @@ def test_only_hierarchical_runs_on_untrained_scales():
     config.model.inference_scales = (0.5, 1.0, 2.0)
     with pytest.raises(config_lib.ConfigError, match="model.inference_scales"):
         config_lib.validate(config)
-    config = config_lib.recipe("voc_r101_hier")
+    config = config_lib.recipe("voc_r101:hier")
     config_lib.validate(config)
     assert config.model.scales == (0.5, 1.0) and config_lib.inference_scales(
         config.model) == (0.5, 1.0, 2.0)

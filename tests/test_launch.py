@@ -42,7 +42,7 @@ def check_main_arguments(argv: list[str]):
             assert name in scaleattn_main.FLAGS, arg
 
 
-TPU = ["--name=sa", "--project=proj", "--zone=us-central2-b", "--config=configs/voc_s3.py",
+TPU = ["--name=sa", "--project=proj", "--zone=us-central2-b", "--config=configs/voc.py",
        "--workdir=gs://bucket/runs/voc s3", "--data-dir=gs://bucket/tfds", "--dry-run"]
 
 
@@ -83,7 +83,7 @@ def test_tpu_pod_slice_dry_run_prints_the_whole_lifecycle():
     assert inner[0] == "SCALEATTN_JOB_ID=sa"  # a restarted run may take over the lock
     main = inner[1:]
     assert main[:3] == ["python3", "-m", "scaleattn.main"]
-    assert main[3:] == ["--config=configs/voc_s3.py", "--workdir=gs://bucket/runs/voc s3",
+    assert main[3:] == ["--config=configs/voc.py", "--workdir=gs://bucket/runs/voc s3",
                         "--config.data.data_dir=gs://bucket/tfds", "--config.batch_size=32",
                         "--config.eval.batch_size=32", "--distributed",
                         "--config.parallel.mode=sharded"]
@@ -125,7 +125,7 @@ def test_slurm_dry_run_prints_a_valid_batch_script(tmp_path):
     srun = next(shlex.split(line) for line in script.splitlines() if line.startswith("srun"))
     main = srun[srun.index("python"):]
     assert main[:3] == ["python", "-m", "scaleattn.main"]
-    assert main[3:] == ["--config=configs/voc_s3.py", f"--workdir={tmp_path / 'run'}",
+    assert main[3:] == ["--config=configs/voc.py", f"--workdir={tmp_path / 'run'}",
                         "--config.batch_size=32", "--distributed",
                         "--config.parallel.mode=sharded"]
     check_main_arguments(main[3:])

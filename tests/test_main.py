@@ -113,14 +113,15 @@ def test_wrong_type_and_bad_value_are_one_line_errors(tmp_path):
     assert "config.model.merge='mean'" in result.stderr
 
 
-@pytest.mark.parametrize("name,backbone", [("voc_s3", "vgg16"), ("voc_r101_s3", "resnet101"),
-                                           ("gsag_hybrid_x101", "resnext101_32x8d")])
-def test_fresh_paper_run_without_imagenet_weights_stops_before_training(tmp_path, name,
+@pytest.mark.parametrize("spec,backbone", [("configs/voc.py", "vgg16"),
+                                           ("configs/voc_r101.py", "resnet101"),
+                                           ("configs/gsag.py:x101", "resnext101_32x8d")])
+def test_fresh_paper_run_without_imagenet_weights_stops_before_training(tmp_path, spec,
                                                                         backbone):
     """No silent training from random weights: one line naming model.init_from, the file
     expected and the command that writes it; nothing is created in the workdir."""
     weights_dir = tmp_path / "weights"
-    result = run_main(f"--config=configs/{name}.py", f"--workdir={tmp_path / 'w'}",
+    result = run_main(f"--config={spec}", f"--workdir={tmp_path / 'w'}",
                       f"--config.model.pretrained_dir={weights_dir}")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     line = [l for l in result.stderr.splitlines() if l.startswith("error:")]
@@ -133,10 +134,10 @@ def test_fresh_paper_run_without_imagenet_weights_stops_before_training(tmp_path
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
-                                        if f.endswith(".py")))
-def test_paper_configs_start_from_imagenet_demo_configs_from_scratch(name):
-    config = config_lib.recipe(name)
+@pytest.mark.parametrize("spec", config_lib.shipped())
+def test_paper_configs_start_from_imagenet_demo_configs_from_scratch(spec):
+    config = config_lib.load(os.path.join(REPO, spec))
+    name = config.name
     if name.startswith(("voc_", "gsag_")):
         assert config.model.init_from == "imagenet"
         assert config_lib.pretrained_file(config.model).endswith(
@@ -147,7 +148,7 @@ def test_paper_configs_start_from_imagenet_demo_configs_from_scratch(name):
 
 
 def test_voc_config_without_data_says_what_is_expected_where(tmp_path):
-    result = run_main("--config=configs/voc_s3.py", f"--workdir={tmp_path / 'w'}",
+    result = run_main("--config=configs/voc.py", f"--workdir={tmp_path / 'w'}",
                       f"--config.data.data_dir={tmp_path / 'data'}",
                       "--config.model.init_from=scratch")
     assert result.returncode != 0 and "Traceback" not in result.stderr
@@ -156,14 +157,15 @@ def test_voc_config_without_data_says_what_is_expected_where(tmp_path):
     assert str(tmp_path / "data") in result.stderr
 
 
-@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
-                                        if f.endswith(".py")))
-def test_every_config_file_loads_and_validates(name):
-    from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-    config = config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
-        name, os.path.join(REPO, "configs", f"{name}.py")).get_config()
+@pytest.mark.parametrize("spec", config_lib.shipped())
+def test_every_shipped_config_loads_through_the_flag_and_validates(spec, monkeypatch):
+    """``--config=SPEC`` as the command line reads it: loaded once, locked, valid."""
+    from scaleattn import main  # pylint: disable=import-outside-toplevel
+    monkeypatch.chdir(REPO)
+    config = main.ConfigFileParser("config").parse(spec)
     config_lib.validate(config)
     assert config.is_locked
+    assert main.ConfigFileParser.file_config.to_dict() == config.to_dict()
 
 
 def test_library_info_lines_are_dropped_warnings_kept():

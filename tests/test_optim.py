@@ -90,14 +90,14 @@ def effective_learning_rates(config, params) -> dict[str, float]:
             for path, u in flat}
 
 
-@pytest.mark.parametrize("recipe", ["voc_s3", "voc_r101_s3"])
+@pytest.mark.parametrize("recipe", ["voc", "voc_r101"])
 def test_recipe_learning_rates_are_caffe_deeplab(recipe):
     """DeepLab's prototxts: weights 1x, biases 2x, the new layers (fc8 / ASPP and the
     attention head) 10x with their biases 20x, frozen batch norm 0."""
     from scaleattn.models import build_model
     config = config_lib.recipe(recipe)
     config.model.width, config.model.fc_width, config.model.attention_width = 1 / 32, 64, 32
-    config.model.depth = (1, 1, 1, 1, 1) if recipe == "voc_s3" else (1, 1, 1, 1)
+    config.model.depth = (1, 1, 1, 1, 1) if recipe == "voc" else (1, 1, 1, 1)
     model = build_model(config.model)
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                jnp.zeros((1, 33, 33, 3)), train=False))
@@ -113,4 +113,4 @@ def test_recipe_learning_rates_are_caffe_deeplab(recipe):
     seen = {abs(round(r, 4)) for r in rates.values()}
     # Every group is present: VGG's convs have biases; the ResNet's have none (batch
     # norm instead, frozen).
-    assert seen == ({20.0, 10.0, 2.0, 1.0} if recipe == "voc_s3" else {20.0, 10.0, 1.0, 0.0})
+    assert seen == ({20.0, 10.0, 2.0, 1.0} if recipe == "voc" else {20.0, 10.0, 1.0, 0.0})

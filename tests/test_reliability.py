@@ -291,16 +291,6 @@ def test_another_model_definition_stops_eval_predict_and_resume(trained, tmp_pat
     assert checkpoint.make_manager(str(workdir), 5).all_steps() == [2, 4]
 
 
-def test_which_keys_define_the_model():
-    assert checkpoint.is_model_defining("model.merge")
-    assert checkpoint.is_model_defining("model.gsag_window")
-    assert checkpoint.is_model_defining("data.mean")
-    for key in ("model.dropout", "model.dtype", "model.dilated_conv", "model.remat",
-                "model.fold_frozen_bn",
-                "model.init_from", "optim.base_lr", "data.crop_size"):
-        assert not checkpoint.is_model_defining(key)
-
-
 # ------------------------------------------------------------- lock and signals ---
 
 

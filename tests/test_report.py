@@ -24,10 +24,10 @@ def record(recipe, miou, seed=0, per_class=None, **changes):
 
 
 def test_runs_are_matched_only_to_published_numbers_of_their_setting():
-    runs = [dict(record("voc_s3", 0.7123), workdir="/x/attn"),
-            dict(record("voc_baseline", 0.6301), workdir="/x/b"),
-            dict(record("voc_baseline", 0.64, optim__schedule="poly"), workdir="/x/p"),
-            dict(record("voc_r101_s3", None), workdir="/x/r"),
+    runs = [dict(record("voc", 0.7123), workdir="/x/attn"),
+            dict(record("voc:baseline", 0.6301), workdir="/x/b"),
+            dict(record("voc:baseline", 0.64, optim__schedule="poly"), workdir="/x/p"),
+            dict(record("voc_r101", None), workdir="/x/r"),
             dict(record("demo", 0.5), workdir="/x/demo/")]
     lines = report.markdown_table(runs).splitlines()
     assert lines[0].startswith("| run | config | commit | seed | steps | mIoU | mIoU ms+flip |")
@@ -41,11 +41,11 @@ def test_runs_are_matched_only_to_published_numbers_of_their_setting():
     assert lines[5].endswith("| — | no published number for this split / CRF / model setting |")
     assert lines[6].startswith("| demo | demo_attention |")
     # The same runs evaluated with a CRF, and on the test split, find the CRF rows only.
-    crf = dict(record("voc_baseline", 0.68), crf={"applied": True})
+    crf = dict(record("voc:baseline", 0.68), crf={"applied": True})
     assert report.paper_reference(crf)["miou"] == 67.64
-    test_crf = dict(record("voc_s3", 0.75, data__eval_split="test"), crf={"applied": True})
+    test_crf = dict(record("voc", 0.75, data__eval_split="test"), crf={"applied": True})
     assert report.paper_reference(test_crf)["miou"] == 75.7
-    assert report.paper_reference(dict(record("voc_s3", 0.75, data__eval_split="test"))) is None
+    assert report.paper_reference(dict(record("voc", 0.75, data__eval_split="test"))) is None
 
 
 def test_published_numbers_are_labelled_with_split_crf_and_coco():
@@ -64,7 +64,7 @@ def test_runs_that_differ_only_in_seed_become_one_row_with_mean_and_std():
     # How a run computes (the lowering, folded batch norm) does not split a group.
     runs[1] = record("demo", 0.6, seed=1, per_class=[0.9, 0.4, None],
                      model__dilated_conv="taps", model__fold_frozen_bn=False)
-    runs.append(record("demo_avg", 0.4, seed=0))
+    runs.append(record("demo:avg", 0.4, seed=0))
     del runs[2]["config"]["crf"]        # a run from before the schema had crf.*: same group
     runs.append(record("demo", 0.9, seed=3, optim__base_lr=0.5))  # another setting
     lines = report.seed_table(runs).splitlines()
@@ -81,7 +81,7 @@ def test_seed_groups_that_mix_library_versions_are_named_below_the_table():
     same = [dict(record("demo", 0.5, seed=s), versions=versions) for s in (0, 1)]
     assert report.seed_table(same).count("\n") == 3  # header, rule, one row: no note
     mixed = same + [dict(record("demo", 0.6, seed=2), versions=dict(versions, jax="0.10.3")),
-                    record("demo_avg", 0.4, seed=0), record("demo_avg", 0.4, seed=1)]
+                    record("demo:avg", 0.4, seed=0), record("demo:avg", 0.4, seed=1)]
     lines = report.seed_table(mixed).splitlines()
     assert len(lines) == 2 + 2 + 2  # the two groups stay groups; one note
     assert lines[2].startswith("| demo_attention | 0, 1, 2 |")
@@ -123,7 +123,7 @@ def test_report_json_renders_the_demo_table(tmp_path):
     from benchmarks import demo_tables  # pylint: disable=import-outside-toplevel
     runs = {"att_s0": record("demo", 0.80, seed=0, per_class=[0.98, 0.8, 0.7, 0.72]),
             "att_s1": record("demo", 0.90, seed=1, per_class=[0.98, 0.9, 0.9, 0.82]),
-            "one_s0": record("demo_single", 0.5, seed=0, per_class=[0.9, 0.3, 0.4, 0.4])}
+            "one_s0": record("demo:single", 0.5, seed=0, per_class=[0.9, 0.3, 0.4, 0.4])}
     for name, run in runs.items():
         records.write_run(str(tmp_path / name), run)
     out = tmp_path / "demo.json"

@@ -1,189 +1,24 @@
 """Gated Self-Attention Group (GSAG) segmentation heads.
 
-The GSAG write-up (a Chinese blog post) lists its pieces in §3.2 ("innovations") but
-gives neither their wiring nor their sizes. The table below takes §3.2 sentence by
-sentence (row numbers follow its five parts; 0.x is its introduction), names the code
-that implements each sentence, and says where the code had to choose. ``x`` is a
-feature map ``[B, h, w, C]`` with ``C = channels * width`` (512 at full size); key
-and query have ``dk = C / 8`` channels, values ``dv = C / 2``.
+`GSAGHead` is a segmentation head on the last stage of a dilated ResNet / ResNeXt.
+On a feature map ``x [B, h, w, C]`` (``C = channels * width``, 512 at full size; key
+and query have ``dk = C / 8`` channels, values ``dv = C / 2``) it runs up to three
+layers, then a 1x1 classifier:
 
-| #   | The write-up says (in English) | Code                       | Where the code chose         |
-|-----|--------------------------------|----------------------------|------------------------------|
-| 0.1 | The authors propose a network  | `GSAGHead` (a segmentation | A head on the last backbone  |
-|     | that integrates group          | head on a dilated ResNet / | stage; 'group' is read as    |
-|     | attention: the Gated           | ResNeXt)                   | the group of layers below,   |
-|     | Self-Attention Group (GSAG).   |                            | not as channel groups.       |
-|     |                                |                            |                              |
-| 0.2 | GSAG captures global features  | the whole model trains end | 'Different layers' is read   |
-|     | of different layers and can be | to end                     | as the group's own three     |
-|     | fine-tuned end to end,         | (`steps.train_step`);      | layers; the head reads one   |
-|     | extracting both global and     | backbone from ImageNet     | backbone stage, not several. |
-|     | local information.             | (`model.init_from`)        |                              |
-|     |                                |                            |                              |
-| 0.3 | The network is made of a       | `pooled_attention`,        | The first four are the parts |
-|     | global self-attention          | `VectorMapping`,           | the three layers are built   |
-|     | mechanism, a vector mapping, a | `local_attention`,         | from (rows 5.x).             |
-|     | pointwise self-attention       | `GatedPooling`, and the    |                              |
-|     | mechanism, a gated pooling     | three layers of `GSAGHead` |                              |
-|     | layer and three convolution    |                            |                              |
-|     | layers.                        |                            |                              |
-|     |                                |                            |                              |
-| 1.1 | Global self-attention extracts | `attention_context(...,    | -                            |
-|     | global information from the    | 'pooled')` in the          |                              |
-|     | convolutional feature map.     | attention-mean-pool layer  |                              |
-|     |                                |                            |                              |
-| 1.2 | It is built from two linear    | `KeyQueryValue` (two 1x1   | A linear layer on a feature  |
-|     | layers.                        | convs with bias)           | map = a 1x1 convolution,     |
-|     |                                |                            | applied at every position.   |
-|     |                                |                            |                              |
-| 1.3 | The first, the key-query       | `KeyQueryValue.key_query`  | One conv whose output is     |
-|     | linear layer, reads the        | (2 dk outputs), split by   | split in halves (key first); |
-|     | previous layer's feature map   | `split_key_query`          | dk = C / 8.                  |
-|     | and produces key vectors and   |                            |                              |
-|     | query vectors.                 |                            |                              |
-|     |                                |                            |                              |
-| 1.4 | The second, the value linear   | `KeyQueryValue.value` (dv  | dv = C / 2 (the write-up     |
-|     | layer, reads the same map and  | = C / 2 outputs)           | gives no widths).            |
-|     | produces value vectors.        |                            |                              |
-|     |                                |                            |                              |
-| 1.5 | The key-query layer learns a   | `pooled_attention`: weight | One query per image, qbar =  |
-|     | semantic representation, so    | a_j = softmax_j(qbar . k_j | the mean of the per-position |
-|     | that pixels at different       | / sqrt(dk))                | queries, scores every key    |
-|     | positions take different       |                            | (scaled dot product, softmax |
-|     | meanings from their context.   |                            | over all h*w positions,      |
-|     |                                |                            | float32). Alternative not    |
-|     |                                |                            | taken: the mean over i of    |
-|     |                                |                            | the non-local softmax_j(q_i  |
-|     |                                |                            | . k_j), quadratic in h*w.    |
-|     |                                |                            |                              |
-| 1.6 | The value layer compresses the | `pooled_attention`:        | The weights are the          |
-|     | values of all pixels into one  | context = sum_j a_j v_j,   | attention weights of 1.5, so |
-|     | vector, instead of one         | one [dv] vector per image  | the vector is their weighted |
-|     | encoding per position.         |                            | mean of the values. The      |
-|     |                                |                            | non-local form (a context    |
-|     |                                |                            | per position) is kept as the |
-|     |                                |                            | option global_attention =    |
-|     |                                |                            | 'non_local', not the         |
-|     |                                |                            | default.                     |
-|     |                                |                            |                              |
-| 1.7 | So the value layer is the      | the pooled vector is the   | -                            |
-|     | important tool for extracting  | only input of the head     |                              |
-|     | global information.            | that sees the whole image  |                              |
-|     |                                |                            |                              |
-| 2.1 | Every convolution layer can    | `VectorMapping`, applied   | Applied where a global       |
-|     | learn global information       | once: in the               | vector exists. The key layer |
-|     | through a vector mapping       | attention-mean-pool layer  | (3x3 conv) and the query     |
-|     | layer.                         | (hybrid)                   | layer (windowed attention)   |
-|     |                                |                            | stay local by design (4.x:   |
-|     |                                |                            | pointwise attention only     |
-|     |                                |                            | looks at each pixel's        |
-|     |                                |                            | neighbourhood); the mapped   |
-|     |                                |                            | vector is added to the map   |
-|     |                                |                            | they produce, so from there  |
-|     |                                |                            | on every layer (gated        |
-|     |                                |                            | pooling, classifier) sees    |
-|     |                                |                            | it.                          |
-|     |                                |                            |                              |
-| 2.2 | The key-query vector and the   | `VectorMapping.dense` on   | Key-query vector: the global |
-|     | value vector are concatenated  | concat(key_query_i,        | layer's key-query output at  |
-|     | and fed to a fully connected   | context)                   | position i (2 dk); value     |
-|     | layer.                         |                            | vector: the image's pooled   |
-|     |                                |                            | context (dv). Position i's   |
-|     |                                |                            | key-query vector is what     |
-|     |                                |                            | maps the one context back    |
-|     |                                |                            | onto every position          |
-|     |                                |                            | differently.                 |
-|     |                                |                            |                              |
-| 2.3 | It is then transformed by a    | `VectorMapping`: dense ->  | A ReLU after each of the two |
-|     | 1x1 convolution, followed by a | ReLU -> `conv` (1x1) -> BN | linear maps: with only the   |
-|     | nonlinear activation.          | -> ReLU                    | last one the dense layer and |
-|     |                                |                            | the 1x1 conv would be a      |
-|     |                                |                            | single linear map. The BN is |
-|     |                                |                            | the heads' usual             |
-|     |                                |                            | conv-BN-ReLU.                |
-|     |                                |                            |                              |
-| 2.4 | In this way the convolution    | attention-mean-pool layer: | Added to the query layer's   |
-|     | layer obtains a new            | x3 = x2 +                  | output x2 (residual), so the |
-|     | representation vector.         | VectorMapping(...)         | local features are kept.     |
-|     |                                |                            |                              |
-| 3.1 | Pointwise self-attention       | `attention_context(...,    | 'Pointwise' = each pixel     |
-|     | extracts local information at  | 'pointwise', window)` =    | attends to a window x window |
-|     | every position of the feature  | `local_attention`          | neighbourhood (7; demo 5)    |
-|     | map.                           |                            | around it; positions outside |
-|     |                                |                            | the map are left out, not    |
-|     |                                |                            | zero-padded.                 |
-|     |                                |                            |                              |
-| 3.2 | It is built from two linear    | `KeyQueryValue` named      | The same module as 1.2; the  |
-|     | layers: a key-query layer      | `key_qkv` (part of the key | pointwise attention reads    |
-|     | producing keys and queries,    | layer, 5.2)                | the key layer's key, query   |
-|     | and a value layer producing    |                            | and value.                   |
-|     | values.                        |                            |                              |
-|     |                                |                            |                              |
-| 3.3 | Like the global mechanism it   | `local_attention`: c_i =   | A context per position (not  |
-|     | encodes the input features;    | sum_{j in window(i)}       | pooled): the same            |
-|     | unlike it, it only attends to  | softmax_j(q_i . k_j /      | key-query-value form,        |
-|     | each pixel's context, and so   | sqrt(dk)) v_j              | restricted to the window.    |
-|     | gathers more local             |                            |                              |
-|     | information.                   |                            |                              |
-|     |                                |                            |                              |
-| 4.1 | Gated pooling is an effective  | `GatedPooling` (hybrid),   | -                            |
-|     | way to merge local and global  | on the sum of local        |                              |
-|     | information.                   | features and mapped global |                              |
-|     |                                | vector                     |                              |
-|     |                                |                            |                              |
-| 4.2 | It is built from two layers.   | `pooling_statistics` (no   | The first 'layer' is         |
-|     |                                | weights), then             | parameter-free pooling; the  |
-|     |                                | `GatedPooling.gate`        | second is a 1x1 conv with    |
-|     |                                |                            | bias + sigmoid.              |
-|     |                                |                            |                              |
-| 4.3 | The first takes a set of       | `pooling_statistics`: per  | Same window as the pointwise |
-|     | feature maps and produces      | channel, over a window x   | attention; biased variances; |
-|     | local and global means and     | window neighbourhood       | float32.                     |
-|     | variances.                     | (local) and over the whole |                              |
-|     |                                | image (global)             |                              |
-|     |                                |                            |                              |
-| 4.4 | The second, a gating           | `GatedPooling`: x *        | The gate scales the          |
-|     | mechanism, uses the learnt     | sigmoid(conv1x1(concat(4   | intensity (features x gate), |
-|     | means and variances to adjust  | statistics)))              | per position and channel; no |
-|     | the intensity of the feature   |                            | mix with another path.       |
-|     | maps, selecting the important  |                            |                              |
-|     | features.                      |                            |                              |
-|     |                                |                            |                              |
-| 5.1 | The three convolution layers   | `GSAGHead.__call__`: key   | Variants (write-up's         |
-|     | are GSAG's core; they carry    | layer -> query layer ->    | experiments): basic = key    |
-|     | the extraction of global and   | attention-mean-pool layer  | layer; incremental = + query |
-|     | local information.             | -> classifier              | layer; hybrid = +            |
-|     |                                |                            | attention-mean-pool layer    |
-|     |                                |                            | (the 'gated' module).        |
-|     |                                |                            |                              |
-| 5.2 | The first, the key layer,      | key layer: x1 =            | The key-query-value          |
-|     | reads the previous output and  | ReLU(BN(conv3x3(x))); key, | projections are made when a  |
-|     | obtains a new feature map in   | query, value =             | later layer reads them       |
-|     | key-query-value form.          | `key_qkv`(x1)              | (incremental, hybrid); the   |
-|     |                                |                            | basic head is                |
-|     |                                |                            | conv3x3-BN-ReLU +            |
-|     |                                |                            | classifier.                  |
-|     |                                |                            |                              |
-| 5.3 | The second, the query layer,   | query layer: x2 = x1 +     | Residual update; the 1x1     |
-|     | updates the feature map with   | `pointwise_proj`(c), c =   | projection back to C         |
-|     | pointwise self-attention.      | local_attention(q, k, v)   | channels is                  |
-|     |                                |                            | zero-initialised, so a new   |
-|     |                                |                            | incremental head computes    |
-|     |                                |                            | what the basic one does.     |
-|     |                                |                            |                              |
-| 5.4 | The third, the                 | x3 = x2 +                  | 'Weighted sum' = the         |
-|     | attention-mean-pooling layer,  | `vector_mapping`(kq,       | attention-weighted mean of   |
-|     | makes a new feature map with   | pooled context of          | the values (1.6); the        |
-|     | global self-attention and      | `global_qkv`(x2)); output  | layer's output is then gated |
-|     | takes a weighted sum to give   | = `gated_pooling`(x3)      | (4.4) and read by the        |
-|     | the final output.              |                            | classifier.                  |
+* key layer: ``x1 = ReLU(BN(conv3x3(x)))``; `KeyQueryValue` (``key_qkv``) makes its
+  key, query and value when a later layer reads them;
+* query layer: ``x2 = x1 + pointwise_proj(local_attention(q, k, v))``, each position
+  attending to its ``window x window`` neighbourhood (positions outside the map left
+  out); the projection is zero-initialised, so a new incremental head computes what
+  the basic one does;
+* attention-mean-pool layer: ``x3 = x2 + VectorMapping(key_query, context)`` with the
+  image's context vector from `pooled_attention` on ``global_qkv(x2)`` (or, with
+  ``global_attention='non_local'``, one context per position), then `GatedPooling`:
+  ``x3 * sigmoid(conv1x1(local and global means and variances))``.
 
-The write-up's experiments (§3.4): the three heads ``basic`` / ``incremental`` /
-``hybrid`` (`VARIANTS`) on ResNet-50/101 and ResNeXt-101; the hybrid head trained with
-OHEM-softmax gives its best result. The ``gsag_hybrid_*`` configs therefore train
-with OHEM (`scaleattn.losses.ohem_keep_mask`, on logits upsampled to the label size);
-``gsag_basic_*`` and ``gsag_incremental_*`` train with plain softmax cross-entropy,
-OHEM being one switch away (``loss.type='ohem'``).
+Variants (`VARIANTS`): ``basic`` = the key layer, ``incremental`` = + the query layer,
+``hybrid`` = + the attention-mean-pool layer. docs/gsag.md reads the GSAG write-up
+sentence by sentence against this code and says where the code chose.
 
 Cost: the pooled global attention and the gated pooling are linear in ``h * w``; the
 pointwise attention is ``O(h * w * window^2)`` and never builds an attention matrix;

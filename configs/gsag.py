@@ -1,8 +1,19 @@
-"""VOC 2012: the GSAG hybrid head on a dilated ResNet-101, trained with OHEM: the
-write-up's best model (hybrid + OHEM-softmax). The recipe of every `gsag_*` config.
+"""VOC 2012: the GSAG heads on dilated ResNets, ``--config=configs/gsag.py:HEAD,BACKBONE``.
 
-Every value that defines the GSAG rows is set here; the other `gsag_*` files load this
-one and change only the variant, the backbone, the loss type or the scales.
+The default, ``hybrid,r101``, is the write-up's best model: the hybrid head on
+ResNet-101, trained with OHEM-softmax. Every value that defines the GSAG rows is set
+here; the variants change only the head (`HEADS`), the backbone (`BACKBONES`) or the
+scales (`SCALES`), e.g. ``configs/gsag.py:incremental,r50`` (named gsag_incremental_r50).
+
+Heads: `basic` is the key layer only (conv3x3-BN-ReLU, then the classifier);
+`incremental` adds the query layer (pointwise self-attention); `hybrid` adds the
+attention-mean-pool layer. Basic and incremental train with plain softmax
+cross-entropy on logits upsampled to the label size: the write-up reports
+OHEM-softmax only with the hybrid head; for them OHEM is one switch away,
+``--config.loss.type=ohem`` (the recipe's threshold 0.7 and min_kept 100,000 per
+device, at the label's resolution). `s3` puts the network inside Attention to Scale:
+shared over scales {1, 0.75, 0.5}, merged by the attention head, with one extra loss
+(OHEM for the hybrid head) per scale on that branch's own map (upsampled to the label size).
 
 The GSAG write-up gives the model (`scaleattn/models/self_attention.py` maps it
 sentence by sentence), the data (VOC 2012, mIoU), the backbones and "hybrid + OHEM-
@@ -23,10 +34,28 @@ confident on the easy pixels.
 """
 from scaleattn import config
 
+HEADS = {
+    "hybrid": {},
+    "basic": {"model.gsag_variant": "basic", "loss.type": "ce"},
+    "incremental": {"model.gsag_variant": "incremental", "loss.type": "ce"},
+}
+BACKBONES = {
+    "r101": {},
+    "r50": {"model.backbone": "resnet50"},
+    "x101": {"model.backbone": "resnext101_32x8d"},
+}
+SCALES = {
+    "": {},
+    "s3": {"model.scales": (1.0, 0.75, 0.5), "model.merge": "attention",
+           "model.attention_width": 512, "model.attention_dropout": 0.5,
+           "loss.extra_supervision": True, "loss.scale_loss_size": "branch"},
+}
 
-def get_config():
+AXES = (HEADS, BACKBONES, SCALES)  # get_config's choices: one name of each, comma-separated
+
+
+def get_config(arg=None):
     c = config.base_config()
-    c.name = "gsag_hybrid_r101"
     c.seed = 0
 
     # Data: VOC 2012 train_aug (10,582 images), evaluated on val.
@@ -50,7 +79,7 @@ def get_config():
     c.model.gsag_global_attention = "pooled"  # one context vector per image
     c.model.gsag_dropout = 0.0
     c.model.scales = (1.0,)
-    c.model.init_from = "imagenet"       # converted ResNet-101 ImageNet weights (see README)
+    c.model.init_from = "imagenet"       # converted ResNet-101 ImageNet weights (docs/getting_started.md)
 
     # Loss: OHEM-softmax on logits upsampled to the label size.
     c.loss.extra_supervision = False     # one scale, one loss
@@ -72,4 +101,4 @@ def get_config():
     c.train.steps = 30000
     c.train.eval_every = 5000
     c.train.checkpoint_every = 2000
-    return c
+    return config.variant(c, arg, AXES, "gsag")

@@ -5,13 +5,25 @@ DeepLab-v2 (its paper and public prototxts): ImageNet ResNet-101 with frozen bat
 norm, output stride 8, ASPP-L (rates 6, 12, 18, 24) at 10x learning rate (biases 20x),
 SGD momentum 0.9, weight decay 5e-4, poly policy (power 0.9), base LR 2.5e-4,
 batch 10, 20,000 iterations, crop 321, random rescale 0.5-1.5 + mirror.
+
+Variant `hier` (``--config=configs/voc_r101.py:hier``): hierarchical multi-scale
+attention (Tao, Sapra and Catanzaro 2020), trained on scales {0.5, 1}, chained at
+inference over {0.5, 1, 2}. The alpha head (conv3x3 256 -> conv3x3 256 -> conv1x1 ->
+sigmoid, shared by the branches) learns at the new layers' 10x rate.
 """
 from scaleattn import config
 
+VARIANTS = {
+    "s3": {},
+    "hier": {"model.merge": "hierarchical", "model.scales": (0.5, 1.0),
+             "model.inference_scales": (0.5, 1.0, 2.0), "model.alpha_width": 256},
+}
 
-def get_config():
+AXES = (VARIANTS,)  # get_config's choices: one name of each, comma-separated
+
+
+def get_config(arg=None):
     c = config.base_config()
-    c.name = "voc_r101_s3"
     c.seed = 0
 
     c.data.name = "voc2012"
@@ -30,7 +42,7 @@ def get_config():
     c.model.scales = (1.0, 0.75, 0.5)
     c.model.merge = "attention"
     c.model.attention_width, c.model.attention_dropout = 512, 0.5
-    c.model.init_from = "imagenet"      # converted ResNet-101 ImageNet weights (see README)
+    c.model.init_from = "imagenet"      # converted ResNet-101 ImageNet weights (docs/getting_started.md)
 
     c.loss.extra_supervision = True
     c.loss.scale_loss_size = "branch"
@@ -49,4 +61,4 @@ def get_config():
     c.train.steps = 20000
     c.train.eval_every = 5000
     c.train.checkpoint_every = 2000
-    return c
+    return config.variant(c, arg, AXES, "voc_r101")

@@ -1,9 +1,9 @@
 """VOC 2012, the paper's main model: DeepLab-LargeFOV (VGG16), scales {1, 0.75, 0.5},
 attention merge, extra supervision. The recipe of the Attention-to-Scale paper.
 
-Every value that defines this row is set here; the other VGG16 rows (`voc_s2`,
-`voc_baseline`, `voc_avg`, `voc_max`, `voc_s3_noextra`) load this file and change only
-what defines them. Sources (see docs/design.md, "Attention to Scale"):
+Every value that defines this row is set here; the other VGG16 rows are its variants
+(`VARIANTS`: ``--config=configs/voc.py:s2``, `baseline`, `avg`, `max`, `s3_noextra`),
+which change only what defines them. Sources (see docs/design.md, "Attention to Scale"):
 
 * the attention paper: VGG16 initialised from ImageNet, all scales and the attention
   head trained jointly; SGD, mini-batch 30, base LR 1e-3 divided by 10 after 2,000
@@ -18,10 +18,21 @@ DeepLab-LargeFOV's (6,000 and 321).
 """
 from scaleattn import config
 
+VARIANTS = {
+    "s3": {},
+    "s2": {"model.scales": (1.0, 0.75)},
+    # single-scale DeepLab-LargeFOV: no merge, no extra supervision (one branch, one loss)
+    "baseline": {"model.scales": (1.0,), "loss.extra_supervision": False},
+    "avg": {"model.merge": "avg"},           # average pooling over the three scales
+    "max": {"model.merge": "max"},           # max pooling over the three scales
+    "s3_noextra": {"loss.extra_supervision": False},  # one loss, on the merged map
+}
 
-def get_config():
+AXES = (VARIANTS,)  # get_config's choices: one name of each, comma-separated
+
+
+def get_config(arg=None):
     c = config.base_config()
-    c.name = "voc_s3"
     c.seed = 0
 
     # Data: VOC 2012 train_aug (10,582 images), evaluated on val.
@@ -41,7 +52,7 @@ def get_config():
     c.model.scales = (1.0, 0.75, 0.5)
     c.model.merge = "attention"
     c.model.attention_width, c.model.attention_dropout = 512, 0.5
-    c.model.init_from = "imagenet"      # converted VGG16 ImageNet weights (see README)
+    c.model.init_from = "imagenet"      # converted VGG16 ImageNet weights (docs/getting_started.md)
 
     # Loss: CE on the merged map + one CE per scale on that branch's own map.
     c.loss.extra_supervision = True
@@ -63,4 +74,4 @@ def get_config():
     c.train.steps = 6000
     c.train.eval_every = 2000
     c.train.checkpoint_every = 1000
-    return c
+    return config.variant(c, arg, AXES, "voc")

@@ -1,9 +1,0 @@
-"""VOC 2012: `voc_s3`'s recipe with max pooling over the three scales."""
-from scaleattn import config
-
-
-def get_config():
-    c = config.recipe("voc_s3")
-    c.name = "voc_max"
-    c.model.merge = "max"
-    return c

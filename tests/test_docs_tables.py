@@ -1,0 +1,66 @@
+"""Every table of figures in the docs is what its source renders (benchmarks/docs_tables.py)."""
+import os
+import re
+import shutil
+
+import pytest
+
+from benchmarks import docs_tables
+
+REPO = docs_tables.REPO
+
+
+@pytest.mark.parametrize("table", docs_tables.TABLES, ids=lambda t: t.name)
+def test_committed_table_is_what_its_source_renders(table):
+    with open(os.path.join(REPO, table.page), encoding="utf-8") as f:
+        text = f.read()
+    rendered = docs_tables.replace_block(text, table.name, table.render(), table.page)
+    assert rendered == text, (f"{table.page}: table {table.name} differs from its source; "
+                              f"run python -m benchmarks.docs_tables")
+
+
+def test_every_marker_has_a_table_and_every_result_a_page():
+    assert docs_tables.unregistered_markers() == []
+    names = [t.name for t in docs_tables.TABLES]
+    assert len(names) == len(set(names))
+    results = {f[:-5] for f in os.listdir(docs_tables.RESULTS_DIR) if f.endswith(".json")}
+    assert results <= set(names), f"results no page shows: {sorted(results - set(names))}"
+    for name in results:
+        result = docs_tables.load_result(name)
+        assert result["command"] and result["commit"] and result["versions"], name
+
+
+def outside_markers(text: str) -> str:
+    return re.sub(r"<!-- table ([\w-]+):.*?<!-- end table \1 -->", "", text, flags=re.S)
+
+
+def test_no_table_of_figures_outside_the_generated_blocks():
+    """A Markdown table row outside a generated block holds no measured figure (a
+    decimal number outside a scale set ``{...}`` or code)."""
+    for page in docs_tables.doc_pages():
+        with open(os.path.join(REPO, page), encoding="utf-8") as f:
+            text = outside_markers(f.read())
+        text = re.sub(r"```.*?```", "", text, flags=re.S)
+        for line in text.splitlines():
+            if line.lstrip().startswith("|"):
+                bare = re.sub(r"\{[^}]*\}|`[^`]*`", "", line)
+                assert not re.search(r"\d\.\d|\d ?%|±", bare), f"{page}: {line[:100]}"
+
+
+def test_the_generator_rewrites_only_between_the_markers(tmp_path, capsys):
+    """A changed cell and text around it: --check names the page, a rewrite restores the
+    cell and keeps the text."""
+    root = tmp_path / "repo"
+    for page in {t.page for t in docs_tables.TABLES}:
+        (root / page).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(os.path.join(REPO, page), root / page)
+    page = root / "docs" / "results.md"
+    original = page.read_text(encoding="utf-8")
+    tampered = original.replace("47.15 ± 6.64", "48.00 ± 6.64").replace(
+        "# Results", "# Results, edited")
+    assert tampered.count("48.00") == 1
+    page.write_text(tampered, encoding="utf-8")
+    pages = docs_tables.rendered_pages(root=str(root))
+    now, new = pages["docs/results.md"]
+    assert now == tampered and new == original.replace("# Results", "# Results, edited")
+    assert all(now == new for p, (now, new) in pages.items() if p != "docs/results.md")
