@@ -225,7 +225,7 @@ def seed_summary(records: list[dict]) -> dict:
     commit and library versions, so that a table can be rendered from the file alone."""
     groups = []
     for group in seed_groups(records):
-        cfg = flat_config(group[0])
+        cfg = identity.flat_config(group[0].get("config", {}))
         groups.append({
             "name": group[0].get("name"),
             "steps": group[0].get("steps"),
