@@ -193,6 +193,7 @@ TABLES = (
     Table("run_identity", "docs/reliability.md", identity_table),
     Table("published", "docs/results.md", paper_table),
     Table("configs", "docs/configs.md", configs_table),
+    Table("demo_recipe", "docs/results.md", figures("demo_recipe")),
     Table("demo_merges", "docs/results.md", figures("demo_merges")),
     Table("demo_gsag", "docs/results.md", figures("demo_gsag")),
     Table("demo_hierarchical", "docs/hierarchical.md", figures("demo_hierarchical")),
