@@ -19,9 +19,8 @@ Design choices:
   not fit are centred and cut by the frame.
 * **Upright shapes.** Squares stand on a side and triangles on their base
   (`UPRIGHT_ANGLE`): rotation is a nuisance unrelated to scale, and one that a
-  small net trained for minutes learns slowly (a 400-step probe of the demo
-  recipe: squares 20% IoU upright, 0% with random rotations). Each object's
-  shading runs in a random direction of its own, so shading tells no class.
+  small net trained for minutes learns slowly. Each object's shading runs in a
+  random direction of its own, so shading tells no class.
 * **Varied backgrounds.** A linear gradient between two random colours plus
   smooth low-frequency colour noise, and per-pixel noise over everything, so
   background is not one colour; each object's colour is resampled until it
