@@ -34,7 +34,8 @@ setup(
         # pytest-xdist: the suite runs on every core (`-n auto`), see docs/getting_started.md.
         "test": ["pytest>=7", "pytest-xdist>=3.5"],
         # Krähenbühl's C++ dense CRF, only to compare scaleattn.crf against
-        # (tests/test_crf.py, benchmarks/crf_bench.py); a source package: needs a C++ compiler.
+        # (tests/test_crf.py, benchmarks/crf_bench.py, benchmarks/crf_agreement.py); a source
+        # package: needs a C++ compiler.
         "crf": ["pydensecrf2>=1.1"],
         # Accelerators: JAX with its CUDA 12 plugin and CUDA libraries (needs an NVIDIA
         # driver on the machine), or with libtpu. Without either, JAX runs on the CPU.

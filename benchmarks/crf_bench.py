@@ -56,17 +56,23 @@ def timed(fn, repeats: int) -> tuple[float, float, object]:
 
 
 def pydensecrf_marginals(image, log_probs, params: crf.CRFParams):
-    """``[H, W, C]`` marginals from pydensecrf2, or ``None`` if it is not installed."""
+    """``[H, W, C]`` marginals from pydensecrf2 with ``params.normalization``, or ``None``
+    if it is not installed."""
     try:
         from pydensecrf import densecrf  # pylint: disable=import-outside-toplevel
     except ImportError:
         return None
+    # The 2013 code's NORMALIZE_AFTER is the 2011 code's row normalisation: norm * K(Q).
+    normalization = {"row": densecrf.NORMALIZE_AFTER,
+                     "symmetric": densecrf.NORMALIZE_SYMMETRIC}[params.normalization]
     h, w, c = log_probs.shape
     model = densecrf.DenseCRF2D(w, h, c)
     model.setUnaryEnergy(np.ascontiguousarray(-log_probs.reshape(-1, c).T))
-    model.addPairwiseGaussian(sxy=params.gaussian_xy_std, compat=params.gaussian_weight)
+    model.addPairwiseGaussian(sxy=params.gaussian_xy_std, compat=params.gaussian_weight,
+                              normalization=normalization)
     model.addPairwiseBilateral(sxy=params.bilateral_xy_std, srgb=params.bilateral_rgb_std,
-                               rgbim=np.ascontiguousarray(image), compat=params.bilateral_weight)
+                               rgbim=np.ascontiguousarray(image), compat=params.bilateral_weight,
+                               normalization=normalization)
     return np.asarray(model.inference(params.iterations)).T.reshape(h, w, c)
 
 

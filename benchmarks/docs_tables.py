@@ -199,6 +199,7 @@ TABLES = (
     Table("demo_hierarchical", "docs/hierarchical.md", figures("demo_hierarchical")),
     Table("crf_timing", "docs/crf.md", figures("crf_timing")),
     Table("crf_demo", "docs/crf.md", figures("crf_demo")),
+    Table("crf_agreement", "docs/crf.md", figures("crf_agreement")),
     Table("gsag_size", "docs/performance.md", figures("gsag_size")),
     Table("input_pipeline", "docs/performance.md", figures("input_pipeline")),
     Table("input_pipeline_stages", "docs/performance.md", figures("input_pipeline_stages")),

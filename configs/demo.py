@@ -25,6 +25,9 @@ problem stays real:
   of training on an otherwise idle 2-core machine; 3 seeds reach 75.2 ± 1.2 mIoU, the
   single scale 52.4 (docs/results.md, "The demo").
 
+The demo reproduces no paper's numbers: every value here is a choice made for a
+CPU-sized run (docs/recipes.md), none is marked one by one.
+
 Variants: `single` (scale 1 only, one loss), `avg`, `max` (the merge), `noextra` (no
 extra supervision), `hier` (hierarchical multi-scale attention, Tao, Sapra and Catanzaro
 2020, trained on {1, 0.5}; ``--config.model.inference_scales='(0.25,0.5,1.0)'`` in
@@ -37,8 +40,8 @@ from scaleattn import config
 # layout at 1/8 width with one block per stage (output stride 8), trained batch norm,
 # the GSAG head at 1/8 width (64 channels) with a 5x5 window, one scale. Loss as
 # `configs/gsag.py`'s hybrid: OHEM-softmax on logits upsampled to the label size,
-# threshold 0.7, min_kept 6,000 per device (4.6% of a batch of eight 128x128 crops,
-# about the share 100,000 is of eight 513x513 crops). The basic head (key layer only)
+# threshold 0.7, min_kept 6,000 per image (37% of a 128x128 crop, about the share
+# 100,000 is of a 513x513 crop). The basic head (key layer only)
 # and the incremental head (+ the query layer: pointwise self-attention) train, as
 # their VOC configs do, with plain cross-entropy (OHEM: --config.loss.type=ohem).
 GSAG = {
@@ -57,7 +60,7 @@ GSAG = {
     "loss.label_resize": "upsample_logits",
     "loss.type": "ohem",
     "loss.ohem_threshold": 0.7,
-    "loss.ohem_min_kept": 6_000,          # per device, at the label's resolution
+    "loss.ohem_min_kept": 6_000,          # per image, at the label's resolution
     "optim.new_layer_patterns": ("gsag",),  # the head at new_layer_lr_mult (10x)
 }
 

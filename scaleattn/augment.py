@@ -6,7 +6,9 @@ arrives at the top-left of a uint8 canvas with its true size
 train step (`steps.train_step(..., augment=...)`), turns the canvas batch into the
 crops the model trains on. The recipe is the host one (`data.pipeline.augment`):
 
-* scale ``s ~ U(data.scale_range)`` (``s = low`` when ``low == high``); the image is
+* scale ``s ~ U(data.scale_range)`` (``s = low`` when ``low == high``), or, when
+  ``data.scale_set`` is not empty, ``s`` drawn uniformly from that set (DeepLab-v2's
+  discrete rescaling); the image is
   resized to ``(h', w') = max(round((h, w) * s), 1)`` (round half to even), bilinear
   with half-pixel centres for the image and nearest (source pixel
   ``floor((i + 1/2) * h / h')``) for the label, the arithmetic of TensorFlow's
@@ -56,11 +58,16 @@ class Draw(NamedTuple):
 
 
 def draw(key: jax.Array, size: jnp.ndarray, *, crop_size: int,
-         scale_range: tuple[float, float], flip: bool) -> Draw:
-    """The random choices for an image of ``size`` = int32 ``[2]`` (h, w)."""
+         scale_range: tuple[float, float], flip: bool, scale_set: tuple[float, ...] = ()
+         ) -> Draw:
+    """The random choices for an image of ``size`` = int32 ``[2]`` (h, w); the scale
+    from ``scale_set`` (uniformly) when it is not empty, else from ``scale_range``."""
     k_scale, k_top, k_left, k_y, k_x, k_flip = jax.random.split(key, 6)
     low, high = scale_range
-    if high > low:
+    if scale_set:
+        choices = jnp.asarray(scale_set, jnp.float32)
+        scale = choices[jax.random.randint(k_scale, (), 0, len(scale_set))]
+    elif high > low:
         scale = jax.random.uniform(k_scale, (), jnp.float32, low, high)
     else:
         scale = jnp.float32(low)
@@ -137,12 +144,13 @@ def apply(image: jnp.ndarray, label: jnp.ndarray, size: jnp.ndarray, choice: Dra
 
 def augment_batch(batch: dict, keys: jax.Array, *, crop_size: int,
                   scale_range: tuple[float, float], flip: bool, mean, std,
-                  ignore_label: int) -> dict:
+                  ignore_label: int, scale_set: tuple[float, ...] = ()) -> dict:
     """``{'image': uint8 [b, S, S, 3], 'label': uint8 [b, S, S], 'size': int32 [b, 2]}``
     and one key per example (``keys [b, ...]``) -> ``{'image': float32 [b, crop, crop,
     3], 'label': int32 [b, crop, crop]}`` (`draw` then `apply`, per example)."""
     def one(image, label, size, key):
-        choice = draw(key, size, crop_size=crop_size, scale_range=scale_range, flip=flip)
+        choice = draw(key, size, crop_size=crop_size, scale_range=scale_range, flip=flip,
+                      scale_set=scale_set)
         return apply(image, label, size, choice, crop_size=crop_size, mean=mean, std=std,
                      ignore_label=ignore_label)
     image, label = jax.vmap(one)(batch["image"], batch["label"], batch["size"], keys)
@@ -178,13 +186,13 @@ def example_keys(rng: jax.Array, step, indices: jnp.ndarray) -> jax.Array:
 
 def train_augment(batch: dict, rng: jax.Array, step, replicas, *,
                   crop_size: int, scale_range: tuple[float, float], flip: bool, mean, std,
-                  ignore_label: int) -> dict:
+                  ignore_label: int, scale_set: tuple[float, ...] = ()) -> dict:
     """A canvas batch (this replica's slice; ``replicas`` a `parallel.Replicas`) -> its
     crops at ``step`` (keys: see the module docstring; shapes as in `augment_batch`)."""
     indices = global_indices(batch["image"].shape[0], replicas)
     return augment_batch(batch, example_keys(rng, step, indices), crop_size=crop_size,
                          scale_range=scale_range, flip=flip, mean=mean, std=std,
-                         ignore_label=ignore_label)
+                         ignore_label=ignore_label, scale_set=scale_set)
 
 
 def from_config(config: ml_collections.ConfigDict) -> Callable | None:
@@ -197,5 +205,5 @@ def from_config(config: ml_collections.ConfigDict) -> Callable | None:
     return functools.partial(
         train_augment, crop_size=int(data.crop_size),
         scale_range=(float(data.scale_range[0]), float(data.scale_range[1])),
-        flip=bool(data.flip), mean=tuple(float(m) for m in data.mean),
+        scale_set=tuple(float(s) for s in data.scale_set), flip=bool(data.flip), mean=tuple(float(m) for m in data.mean),
         std=tuple(float(s) for s in data.std), ignore_label=int(config.loss.ignore_label))

@@ -61,7 +61,9 @@ def data_keys() -> ml_collections.ConfigDict:
     d.train_split = "train_aug"
     d.eval_split = "val"
     d.crop_size = 321            # square train crop
-    d.scale_range = (0.5, 2.0)   # random rescale before cropping
+    d.scale_range = (0.5, 2.0)   # random rescale before cropping, uniform in (low, high) ...
+    d.scale_set = ()             # ... or, when not empty, one of these scales (uniformly;
+                                 # DeepLab-v2: (0.5, 0.75, 1.0, 1.25, 1.5))
     d.flip = True
     d.augment_on = "device"      # where rescale / pad / crop / flip run: 'device' (in the
                                  # train step, `scaleattn.augment`; the host only decodes) |
@@ -139,8 +141,9 @@ def loss_keys() -> ml_collections.ConfigDict:
                                  # boundaries: the files' 255 is mapped to it); num_classes..255
     l.type = "ce"                # 'ce' | 'ohem' (online hard example mining, GSAG)
     l.ohem_threshold = 0.7       # OHEM: keep pixels whose true-class probability is below
-    l.ohem_min_kept = 100_000    # ... and at least this many per device's batch, counted at
-                                 # the loss's resolution (see label_resize)
+    l.ohem_min_kept = 100_000    # ... and at least this many of each image (the same on
+                                 # any device layout), counted at the loss's resolution
+                                 # (see label_resize)
     return l
 
 
@@ -240,6 +243,9 @@ def crf_keys() -> ml_collections.ConfigDict:
     r.bilateral_rgb_std = 5.0    # theta_beta: its colour standard deviation, 0..255 RGB
     r.gaussian_weight = 3.0      # w2: smoothness (position) kernel weight
     r.gaussian_xy_std = 3.0      # theta_gamma: its standard deviation, pixels
+    r.normalization = "row"      # each pixel's message over its kernel sum: 'row' (the 2011
+                                 # densecrf that DeepLab's CRF is built on) | 'symmetric'
+                                 # (D^-1/2 K D^-1/2, the 2013 release, pydensecrf)
     # --mode=crf_search: every combination of these on the first `search_images` images of
     # data.eval_split, as DeepLab searched (w2, theta_gamma fixed; 100 val images; its
     # first, coarse grid: w1 5..10, theta_alpha 50..100 step 10, theta_beta 3..6).
@@ -417,6 +423,7 @@ CHOICES = {
     "parallel.mode": ("pmap", "jit", "sharded"),
     "parallel.param_sharding": ("replicated", "fsdp", "model"),
     "prng_impl": ("rbg", "unsafe_rbg", "threefry2x32"),
+    "crf.normalization": ("row", "symmetric"),
 }
 
 
@@ -469,6 +476,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not 0 < low <= high:
         raise ConfigError(f"config.data.scale_range={tuple(config.data.scale_range)} must be "
                           f"(low, high) with 0 < low <= high")
+    if any(not s > 0 for s in config.data.scale_set):
+        raise ConfigError(f"config.data.scale_set={tuple(config.data.scale_set)} must hold "
+                          f"positive scales (or be () for data.scale_range)")
     if config.parallel.param_sharding != "replicated" and config.parallel.mode != "sharded":
         raise ConfigError(f"config.parallel.param_sharding={config.parallel.param_sharding!r} "
                           f"needs config.parallel.mode='sharded'")

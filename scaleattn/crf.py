@@ -16,11 +16,20 @@ Mean-field inference starts from ``Q = P`` and repeats ``iterations`` times::
 
     Q_i(l) <- softmax_l( log P_i(l) + sum_m w_m sum_j K~_m(i, j) Q_j(l) )
 
-(the Potts message up to a per-pixel constant). ``K~ = D^-1/2 K D^-1/2`` with
-``D = diag(K 1)`` and ``K`` including ``i = j``: the symmetric normalisation that
-Krähenbühl's released code (v2.2, which DeepLab's CRF layer and pydensecrf build on)
-applies by default. DeepLab's parameter values were tuned with it, so they only mean
-the same here with it.
+(the Potts message up to a per-pixel constant), ``K`` including ``i = j`` and
+``D = diag(K 1)`` (each pixel's kernel sum). ``normalization`` says which ``K~``:
+
+* ``'row'``: ``K~ = D^-1 K``, each pixel's message divided by its own kernel sum.
+  The 2011 release of Krähenbühl's code (the NIPS 2011 paper's), which DeepLab's
+  ``densecrf`` is modified from: its ``PottsPotential`` multiplies the filtered
+  ``Q`` by ``1 / (K 1)`` (``per_pixel_normalization``). DeepLab's published CRF
+  rows and parameter values (v1 and v2) come from it.
+* ``'symmetric'``: ``K~ = D^-1/2 K D^-1/2``, the default of the 2013 release (v2.2,
+  ``NORMALIZE_SYMMETRIC``) that pydensecrf wraps; what parameters tuned with
+  pydensecrf (e.g. for PyTorch reproductions) assume.
+
+The two give the same fixed point only for constant kernel sums; parameter values
+mean the same only with the normalisation they were tuned with.
 
 How the two filterings are computed:
 
@@ -51,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scaleattn import config as config_lib
 from scaleattn import metrics
 
 # A key coordinate that no lattice vertex has: marks pixels outside the image and the
@@ -72,6 +82,7 @@ class CRFParams:
     bilateral_rgb_std: float     # theta_beta, 0..255 intensity
     gaussian_weight: float       # w_s
     gaussian_xy_std: float       # theta_gamma, pixels
+    normalization: str = "row"   # 'row' (2011 release, DeepLab) | 'symmetric' (2013 release)
 
     @classmethod
     def from_config(cls, crf_config) -> "CRFParams":
@@ -239,7 +250,7 @@ def lattice_filter(values: jnp.ndarray, lattice: Lattice) -> jnp.ndarray:
     """Splat ``values [N, C]`` onto the lattice, blur, slice: ``[N, C]``.
 
     Approximates ``sum_j exp(-|f_i - f_j|^2 / 2) values_j`` up to a constant factor
-    (which the symmetric normalisation cancels).
+    (which both normalisations cancel).
     """
     capacity = lattice.neighbours.shape[-1]
     channels = values.shape[-1]
@@ -295,32 +306,49 @@ def gaussian_filter(values: jnp.ndarray, std, radius_hw: tuple[int, int]) -> jnp
     return values
 
 
+def normalizations(mask: jnp.ndarray, kernel_sums: jnp.ndarray, normalization: str):
+    """``(before, after)``: the message is ``after * K(before * Q)``.
+
+    ``mask`` (1 inside the image, 0 outside) and ``kernel_sums = K mask`` have one
+    shape. 'row': ``(mask, mask / K1)``; 'symmetric': both ``mask / sqrt(K1)``.
+    """
+    config_lib.check_choice("crf.normalization", normalization)
+    if normalization == "row":
+        return mask, mask / (kernel_sums + 1e-20)
+    scale = mask * jax.lax.rsqrt(kernel_sums + 1e-20)
+    return scale, scale
+
+
 def _mean_field(log_probs, image, valid, bilateral_weights, bilateral, gaussian, *,
-                iterations: int, radius_hw: tuple[int, int], capacity: int) -> jnp.ndarray:
+                iterations: int, radius_hw: tuple[int, int], capacity: int,
+                normalization: str) -> jnp.ndarray:
     """One image: ``[K, H, W, C]`` marginals (see the module docstring), one for each of
     the ``K`` appearance weights ``bilateral_weights [K]`` (one lattice serves them all).
 
     ``bilateral = (theta_alpha, theta_beta)``, ``gaussian = (w_s, theta_gamma)``
-    (traced, so a parameter search does not recompile).
+    (traced, so a parameter search does not recompile); ``normalization`` (static):
+    'row' or 'symmetric'.
     """
     h, w, c = log_probs.shape
     features = bilateral_features(image, bilateral[0], bilateral[1])
     inside = valid.reshape(h * w)
     lattice = build_lattice(features, inside, capacity)
     mask = inside.astype(jnp.float32)[:, None]
-    lattice_norm = mask * jax.lax.rsqrt(lattice_filter(mask, lattice) + 1e-20)    # [N, 1]
     grid_mask = mask.reshape(h, w, 1)
-    grid_norm = grid_mask * jax.lax.rsqrt(
-        gaussian_filter(grid_mask, gaussian[1], radius_hw) + 1e-20)                # [H, W, 1]
+    # message = after * K(before * Q): the scalings of `normalizations`, zero outside.
+    lattice_before, lattice_after = normalizations(
+        mask, lattice_filter(mask, lattice), normalization)                        # [N, 1]
+    grid_before, grid_after = normalizations(
+        grid_mask, gaussian_filter(grid_mask, gaussian[1], radius_hw), normalization)
     log_probs = log_probs.astype(jnp.float32)
 
     start = jax.nn.softmax(log_probs)
 
     def marginals(weight):
         def update(q, _):
-            appearance = lattice_norm * lattice_filter(lattice_norm * q.reshape(h * w, c),
-                                                       lattice)
-            smoothness = grid_norm * gaussian_filter(grid_norm * q, gaussian[1], radius_hw)
+            appearance = lattice_after * lattice_filter(
+                lattice_before * q.reshape(h * w, c), lattice)
+            smoothness = grid_after * gaussian_filter(grid_before * q, gaussian[1], radius_hw)
             return jax.nn.softmax(log_probs + weight * appearance.reshape(h, w, c)
                                   + gaussian[0] * smoothness), None
 
@@ -382,17 +410,20 @@ def dense_crf_weights(log_probs, image, valid, params: CRFParams, bilateral_weig
         iterations=int(params.iterations),
         radius_hw=(gaussian_radius(params.gaussian_xy_std, h),
                    gaussian_radius(params.gaussian_xy_std, w)),
-        capacity=int(capacity or h * w * (FEATURE_DIMS + 1)))
+        capacity=int(capacity or h * w * (FEATURE_DIMS + 1)),
+        normalization=str(params.normalization))
     return jnp.swapaxes(marginals, 0, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("iterations", "radius_hw", "capacity"))
+@functools.partial(jax.jit, static_argnames=("iterations", "radius_hw", "capacity",
+                                             "normalization"))
 def _dense_crf(log_probs, image, valid, bilateral_weights, bilateral, gaussian, *, iterations,
-               radius_hw, capacity):
+               radius_hw, capacity, normalization):
     """``[B, K, H, W, C]``: `_mean_field` image by image."""
     one = functools.partial(_mean_field, bilateral_weights=bilateral_weights,
                             bilateral=bilateral, gaussian=gaussian, iterations=iterations,
-                            radius_hw=radius_hw, capacity=capacity)
+                            radius_hw=radius_hw, capacity=capacity,
+                            normalization=normalization)
     return jax.lax.map(lambda args: one(*args), (log_probs, image, valid))
 
 

@@ -2,15 +2,17 @@
 
 OHEM (online hard example mining, used by the GSAG models) follows the common
 PSPNet/OCNet reading: train only on the pixels the model finds hard (true-class
-probability below ``threshold``), but on at least the ``min_kept`` hardest ones.
-Everything has static shapes (a sort of the masked probability vector, no boolean
-indexing), so it runs under `jit` / `pmap`; under `pmap` ``min_kept`` counts the
-pixels of each device's batch (under 'sharded' `jit`, those of the global batch).
-``min_kept`` counts pixels at the resolution the loss is computed at: with
-``label_resize='upsample_logits'`` (OCNet / PSPNet-style OHEM-softmax, the GSAG
-configs) that is the label's, 263,169 pixels per 513x513 crop; with 'nearest' it is
-the logits' (65x65 = 4,225 per crop at output stride 8), where a ``min_kept`` of
-100,000 keeps every pixel of a batch of 8 and OHEM mines nothing.
+probability below ``threshold``), but on at least the ``min_kept`` hardest ones of
+each image. Counting ``min_kept`` per image (mmsegmentation's ``OHEMPixelSampler``
+asks for ``min_kept`` x images, pooled over a device's batch) makes the kept pixels
+of an image depend on that image and the model only: the same under `jit`, `pmap`
+(any number of devices) and 'sharded' `jit`, and under gradient accumulation.
+Everything has static shapes (a sort of each image's masked probabilities, no
+boolean indexing), so it runs in every mode. ``min_kept`` counts pixels at the
+resolution the loss is computed at: with ``label_resize='upsample_logits'`` (OCNet /
+PSPNet-style OHEM-softmax, the GSAG configs) that is the label's, 263,169 pixels per
+513x513 crop; with 'nearest' it is the logits' (65x65 = 4,225 per crop at output
+stride 8), where a ``min_kept`` of 100,000 keeps every pixel and OHEM mines nothing.
 
 Normalisation: a loss is the sum over valid pixels divided by the number of valid
 pixels in the *global* batch. The count is summed over the replicas of the step
@@ -18,6 +20,8 @@ pixels in the *global* batch. The count is summed over the replicas of the step
 per-device gradients gives exactly the single-device gradient, whatever the number
 of ignored pixels on each device.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +62,8 @@ def pixel_cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray,
 
 def ohem_keep_mask(true_prob: jnp.ndarray, valid: jnp.ndarray, *, threshold: float,
                    min_kept: int) -> jnp.ndarray:
-    """Which pixels OHEM trains on: bool, the shape of ``true_prob`` (any shape).
+    """Which pixels of one pool OHEM trains on: bool, the shape of ``true_prob`` (any
+    shape; the loss calls it on each image, `trained_pixels`).
 
     A valid pixel is kept when ``p < threshold`` or ``p <= p_k``, where ``p_k`` is the
     ``min_kept``-th smallest true-class probability among the valid pixels (1-based).
@@ -90,15 +95,15 @@ def trained_pixels(logits: jnp.ndarray, labels: jnp.ndarray, *, ignore_label: in
     ``logits [B, h, w, C]`` and ``labels [B, H, W]`` are matched as ``label_resize``
     says (`match_sizes`); returns ``(nll, mask)``, both ``[B, h', w']`` (the matched
     size), ``nll`` 0 outside ``mask``. ``mask``: the non-ignored pixels, and with
-    ``ohem = (threshold, min_kept)`` only the hard ones (`ohem_keep_mask`; the
-    selection is not differentiated through).
+    ``ohem = (threshold, min_kept)`` only the hard ones, ``min_kept`` counted per image
+    (`ohem_keep_mask` image by image; the selection is not differentiated through).
     """
     logits, labels = match_sizes(logits, labels, label_resize)
     nll, mask = pixel_cross_entropy(logits, labels, ignore_label)
     if ohem is not None:
         threshold, min_kept = ohem
-        mask = ohem_keep_mask(jax.lax.stop_gradient(jnp.exp(-nll)), mask,
-                              threshold=threshold, min_kept=min_kept)
+        per_image = functools.partial(ohem_keep_mask, threshold=threshold, min_kept=min_kept)
+        mask = jax.vmap(per_image)(jax.lax.stop_gradient(jnp.exp(-nll)), mask)
         nll = jnp.where(mask, nll, 0.0)
     return nll, mask
 
@@ -112,8 +117,8 @@ def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, *, ignore_label: int
       logits: ``[B, h, w, C]`` class scores.
       labels: ``[B, H, W]`` int class ids, ``ignore_label`` where unlabelled.
       label_resize: how sizes are matched, see `match_sizes`.
-      ohem: ``(threshold, min_kept)`` to train on hard pixels only, ``None`` for all
-        pixels (see `trained_pixels`).
+      ohem: ``(threshold, min_kept)`` to train on hard pixels only (``min_kept`` per
+        image), ``None`` for all pixels (see `trained_pixels`).
       replicas: the replicas to count the pixels over (see module docstring).
 
     Returns:

@@ -110,9 +110,9 @@ def term_weights(labels: jnp.ndarray, logits_shape: tuple, loss_config,
     the loss does (`losses.match_sizes`). A term normalised by its micro-batch's own
     count, times this share, is the sum over that micro-batch divided by the count
     of the whole (global) batch, so the micro-batch terms add up to the big batch's.
-    With OHEM the kept pixels depend on the predictions; the valid-pixel share is
-    then an approximation (each micro-batch mines its own hard pixels, as each device
-    does under pmap).
+    With OHEM the kept pixels are the same as in the big batch (``min_kept`` counts
+    each image) but their count is known only after the forward pass; the valid-pixel
+    share then approximates the kept-pixel share.
     """
     dummy = jnp.zeros(tuple(logits_shape[:3]) + (1,), jnp.float32)
 

@@ -292,7 +292,7 @@ def tiny_config(**data):
 def test_from_config():
     assert augment.from_config(tiny_config(augment_on="host")) is None
     fn = augment.from_config(tiny_config(augment_on="device"))
-    assert fn.keywords == SETTINGS
+    assert fn.keywords == dict(SETTINGS, scale_set=())
     with pytest.raises(config_lib.ConfigError, match="data.augment_on"):
         augment.from_config(tiny_config(augment_on="gpu"))
 
@@ -322,3 +322,51 @@ def test_a_resumed_run_sees_the_same_augmented_batches(tmp_path):
         for key in ("image", "label"):
             np.testing.assert_array_equal(resumed[key], fresh[start][key])
     assert not np.array_equal(fresh[1]["image"], fresh[3]["image"])
+
+
+# ------------------------------------------------------------ discrete rescale ---
+
+SCALE_SET = (0.5, 0.75, 1.0, 1.25, 1.5)   # DeepLab-v2's "+Aug" scales
+
+
+def test_scale_set_draws_each_scale_uniformly_on_the_device():
+    """``scale_set``: every resized size is the image's times one of the set, each scale
+    drawn about equally often, the same draw for the same key."""
+    size = np.array([40, 36], np.int32)
+    expected = {tuple(int(round(s * n)) for n in size): s for s in SCALE_SET}
+    keys = jax.random.split(jax.random.PRNGKey(3), 500)
+
+    def resized(key):
+        return augment.draw(key, jnp.asarray(size), crop_size=16, scale_range=(0.5, 2.0),
+                            flip=True, scale_set=SCALE_SET).resized
+    sizes = [tuple(r) for r in np.asarray(jax.jit(jax.vmap(resized))(keys))]
+    counts = {s: 0 for s in SCALE_SET}
+    for r in sizes:
+        counts[expected[r]] += 1                    # KeyError: a size off the set
+    assert all(60 <= n <= 140 for n in counts.values()), counts   # mean 100, std 9
+    np.testing.assert_array_equal(np.asarray(jax.jit(jax.vmap(resized))(keys)), sizes)
+
+
+def test_scale_set_draws_each_scale_uniformly_on_the_host():
+    image = tf.zeros((40, 36, 3), tf.uint8)
+    label = tf.zeros((40, 36, 1), tf.uint8)
+    expected = {(int(round(s * 40)), int(round(s * 36))): s for s in SCALE_SET}
+    counts = {s: 0 for s in SCALE_SET}
+    for k in range(250):
+        out, _ = pipeline.rescale(image, label, tf.constant([5, k], tf.int64),
+                                  scale_range=(0.5, 2.0), scale_set=SCALE_SET)
+        again, _ = pipeline.rescale(image, label, tf.constant([5, k], tf.int64),
+                                    scale_range=(0.5, 2.0), scale_set=SCALE_SET)
+        assert out.shape == again.shape
+        counts[expected[tuple(out.shape[:2])]] += 1
+    assert all(25 <= n <= 75 for n in counts.values()), counts    # mean 50, std 6
+
+
+def test_scale_set_reaches_the_train_step_and_is_checked():
+    config = config_lib.recipe("voc_r101")
+    assert tuple(config.data.scale_set) == SCALE_SET
+    config.data.augment_on = "device"
+    assert augment.from_config(config).keywords["scale_set"] == SCALE_SET
+    config.data.scale_set = (0.5, 0.0)
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.scale_set"):
+        config_lib.validate(config)

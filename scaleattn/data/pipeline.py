@@ -34,10 +34,10 @@ Design choices:
   (`config.loss.ignore_label`, a required argument) there and in all padding, so
   the loss, the metrics and the padding always agree.
 * **Augmentation** (data.augment_on='host'; the device path follows the same
-  recipe). Random rescale in data.scale_range (bilinear image, nearest label),
-  pad to the crop with the mean pixel (0 after normalisation) and the ignore
-  label, random crop, random horizontal flip. An image smaller than the crop is
-  placed at a random offset inside it.
+  recipe). Random rescale in data.scale_range, or to one of data.scale_set
+  (bilinear image, nearest label), pad to the crop with the mean pixel (0 after
+  normalisation) and the ignore label, random crop, random horizontal flip. An
+  image smaller than the crop is placed at a random offset inside it.
 * **Evaluation.** One pass; each image sits at the top-left of a
   data.eval_size square (mean pixel / ignore label around it). Every process
   yields the same number of full batches (collectives need that): the tail is
@@ -214,7 +214,8 @@ def _randint(key: tf.Tensor, high: tf.Tensor) -> tf.Tensor:
 
 def augment(image: tf.Tensor, label: tf.Tensor, key: tf.Tensor, *,
             crop_size: int, scale_range: tuple[float, float], flip: bool,
-            mean, std, ignore_label: int) -> tuple[tf.Tensor, tf.Tensor]:
+            mean, std, ignore_label: int, scale_set: tuple[float, ...] = ()
+            ) -> tuple[tf.Tensor, tf.Tensor]:
     """Random scale, pad, crop and flip of one example (`rescale`, then `place`).
 
     A pure function of its inputs: `key` ([2] int64, a stateless RNG seed)
@@ -229,24 +230,34 @@ def augment(image: tf.Tensor, label: tf.Tensor, key: tf.Tensor, *,
       flip: whether to flip horizontally with probability 1/2.
       mean, std: per-channel pixel statistics (0..255 RGB).
       ignore_label: the label of the padding.
+      scale_set: if not empty, the rescale factor is one of these (uniformly), not
+        drawn from `scale_range`.
     Returns:
       image [crop, crop, 3] float32 normalised (padding = 0, the mean pixel),
       label [crop, crop] int32 (padding = `ignore_label`).
     """
     keys = tf.random.experimental.stateless_split(key, 7)
-    image, label = rescale(image, label, keys[0], scale_range=scale_range)
+    image, label = rescale(image, label, keys[0], scale_range=scale_range,
+                           scale_set=scale_set)
     return place(image, label, keys[1:6], crop_size=crop_size, flip=flip,
                  mean=mean, std=std, ignore_label=ignore_label)
 
 
 def rescale(image: tf.Tensor, label: tf.Tensor, key: tf.Tensor, *,
-            scale_range: tuple[float, float]) -> tuple[tf.Tensor, tf.Tensor]:
+            scale_range: tuple[float, float], scale_set: tuple[float, ...] = ()
+            ) -> tuple[tf.Tensor, tf.Tensor]:
     """Random rescale: image [h, w, 3] uint8 -> [h', w', 3] float32 0..255
     (bilinear, half-pixel centres), label [h, w, 1] -> [h', w', 1] (nearest);
-    (h', w') = max(round((h, w) * s), 1), s ~ U(scale_range) from `key`."""
+    (h', w') = max(round((h, w) * s), 1), s ~ U(scale_range) from `key`, or s one
+    of `scale_set` (uniformly) when that is not empty."""
     low, high = scale_range
-    scale = tf.random.stateless_uniform([], seed=key, minval=low,
-                                        maxval=high) if high > low else low
+    if scale_set:
+        index = tf.random.stateless_uniform([], seed=key, minval=0, maxval=len(scale_set),
+                                            dtype=tf.int32)
+        scale = tf.gather(tf.constant(scale_set, tf.float32), index)
+    else:
+        scale = tf.random.stateless_uniform([], seed=key, minval=low,
+                                            maxval=high) if high > low else low
     size = tf.cast(tf.shape(image)[:2], tf.float32) * scale
     size = tf.maximum(tf.cast(tf.round(size), tf.int32), 1)
     image = tf.image.resize(tf.cast(image, tf.float32), size, "bilinear")
@@ -400,7 +411,7 @@ def train_batches(data_config, *, batch_size: int, seed: int, ignore_label: int,
             image, label, key, crop_size=data_config.crop_size,
             scale_range=tuple(data_config.scale_range), flip=data_config.flip,
             mean=data_config.mean, std=data_config.std,
-            ignore_label=ignore_label)
+            ignore_label=ignore_label, scale_set=tuple(data_config.scale_set))
         return {"image": image, "label": label}
 
     ds = stream.map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
