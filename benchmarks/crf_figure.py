@@ -32,8 +32,8 @@ def main(argv):
     config = FLAGS.config
     jax.config.update("jax_default_prng_impl", config.prng_impl)  # as scaleattn.main does
     wanted = sorted({int(i) for i in FLAGS.images})
-    run, state, step = inference.restore_trained(config, FLAGS.workdir)
-    predictor = inference.Predictor(run.model)
+    model, state, step = inference.restore_trained(config, FLAGS.workdir)
+    predictor = inference.Predictor(model)
     params = crf.CRFParams.from_config(config.crf)
     rows = []
     for index, batch in enumerate(pipeline.eval_batches(config.data, batch_size=1,

@@ -208,6 +208,7 @@ TABLES = (
     Table("fold_frozen_bn_cpu", "docs/performance.md", figures("fold_frozen_bn_cpu")),
     Table("parallel_equivalence", "docs/scaling.md", figures("parallel_equivalence")),
     Table("results_in_brief", "README.md", brief_table),
+    Table("fault_qa", "docs/reliability.md", figures("fault_qa")),
 )
 
 

@@ -65,6 +65,57 @@ def run_main(main) -> None:
         sys.exit(130)
 
 
+def at_least(minimum: int):
+    """An argparse ``type``: an integer >= ``minimum`` (the message names the value)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: it must be >= {minimum}")
+        return value
+    return parse
+
+
+def check_config(path: str, overrides: list[str]) -> str:
+    """Loads ``path`` with the ``--config.*`` overrides and checks every value as
+    ``python -m scaleattn.main`` will (`scaleattn.config.validate`), before a plan is
+    printed or run; `LaunchError` with the one line otherwise. ``path`` is looked up
+    here and in the repository (where the job runs). Returns what was checked.
+    Without ml_collections on this machine only the file's existence is checked."""
+    file, *arg = path.split(":", 1)
+    if not os.path.isabs(file) and not os.path.isfile(file):
+        file = os.path.join(REPO, file)
+    if not os.path.isfile(file):
+        raise LaunchError(f"--config={path}: no such file (here or in {REPO}); the recipes "
+                          f"are configs/*.py")
+    try:
+        from absl import flags  # pylint: disable=import-outside-toplevel
+        from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return f"{file} exists (its values are not checked: ml_collections is not installed here)"
+    sys.path.insert(0, REPO)
+    from scaleattn import config as config_lib  # pylint: disable=import-outside-toplevel
+    own = [a for a in overrides if a.startswith("--config.")]
+    try:
+        config_lib.load(":".join([file, *arg]))  # the loader main uses: its one-line errors
+    except config_lib.ConfigError as e:
+        raise LaunchError(str(e)) from None
+    try:
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True)
+        values(["launcher", "--config=" + ":".join([file, *arg]), *own])
+        config_lib.validate(values.config)
+    except config_lib.ConfigError as e:
+        raise LaunchError(f"--config={path}: {e}") from None
+    except Exception as e:  # pylint: disable=broad-except  # a bad override
+        text = " ".join(str(e).replace("\\n", " ").replace("\\'", "").strip("'").split())[:240]
+        raise LaunchError(f"--config={path} {' '.join(own)}: cannot be loaded "
+                          f"({type(e).__name__}: {text})") from None
+    return f"{path} with {len(own)} override(s): every value in range"
+
+
 def train_arguments(args: argparse.Namespace) -> list[str]:
     """``--config=... --workdir=... [--config.data.data_dir=...] [overrides]`` for main."""
     argv = [f"--config={args.config}", f"--workdir={args.workdir}"]

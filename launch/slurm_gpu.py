@@ -30,21 +30,22 @@ import argparse
 import os
 import shlex
 
-from common import PREEMPTED_EXIT, REPO, Shell, run_main, split_overrides, train_arguments
+from common import (PREEMPTED_EXIT, REPO, Shell, at_least, check_config, run_main,
+                    split_overrides, train_arguments)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     own, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nodes", type=int, default=2)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--cpus-per-task", type=int, default=16)
+    p.add_argument("--nodes", type=at_least(1), default=2)
+    p.add_argument("--gpus-per-node", type=at_least(1), default=8)
+    p.add_argument("--cpus-per-task", type=at_least(1), default=16)
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
     p.add_argument("--time", default="24:00:00")
     p.add_argument("--job-name", default="scaleattn")
-    p.add_argument("--signal-seconds", type=int, default=300,
+    p.add_argument("--signal-seconds", type=at_least(1), default=300,
                    help="SIGTERM this long before the time limit (time to save)")
     p.add_argument("--config", default="configs/voc.py")
     p.add_argument("--workdir", required=True, help="shared directory of the run")
@@ -100,6 +101,7 @@ def batch_script(args) -> str:
 def main(argv: list[str]) -> None:
     args = parse(argv)
     shell = Shell(args.dry_run)
+    check_config(args.config, args.overrides)  # before any plan
     script = batch_script(args)
     shell.comment(f"batch script {args.script}:")
     if args.dry_run:

@@ -37,7 +37,8 @@ import shlex
 import sys
 import time
 
-from common import PREEMPTED_EXIT, REPO, Shell, run_main, split_overrides, train_arguments
+from common import (PREEMPTED_EXIT, REPO, Shell, at_least, check_config, run_main,
+                    split_overrides, train_arguments)
 
 RUNTIME_VERSIONS = {  # accelerator-type prefix -> TPU VM software version
     "v4": "tpu-ubuntu2204-base",
@@ -68,7 +69,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workdir", default=None, help="gs://BUCKET/runs/NAME (shared)")
     p.add_argument("--data-dir", default=None, help="TFDS data_dir, e.g. gs://BUCKET/tfds")
     p.add_argument("--parallel-mode", default="sharded", choices=("sharded", "pmap"))
-    p.add_argument("--max-restarts", type=int, default=3,
+    p.add_argument("--max-restarts", type=at_least(0), default=3,
                    help="all: start over this many times after a preemption")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = p.parse_args(own)
@@ -185,6 +186,8 @@ def down(shell: Shell, args) -> None:
 def main(argv: list[str]) -> None:
     args = parse(argv)
     shell = Shell(args.dry_run)
+    if args.step in ("train", "all"):  # the config is checked before any plan
+        shell.comment(f"config: {check_config(args.config, args.overrides)}")
     steps = {"up": up, "setup": setup, "train": train, "logs": logs, "status": status,
              "down": down}
     if args.step == "all":

@@ -221,7 +221,9 @@ def analyze(config, workdir: str, output_dir: str, *, fallback: bool = False) ->
                                                     process_index=0, process_count=1)):
         if config.eval.max_batches and i >= config.eval.max_batches:
             break
-        attention = predictor(state, batch["image"])["attention"]
+        predicted = predictor(state, batch["image"])
+        inference.check_finite_probs(predicted["probs"], f"eval batch {i}")
+        attention = predicted["attention"]
         for label, weights in zip(batch["label"], attention):
             if np.all(label == config.loss.ignore_label):  # filler slot
                 continue

@@ -48,7 +48,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from scaleattn import identity, outputs
+from scaleattn import finite, identity, outputs
 from scaleattn.checksums import CHECKSUM_FORMAT, tree_checksums
 
 TMP_MARKER = ".orbax-checkpoint-tmp"
@@ -60,6 +60,30 @@ class CheckpointError(RuntimeError):
 
 class DamagedCheckpoint(CheckpointError):
     """A step whose files cannot be read or whose arrays fail their checksums."""
+    what = "is damaged"
+    fix = ("Restore its files, delete the step, or pass --checkpoint_fallback to use the "
+           "newest good step.")
+
+
+class NonFiniteCheckpoint(DamagedCheckpoint):
+    """A step whose arrays hold NaN or Inf (saved by an older version, which did not
+    check): read like a damaged one, never used."""
+    what = "holds NaN/Inf values"
+    fix = ("It is the state of a diverged run: delete the step, or pass "
+           "--checkpoint_fallback to use the newest finite step.")
+
+
+class NonFiniteState(CheckpointError):
+    """A state with NaN/Inf arrays handed to `save`: refused, nothing is written.
+    ``names``: the arrays (``'state/params/...'``)."""
+
+    def __init__(self, message: str, names: list[str]):
+        super().__init__(message)
+        self.names = names
+
+
+class StepMismatch(CheckpointError):
+    """A step directory whose saved step differs from its name (renamed or copied by hand)."""
 
 
 def resolve_workdir(workdir: str) -> str:
@@ -135,23 +159,70 @@ def config_digest(config_json: str) -> str:
 
 def save(manager: ocp.CheckpointManager, step: int, state, rng: jax.Array,
          config: ml_collections.ConfigDict, *, metrics: dict | None = None,
-         force: bool = False) -> None:
+         force: bool = False, start: str | None = None,
+         position_images: int | None = None) -> None:
     """Saves ``state`` and ``rng`` at ``step`` (every process calls this).
 
     ``state`` is either host-addressable (numpy or single-device arrays, written by
     process 0) or made of global sharded arrays (each process writes its shards).
     The checksums are computed from this same ``state`` (the copy Orbax writes, so a
     later training step cannot change it in between) and saved in ``meta``.
-    ``metrics`` (``{'miou': ...}``) rank the checkpoint for ``keep_best``.
+    ``metrics`` (``{'miou': ...}``) rank the checkpoint for ``keep_best``; ``start``
+    (where the run's first step started from) and ``position_images`` (training
+    images read so far, default ``step * batch_size``) go into ``meta``. A state
+    with a NaN or Inf in any array is `NonFiniteState` (nothing is written), so every
+    checkpoint is a finite state a run can resume from.
     """
     tree = {"state": flax.serialization.to_state_dict(state), "rng": rng}
+    bad = finite.nonfinite_arrays(tree["state"])
+    if bad:
+        raise NonFiniteState(f"the state of step {step} holds NaN/Inf values in "
+                             f"{finite.describe(bad)}", bad)
     config_json = config.to_json()
-    meta = {"step": int(step), "data_position": int(step), "config": config_json,
+    meta = {"step": int(step), "data_position": int(step), "batch_size": config.batch_size,
+            "data_position_images": int(step * config.batch_size if position_images is None
+                                        else position_images),
+            "start": start, "config": config_json,
             "config_sha256": config_digest(config_json),
             "checksum_format": CHECKSUM_FORMAT, "checksums": tree_checksums(tree)}
     manager.save(step, args=ocp.args.Composite(tree=ocp.args.StandardSave(tree),
                                                meta=ocp.args.JsonSave(meta)),
                  metrics=metrics, force=force)
+
+
+def complete_steps(directory) -> list[int]:
+    """The steps whose saves finished in ``directory`` (Orbax renames a step's
+    temporary folder to its number only once all of it is written)."""
+    directory = epath.Path(directory)
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def write_error(manager: ocp.CheckpointManager, step: int | None,
+                error: BaseException) -> CheckpointError:
+    """The one-line `CheckpointError` of a save that failed (a full disk, a file-size
+    limit, a store that refused the write): the step being saved, the folder, the
+    reason and the newest complete checkpoint, which a rerun resumes from. (An
+    asynchronous save reports its failure at the next save or wait, so the failed
+    write may be an earlier step's.)"""
+    reason = None
+    for cause in (error, error.__cause__, error.__context__):
+        if isinstance(cause, OSError) and cause.strerror:
+            reason = cause.strerror
+            break
+    for text in ("No space left on device", "File too large", "Disk quota exceeded",
+                 "Read-only file system", "Permission denied"):
+        if reason is None and text.lower() in str(error).lower():
+            reason = text
+    reason = reason or first_line(error)
+    done = complete_steps(manager.directory)
+    kept = (f"the newest complete checkpoint (step {done[-1]}) is intact and a rerun "
+            f"resumes from it" if done else "no complete checkpoint was written")
+    which = "" if step is None else f" at step {step}"
+    return CheckpointError(
+        f"cannot write checkpoints in {manager.directory} ({reason}){which}: the run "
+        f"stopped; {kept}. Free space (or raise the file-size limit) there and rerun")
 
 
 # ------------------------------------------------------------------------ checks ---
@@ -264,7 +335,8 @@ def first_line(error: BaseException) -> str:
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
     """A step's ``meta``, checked: `DamagedCheckpoint` if missing, unreadable or its
-    config does not match the digest saved with it."""
+    config does not match the digest saved with it; `StepMismatch` if the step it was
+    saved at is not the directory's name."""
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # pylint: disable=broad-except
@@ -274,6 +346,12 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
     digest = meta.get("config_sha256")
     if digest is not None and digest != config_digest(meta["config"]):
         raise DamagedCheckpoint("its saved config does not match the checksum saved with it")
+    if int(meta["step"]) != int(step):
+        raise StepMismatch(
+            f"checkpoint {step_path(manager, step)} holds the state of step {meta['step']}, "
+            f"not of step {step} (its folder was renamed or copied): rename it back to "
+            f"{meta['step']} or delete it; a run resumes only from a step saved under its "
+            f"own number")
     return meta
 
 
@@ -325,7 +403,7 @@ def sync_processes(name: str) -> None:
 
 def restore_latest(manager: ocp.CheckpointManager, state, rng: jax.Array, *,
                    config: ml_collections.ConfigDict | None = None,
-                   writable: bool = False, fallback: bool | None = None):
+                   writable: bool = False, fallback: bool | None = None, retries: int = 3):
     """``(state, rng, meta)`` from the newest good checkpoint, or ``None`` if there is none.
 
     ``state`` and ``rng`` are templates (the freshly initialised values, laid out as
@@ -338,7 +416,9 @@ def restore_latest(manager: ocp.CheckpointManager, state, rng: jax.Array, *,
     default for the ``writable`` training run) it is named in a warning and the next
     older step is tried; without, `DamagedCheckpoint` names it. ``writable``: the
     damaged steps are moved aside (`set_aside`) once a good one is found; readers
-    change nothing. No good step at all: `CheckpointError`.
+    change nothing. No good step at all: `CheckpointError`. A reader beside a
+    training run whose steps were rotated away while it read them lists the steps
+    again (up to ``retries`` times) and reads the newest.
     """
     quiet_failed_reads()
     fallback = writable if fallback is None else fallback
@@ -346,7 +426,7 @@ def restore_latest(manager: ocp.CheckpointManager, state, rng: jax.Array, *,
     expected = shapes(target)
     abstract = jax.tree_util.tree_map(  # numpy leaves come back as numpy
         lambda x: x if isinstance(x, np.ndarray) else ocp.utils.to_shape_dtype_struct(x), target)
-    damaged = []
+    damaged, vanished = [], []
     for step in sorted(manager.all_steps(), reverse=True):
         path = step_path(manager, step)
         try:
@@ -362,16 +442,19 @@ def restore_latest(manager: ocp.CheckpointManager, state, rng: jax.Array, *,
                 raise DamagedCheckpoint(f"its arrays cannot be read ({first_line(e)})") from e
             check_shapes(target, restored.tree, path)
             verify(restored.tree, meta, path)
+            bad = finite.nonfinite_arrays(restored.tree["state"])
+            if bad:
+                raise NonFiniteCheckpoint(f"its arrays {finite.describe(bad)} hold NaN/Inf "
+                                          f"values")
         except DamagedCheckpoint as e:
             if not epath.Path(path).exists():  # a training run's keep policy removed it
                 logging.info("Checkpoint %s was removed while it was read; trying the next.",
                              path)
+                vanished.append(step)
                 continue
             damaged.append((step, path, e))
             if not fallback:
-                raise DamagedCheckpoint(
-                    f"checkpoint {path} is damaged: {e}. Restore its files, delete the step, "
-                    f"or pass --checkpoint_fallback to use the newest good step.") from None
+                raise type(e)(f"checkpoint {path} {e.what}: {e}. {e.fix}") from None
             continue
         if damaged:
             logging.warning(
@@ -383,6 +466,10 @@ def restore_latest(manager: ocp.CheckpointManager, state, rng: jax.Array, *,
         state = flax.serialization.from_state_dict(state, restored.tree["state"])
         logging.info("Restored checkpoint %s (step %d, checksums verified).", path, step)
         return state, restored.tree["rng"], restored.meta
+    if vanished and not writable and retries > 0:  # a training run saved newer steps
+        manager.reload()
+        return restore_latest(manager, state, rng, config=config, writable=writable,
+                              fallback=fallback, retries=retries - 1)
     if damaged:
         raise CheckpointError(
             f"no checkpoint in {manager.directory} is good: "

@@ -14,8 +14,10 @@ once and names its variants, the rows that differ from it in a few values:
 file, for the command line and for tools alike.
 """
 
+import dataclasses
 import importlib.util
 import itertools
+import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -442,6 +444,213 @@ def lookup(config: ml_collections.ConfigDict, key: str):
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The numbers a key may hold: ``low``..``high`` (``None``: unbounded; ``open_low`` /
+    ``open_high`` exclude the end), every value finite and not a bool, plus the
+    ``special`` values outside it that mean something (``((0, 'the whole split'),)``)."""
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    special: tuple = ()          # ((value, meaning), ...)
+
+    def holds(self, value) -> bool:
+        """Whether ``value`` is allowed."""
+        if any(value == v and type(value) is not bool for v, _ in self.special):
+            return True
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if not math.isfinite(value):
+            return False
+        low_ok = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.open_high
+                                        else value <= self.high)
+        return low_ok and high_ok
+
+    def describe(self) -> str:
+        """The allowed values in words, e.g. ``'in (0, 1]'``, ``'>= 1 or 0 (the whole split)'``."""
+        if self.low is not None and self.high is not None:
+            text = (f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.open_high else ']'}")
+        elif self.low is not None:
+            text = f"{'>' if self.open_low else '>='} {self.low:g}"
+        elif self.high is not None:
+            text = f"{'<' if self.open_high else '<='} {self.high:g}"
+        else:
+            text = "a finite number"
+        return text + "".join(f" or {v!r} ({meaning})" for v, meaning in self.special)
+
+
+@dataclasses.dataclass(frozen=True)
+class Items:
+    """A tuple key: ``length`` values (an int, or ``(min, max)`` with ``max`` ``None`` for
+    no limit), each in ``each``; ``distinct``: no value twice; ``ascending``: low to high."""
+    each: Range
+    length: int | tuple = (1, None)
+    distinct: bool = False
+    ascending: bool = False
+
+    def holds(self, value) -> bool:
+        if not isinstance(value, (tuple, list)):
+            return False
+        low, high = (self.length, self.length) if isinstance(self.length, int) else self.length
+        return (low <= len(value) and (high is None or len(value) <= high)
+                and all(self.each.holds(v) for v in value)
+                and (not self.distinct or len(set(value)) == len(value))
+                and (not self.ascending or list(value) == sorted(value)))
+
+    def describe(self) -> str:
+        low, high = (self.length, self.length) if isinstance(self.length, int) else self.length
+        count = (f"{low}" if low == high else f"{low} or more" if high is None
+                 else f"{low} to {high}")
+        return (f"a tuple of {count} {'distinct ' if self.distinct else ''}values, each "
+                f"{self.each.describe()}{', low to high' if self.ascending else ''}")
+
+
+COUNT = Range(1)                 # a count that must be at least one
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, open_low=True)
+FRACTION = Range(0, 1, open_high=True)   # dropout, momentum: [0, 1)
+SCALE = Range(0, 4, open_low=True)       # an input rescale: larger ones exhaust memory
+PIXEL = Range(0, 255)
+
+# The valid values of every numeric and tuple key of `base_config` (string keys: `CHOICES`),
+# checked once when a config is loaded (`check_ranges`, from `validate`); a key added to
+# the schema gets its line here (a test checks that every key has one).
+RANGES = {
+    "seed": NON_NEGATIVE,
+    "batch_size": COUNT,
+    "data.crop_size": COUNT,
+    "data.scale_range": Items(SCALE, length=2, ascending=True),
+    "data.scale_set": Items(SCALE, length=(0, None), distinct=True),
+    "data.canvas_size": Range(1, special=((0, "= data.eval_size"),)),
+    "data.mean": Items(PIXEL, length=3),
+    "data.std": Items(Range(0, 255, open_low=True), length=3),
+    "data.eval_size": COUNT,
+    "data.shuffle_buffer": COUNT,
+    "data.prefetch": NON_NEGATIVE,
+    "data.device_prefetch": NON_NEGATIVE,
+    "data.demo_train_size": Range(1, special=((0, "the builder's default"),)),
+    "data.demo_val_size": Range(1, special=((0, "the builder's default"),)),
+    "model.num_classes": Range(1, 255),
+    "model.width": Range(0, 4, open_low=True),
+    "model.depth": Items(COUNT, length=(0, None)),
+    "model.output_stride": Range(8, 32),
+    "model.dropout": FRACTION,
+    "model.fc_width": COUNT,
+    "model.fc6_dilation": COUNT,
+    "model.aspp_rates": Items(COUNT),
+    "model.multi_grid": Items(COUNT, length=(0, None)),
+    "model.gsag_channels": COUNT,
+    "model.gsag_window": COUNT,
+    "model.gsag_dropout": FRACTION,
+    "model.scales": Items(SCALE, distinct=True),
+    "model.attention_width": COUNT,
+    "model.attention_dropout": FRACTION,
+    "model.alpha_width": COUNT,
+    "model.inference_scales": Items(SCALE, length=(0, None), distinct=True),
+    "loss.ignore_label": Range(1, 255),
+    "loss.ohem_threshold": Range(0, 1, open_low=True),
+    "loss.ohem_min_kept": NON_NEGATIVE,
+    "optim.base_lr": POSITIVE,
+    "optim.momentum": FRACTION,
+    "optim.weight_decay": NON_NEGATIVE,
+    "optim.step_size": COUNT,
+    "optim.step_factor": Range(0, 1, open_low=True),
+    "optim.poly_power": POSITIVE,
+    "optim.new_layer_lr_mult": NON_NEGATIVE,
+    "optim.bias_lr_mult": NON_NEGATIVE,
+    "train.steps": COUNT,
+    "train.log_every": COUNT,
+    "train.eval_every": Range(1, special=((0, "only at the end"),)),
+    "train.checkpoint_every": COUNT,
+    "train.keep_checkpoints": COUNT,
+    "train.grad_accum_steps": COUNT,
+    "eval.batch_size": COUNT,
+    "eval.max_batches": Range(1, special=((0, "the whole split"),)),
+    "parallel.mesh_shape": Items(Range(1, special=((-1, "the rest"),)), length=2),
+    "parallel.fsdp_min_size": NON_NEGATIVE,
+    "bench.batch_size": Range(1, special=((0, "= batch_size"),)),
+    "bench.crop_size": Range(1, special=((0, "= data.crop_size"),)),
+    "bench.warmup": NON_NEGATIVE,
+    "bench.steps": COUNT,
+    "predict.ms_scales": Items(SCALE, distinct=True),
+    "predict.summary_images": NON_NEGATIVE,
+    "predict.overlay_alpha": Range(0, 1),
+    "crf.iterations": COUNT,
+    "crf.bilateral_weight": NON_NEGATIVE,
+    "crf.bilateral_xy_std": POSITIVE,
+    "crf.bilateral_rgb_std": POSITIVE,
+    "crf.gaussian_weight": NON_NEGATIVE,
+    "crf.gaussian_xy_std": POSITIVE,
+    "crf.search_images": COUNT,
+    "crf.search_bilateral_weights": Items(NON_NEGATIVE, distinct=True),
+    "crf.search_bilateral_xy_stds": Items(POSITIVE, distinct=True),
+    "crf.search_bilateral_rgb_stds": Items(POSITIVE, distinct=True),
+}
+
+
+def check_value(key: str, value, rule: "Range | Items | None" = None) -> None:
+    """Raises `ConfigError` naming ``config.<key>``, ``value`` and the allowed values
+    unless ``rule`` (default ``RANGES[key]``) holds for it."""
+    rule = rule or RANGES[key]
+    if not rule.holds(value):
+        shown = tuple(value) if isinstance(value, list) else value
+        raise ConfigError(f"config.{key}={shown!r} is out of range: it must be "
+                          f"{rule.describe()}")
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+    """`check_value` for every key of `RANGES` the config has (in table order)."""
+    flat = flatten(config)
+    for key, rule in RANGES.items():
+        if key in flat:
+            check_value(key, flat[key], rule)
+
+
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict:
+    """``{'model.width': 1.0, ...}`` of every leaf of a (nested) config."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+DEPTH_BLOCKS = {"vgg16": 5}      # model.depth entries per backbone (ResNets: 4 stages)
+
+
+def check_relations(config: ml_collections.ConfigDict) -> None:
+    """Raises `ConfigError` for values that are each in range (`RANGES`) but do not work
+    together: the depth's length for the backbone, the output stride for the backbone,
+    and scales so small that an input gives less than one output pixel."""
+    model, data = config.model, config.data
+    blocks = DEPTH_BLOCKS.get(model.backbone, 4)
+    if model.depth and len(model.depth) != blocks:
+        raise ConfigError(f"config.model.depth={tuple(model.depth)} has {len(model.depth)} "
+                          f"entries; model.backbone={model.backbone!r} has {blocks} blocks "
+                          f"(or () for the standard depth)")
+    strides = (8,) if model.backbone == "vgg16" else (8, 16, 32)
+    if model.output_stride not in strides:
+        raise ConfigError(f"config.model.output_stride={model.output_stride} is not one of "
+                          f"{strides} for model.backbone={model.backbone!r}")
+    # The smallest input a branch sees must give at least one output pixel.
+    smallest_model_scale = min(tuple(model.scales) + tuple(model.inference_scales))
+    inputs = (("model.scales", "data.crop_size", min(model.scales), data.crop_size),
+              ("model.scales", "data.eval_size", smallest_model_scale, data.eval_size),
+              ("predict.ms_scales", "data.eval_size",
+               min(config.predict.ms_scales) * smallest_model_scale, data.eval_size))
+    for key, size_key, scale, size in inputs:
+        if size * scale < model.output_stride:
+            raise ConfigError(
+                f"config.{key}={tuple(lookup(config, key))}: the smallest input, "
+                f"config.{size_key}={size} x {scale:g}, is less than one output pixel "
+                f"(model.output_stride={model.output_stride}); use larger scales or sizes")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError` naming the first key whose value cannot work."""
     for key in CHOICES:
@@ -452,33 +661,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.model.inference_scales={inference} differs from "
                           f"model.scales={scales}: only model.merge='hierarchical' can run on "
                           f"scales it was not trained on (set inference_scales=())")
-    if inference and (1.0 not in inference or any(s <= 0 for s in inference)):
-        raise ConfigError(f"config.model.inference_scales={inference} must be positive and "
-                          f"contain 1.0 (the reference size)")
-    if not scales or 1.0 not in scales or any(s <= 0 for s in scales):
-        raise ConfigError(f"config.model.scales={scales} must be positive and contain 1.0 "
-                          f"(the reference size)")
-    for key in ("batch_size", "eval.batch_size", "data.crop_size", "data.eval_size",
-                "train.steps", "train.log_every", "train.checkpoint_every",
-                "train.keep_checkpoints", "train.grad_accum_steps",
-                "model.num_classes"):
-        if lookup(config, key) <= 0:
-            raise ConfigError(f"config.{key}={lookup(config, key)} must be positive")
+    check_ranges(config)
+    if inference and 1.0 not in inference:
+        raise ConfigError(f"config.model.inference_scales={inference} must contain 1.0 (the "
+                          f"reference size)")
+    if 1.0 not in scales:
+        raise ConfigError(f"config.model.scales={scales} must contain 1.0 (the reference "
+                          f"size)")
+    check_relations(config)
     ignore = config.loss.ignore_label
     if not config.model.num_classes <= ignore <= 255:
         raise ConfigError(f"config.loss.ignore_label={ignore} must be in "
                           f"model.num_classes={config.model.num_classes}..255 (not a class id, "
                           f"and it must fit the uint8 labels of the pipeline)")
-    if config.data.canvas_size < 0:
-        raise ConfigError(f"config.data.canvas_size={config.data.canvas_size} must be >= 0 "
-                          f"(0 = data.eval_size)")
-    low, high = config.data.scale_range
-    if not 0 < low <= high:
-        raise ConfigError(f"config.data.scale_range={tuple(config.data.scale_range)} must be "
-                          f"(low, high) with 0 < low <= high")
-    if any(not s > 0 for s in config.data.scale_set):
-        raise ConfigError(f"config.data.scale_set={tuple(config.data.scale_set)} must hold "
-                          f"positive scales (or be () for data.scale_range)")
     if config.parallel.param_sharding != "replicated" and config.parallel.mode != "sharded":
         raise ConfigError(f"config.parallel.param_sharding={config.parallel.param_sharding!r} "
                           f"needs config.parallel.mode='sharded'")
@@ -497,9 +692,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("config.model.init_from is empty: say how a fresh run starts, "
                           "'imagenet' (converted ImageNet weights), a converted file's path, "
                           "or 'scratch' (random initialisation)")
-    if config.optim.bias_lr_mult < 0:
-        raise ConfigError(f"config.optim.bias_lr_mult={config.optim.bias_lr_mult} must be >= 0")
-    validate_crf(config.crf)
     if config.batch_size % config.train.grad_accum_steps:
         raise ConfigError(f"config.batch_size={config.batch_size} must divide into "
                           f"config.train.grad_accum_steps={config.train.grad_accum_steps} "
@@ -508,16 +700,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def validate_crf(crf: ml_collections.ConfigDict) -> None:
     """Raises `ConfigError` naming the first ``crf.*`` key whose value cannot work."""
-    for key in ("iterations", "bilateral_xy_std", "bilateral_rgb_std", "gaussian_xy_std",
-                "search_images"):
-        if not crf[key] > 0:
-            raise ConfigError(f"config.crf.{key}={crf[key]} must be positive")
-    for key in ("bilateral_weight", "gaussian_weight"):
-        if not crf[key] >= 0:
-            raise ConfigError(f"config.crf.{key}={crf[key]} must be >= 0")
-    for key, positive in (("search_bilateral_weights", False),
-                          ("search_bilateral_xy_stds", True), ("search_bilateral_rgb_stds", True)):
-        values = tuple(crf[key])
-        if not values or not all(v > 0 if positive else v >= 0 for v in values):
-            raise ConfigError(f"config.crf.{key}={values} must be a non-empty tuple of "
-                              f"{'positive values' if positive else 'values >= 0'}")
+    for key, value in flatten(crf, "crf.").items():
+        if key in RANGES:
+            check_value(key, value)

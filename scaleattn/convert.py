@@ -14,16 +14,26 @@ import argparse
 import sys
 from typing import Sequence
 
+from scaleattn import config as config_lib
 from scaleattn import outputs, pretrained
 from scaleattn.config import IMAGENET_MEAN, IMAGENET_STD
 
 
-def _triple(text: str) -> tuple[float, float, float]:
-    """'123.7,116.3,103.5' -> (123.7, 116.3, 103.5); anything but 3 numbers is refused."""
-    values = tuple(float(v) for v in text.split(","))
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"need 3 comma-separated RGB values, got {text!r}")
-    return values
+def _triple(key: str):
+    """An argparse ``type`` for ``--mean`` / ``--std``: 'a,b,c' -> (a, b, c), checked
+    against the range of ``config.<key>`` (`config.RANGES`), the values a run accepts."""
+    def parse(text: str) -> tuple[float, float, float]:
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"need 3 comma-separated RGB numbers, got "
+                                             f"{text!r}") from None
+        if not config_lib.RANGES[key].holds(values):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is out of range: it must be {config_lib.RANGES[key].describe()} "
+                f"(as config.{key})")
+        return values
+    return parse
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -36,9 +46,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--from", dest="source", required=True, choices=pretrained.SOURCES,
                    help="the framework SRC comes from")
     p.add_argument("--arch", required=True, choices=pretrained.ARCHS, help="the backbone")
-    p.add_argument("--mean", type=_triple, default=IMAGENET_MEAN,
+    p.add_argument("--mean", type=_triple("data.mean"), default=IMAGENET_MEAN,
                    help="config.data.mean the run will use (RGB, 0..255; default ImageNet's)")
-    p.add_argument("--std", type=_triple, default=IMAGENET_STD,
+    p.add_argument("--std", type=_triple("data.std"), default=IMAGENET_STD,
                    help="config.data.std the run will use (RGB, 0..255; default ImageNet's)")
     p.add_argument("src", help="source weights file")
     p.add_argument("dst", help="output file (msgpack), for config.model.init_from")
@@ -51,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         outputs.check_file(args.dst, "DST", missing_folder_ok=True)  # before the work
+        outputs.check_not_over(args.dst, "DST", inputs=[args.src])
         report = pretrained.convert_file(args.src, args.dst, source=args.source,
                                          arch=args.arch, mean=args.mean, std=args.std)
     except (pretrained.WeightsError, outputs.OutputError) as e:

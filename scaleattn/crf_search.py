@@ -74,6 +74,7 @@ def scored_batches(config, model, state, limit: int) -> list[ScoredBatch]:
         if keep == 0:
             break
         logits = np.asarray(forward(state, jnp.asarray(image[:keep])), np.float32)
+        inference.check_finite_probs(logits, f"eval images {seen}..{seen + keep - 1}")
         batches.append(ScoredBatch(
             logits, np.asarray(crf.image_rgb(image[:keep], tuple(config.data.mean),
                                              tuple(config.data.std))),

@@ -154,6 +154,17 @@ def prepare_data(data_config) -> None:
         pipeline.ensure_prepared(data_config)
 
 
+def check_data_fits(config: ml_collections.ConfigDict) -> None:
+    """Before training, what would otherwise fail after it: the eval split exists and
+    its images fit ``data.eval_size`` (and the train images the canvas of device
+    augmentation); `data.pipeline.check_sizes`."""
+    from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
+    try:
+        pipeline.check_sizes(config.data)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+
+
 def evaluate(run: Run, state, split: str | None = None) -> dict:
     """mIoU, pixel accuracy and per-class IoU of (device) ``state`` over a split.
 
@@ -168,11 +179,17 @@ def evaluate(run: Run, state, split: str | None = None) -> dict:
     total = np.zeros((2,) * bool(cfg.eval.crf) + (cfg.model.num_classes,) * 2, np.int64)
     for i, batch in enumerate(pipeline.eval_batches(cfg.data, batch_size=eval_batch,
                                                     ignore_label=cfg.loss.ignore_label,
+                                                    num_classes=cfg.model.num_classes,
                                                     split=split)):
         if cfg.eval.max_batches and i >= cfg.eval.max_batches:
             break
-        confusion = run.eval_step(state, run.layout.put_batch(batch))
-        total += np.asarray(run.layout.host(confusion))
+        confusion, nonfinite = run.layout.host(run.eval_step(state, run.layout.put_batch(batch)))
+        if int(np.asarray(nonfinite)):
+            raise inference.NonFiniteScores(
+                f"the network's scores hold {int(np.asarray(nonfinite))} NaN/Inf values on "
+                f"eval batch {i} of {split or cfg.data.eval_split}: no metric is reported "
+                f"(the parameters overflow; retrain with a lower optim.base_lr)")
+        total += np.asarray(confusion)
     scores = crf.scores_with_crf(total)
     if cfg.eval.crf:
         logging.info("dense CRF: mIoU %.4f (%.4f without it)", scores["miou"],

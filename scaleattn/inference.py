@@ -26,6 +26,19 @@ from scaleattn.models import build_model, layers
 from scaleattn.state import variables_of
 
 
+class NonFiniteScores(RuntimeError):
+    """The network gave NaN/Inf scores: no metric or picture is made from them."""
+
+
+def check_finite_probs(probs, where: str) -> None:
+    """`NonFiniteScores` naming ``where`` if ``probs`` holds a NaN or an Inf."""
+    bad = int(np.sum(~np.isfinite(np.asarray(probs))))
+    if bad:
+        raise NonFiniteScores(f"the network's scores hold {bad} NaN/Inf values on {where}: "
+                              f"nothing is reported (the parameters overflow; retrain with a "
+                              f"lower optim.base_lr)")
+
+
 # --------------------------------------------------------------------- forward ---
 
 
@@ -101,12 +114,14 @@ def evaluate_ms_flip(config, model, state) -> dict:
     crf_params = crf.CRFParams.from_config(config.crf) if config.eval.crf else None
     total = np.zeros((2,) * bool(crf_params) + (config.model.num_classes,) * 2, np.int64)
     for i, batch in enumerate(pipeline.eval_batches(config.data, batch_size=batch_size,
-                                                    ignore_label=config.loss.ignore_label)):
+                                                    ignore_label=config.loss.ignore_label,
+                                                    num_classes=config.model.num_classes)):
         if config.eval.max_batches and i >= config.eval.max_batches:
             break
         probs = ms_flip_probs(state, batch["image"], model=model,
                               scales=tuple(config.predict.ms_scales),
                               flip=config.predict.flip)
+        check_finite_probs(probs, f"ms+flip eval batch {i}")
         predictions = [jnp.argmax(probs, -1)]
         if crf_params:
             predictions.append(jnp.argmax(crf.eval_batch_marginals(
@@ -128,7 +143,8 @@ def evaluate_ms_flip(config, model, state) -> dict:
 
 
 def restore_trained(config, workdir: str, *, fallback: bool = False):
-    """``(model, host state, step)`` of the latest checkpoint in ``workdir``.
+    """``(model, host state, step)`` of the latest checkpoint in ``workdir``
+    (a tuple: unpack it, ``model, state, step = restore_trained(...)``).
 
     Read-only. The checkpoint's saved config must define the same model as ``config``
     and its arrays must pass their checksums (`checkpoint.restore_latest`); a damaged

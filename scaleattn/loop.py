@@ -11,6 +11,7 @@ the pictures of a few eval images (``eval_pictures/``, `summaries.EvalPictures`)
 """
 
 import collections
+import contextlib
 import os
 import time
 from typing import Callable, Iterator
@@ -33,18 +34,23 @@ def check_finite(step: int, values: dict, last_checkpoint: int | None = None) ->
     """Raises `NonFiniteLossError` naming ``step`` (1-based) if its loss or gradient norm
     (``values['loss']``, ``values.get('grad_norm')``) is NaN or Inf.
 
-    A finite loss and gradient norm mean the update of that step was finite too, so
-    a checkpoint saved after a checked step holds finite parameters.
+    A finite loss and gradient norm do not make the update finite (a huge learning
+    rate overflows it): the state itself is checked when it is saved (`Trainer.save`).
     """
     for key, name in (("loss", "the loss"), ("grad_norm", "the gradient norm")):
         value = values.get(key, 0.0)
         if not np.isfinite(value):
-            kept = ("no checkpoint was saved yet" if last_checkpoint is None else
-                    f"the last good checkpoint (step {last_checkpoint}) is kept and a rerun "
-                    f"resumes from it")
             raise NonFiniteLossError(
-                f"{name} is {value} at step {step}: the run stopped; {kept}. Lower "
-                f"optim.base_lr or check the data.")
+                f"{name} is {value} at step {step}: the run stopped; "
+                f"{kept_checkpoint(last_checkpoint)}. Lower optim.base_lr or check the data.")
+
+
+def kept_checkpoint(last_checkpoint: int | None) -> str:
+    """What a stopped run leaves to resume from (every saved state is finite, `checkpoint.save`)."""
+    if last_checkpoint is None:
+        return "no checkpoint was saved yet"
+    return (f"the last finite checkpoint (step {last_checkpoint}) is kept and a rerun "
+            f"resumes from it")
 
 
 def read_scalars(layout: parallel.Layout, step_metrics: dict) -> dict:
@@ -70,7 +76,8 @@ def prefetch(batches: Iterator[dict], put: Callable[[dict], dict], size: int) ->
 
 
 def finish_run(run: experiment.Run, workdir: str, device_state, scores: dict, *,
-               wall_time_s: float, start: str | None = None) -> dict | None:
+               wall_time_s: float, start: str | None = None,
+               resumed_at: int | None = None) -> dict | None:
     """End of training: multi-scale + flip eval if ``predict.ms_eval_at_end``, then
     ``run.json`` (`records.run_record`). Every process takes part in the evaluation;
     process 0 writes the file and gets the record (the others ``None``)."""
@@ -83,7 +90,8 @@ def finish_run(run: experiment.Run, workdir: str, device_state, scores: dict, *,
         return None
     record = records.run_record(config, steps=int(host_state.step), scores=scores,
                                 ms_flip_scores=ms_flip, wall_time_s=wall_time_s,
-                                params=host_state.params, start=start)
+                                params=host_state.params, start=start,
+                                resumed_at=resumed_at)
     records.write_run(workdir, record)
     return record
 
@@ -107,6 +115,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return Trainer(config, workdir, preemption).train()
 
 
+def resume_position(config: ml_collections.ConfigDict, meta: dict, workdir: str) -> int:
+    """The training images read before the checkpoint ``meta`` describes (all processes).
+
+    Refuses (`config.ConfigError`) a ``train.steps`` below the checkpoint's step. A run
+    resumed with another ``batch_size`` continues at the same image, not the same
+    batch (checkpoints of older versions, which stored no image position, must keep
+    their batch size).
+    """
+    step = int(meta["step"])
+    if config.train.steps < step:
+        raise config_lib.ConfigError(
+            f"config.train.steps={config.train.steps} is below the step of the checkpoint "
+            f"in {workdir} (step {step}): that run has trained past it. Evaluate it with "
+            f"--mode=eval, continue with --config.train.steps>={step}, or use another "
+            f"--workdir for a {config.train.steps}-step run")
+    saved_batch = meta.get("batch_size")
+    if "data_position_images" not in meta:
+        if saved_batch not in (None, config.batch_size):
+            raise config_lib.ConfigError(
+                f"config.batch_size={config.batch_size} differs from the checkpoint's "
+                f"({saved_batch}), whose data position is in batches: resume with "
+                f"--config.batch_size={saved_batch}")
+        return step * config.batch_size
+    images = int(meta["data_position_images"])
+    if saved_batch is not None and saved_batch != config.batch_size:
+        logging.warning("batch_size %d differs from the checkpoint's %d: the data continues "
+                        "at image %d of the stream (not at batch %d).", config.batch_size,
+                        saved_batch, images, step)
+    return images
+
+
 class Trainer:
     """One training run from its first (or resumed) step to its last.
 
@@ -118,11 +157,11 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                  preemption: PreemptionFlag):
         self.config, self.workdir, self.preemption = config, workdir, preemption
-        if not experiment.has_checkpoints(workdir):  # its start must exist before anything
+        resuming = experiment.has_checkpoints(workdir)
+        if not resuming:  # its start must exist before anything
             self.start = experiment.check_pretrained_start(config)
-        else:
-            self.start = config_lib.pretrained_file(config.model) or config_lib.INIT_SCRATCH
         experiment.prepare_data(config.data)
+        experiment.check_data_fits(config)
         self.run = run = experiment.setup_run(config)
         self.layout = layout = run.layout
         experiment.check_batch_sizes(config, layout)
@@ -136,13 +175,18 @@ class Trainer:
         initializer = experiment.state_initializer(run, init_rng)
         restored = checkpoint.restore_latest(self.manager, layout.abstract_state(initializer),
                                              self.train_rng, config=config, writable=True)
+        self.resumed_at = None
         if restored is not None:  # model.init_from is not read: the checkpoint has it all
             state, self.train_rng, meta = restored
-            self.start_step = self.last_saved = int(meta["data_position"])
+            self.start_step = self.last_saved = self.resumed_at = int(meta["step"])
+            self.start = meta.get("start")  # where the run's first step started from
+            self.start_image = resume_position(config, meta, workdir)
             logging.info("Resuming at step %d.", self.start_step)
         else:
             state = experiment.initial_state(run, init_rng)
-            self.start_step, self.last_saved = 0, None
+            self.start_step, self.last_saved, self.start_image = 0, None, 0
+            if resuming:  # every step was set aside as damaged: a fresh start after all
+                self.start = experiment.check_pretrained_start(config)
         num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
         logging.info("Model %s: %.2fM parameters, %d process(es), %d device(s), %s, global "
                      "batch %d%s.", config.name, num_params / 1e6, jax.process_count(),
@@ -165,15 +209,43 @@ class Trainer:
             check_finite(step_done, values, self.last_saved)
 
     def save(self, step_done: int, eval_scores: dict | None = None) -> None:
-        """Checkpoints the state after ``step_done`` steps (once per step)."""
+        """Checkpoints the state after ``step_done`` steps (once per step).
+
+        A state with NaN/Inf arrays is not saved: `NonFiniteLossError` names the step,
+        the arrays and the last finite checkpoint. A write that fails (disk full, a
+        file-size limit) is a `checkpoint.CheckpointError` naming the step and the
+        checkpoint still intact.
+        """
         if self.last_saved == step_done:
             return
         self.check_pending()
-        checkpoint.save(self.manager, step_done, self.layout.saveable(self.device_state),
-                        self.train_rng, self.config,
-                        metrics=None if eval_scores is None else
-                        {"miou": float(eval_scores["miou"])})
+        try:
+            checkpoint.save(self.manager, step_done, self.layout.saveable(self.device_state),
+                            self.train_rng, self.config,
+                            metrics=None if eval_scores is None else
+                            {"miou": float(eval_scores["miou"])},
+                            start=self.start, position_images=self.position_images(step_done))
+        except checkpoint.NonFiniteState as e:
+            raise NonFiniteLossError(
+                f"{e} although the loss was finite (the update overflowed): it was not "
+                f"saved and the run stopped; {kept_checkpoint(self.last_saved)}. Lower "
+                f"optim.base_lr (now {self.config.optim.base_lr:g}) or check the data.") from None
+        except checkpoint.CheckpointError:
+            raise
+        except Exception as e:  # pylint: disable=broad-except  # Orbax / TensorStore / OS
+            raise checkpoint.write_error(self.manager, step_done, e) from None
         self.last_saved = step_done
+
+    def position_images(self, step_done: int) -> int:
+        """Training images the run has read after ``step_done`` steps (all processes)."""
+        return self.start_image + (step_done - self.start_step) * self.config.batch_size
+
+    def wait_for_saves(self) -> None:
+        """Waits for the asynchronous saves; a failed one is a `checkpoint.CheckpointError`."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except
+            raise checkpoint.write_error(self.manager, None, e) from None
 
     def evaluate(self, step_done: int) -> dict:
         """Scores on the eval split, logged, with pictures in TensorBoard."""
@@ -191,7 +263,10 @@ class Trainer:
                                                batch_size=self.run.local_batch,
                                                seed=self.config.seed,
                                                ignore_label=self.config.loss.ignore_label,
-                                               start_step=self.start_step),
+                                               num_classes=self.config.model.num_classes,
+                                               start_step=self.start_step,
+                                               start_example=self.start_image //
+                                               jax.process_count()),
                         self.layout.put_batch, self.config.data.device_prefetch)
 
     # ------------------------------------------------------------------ the loop
@@ -223,7 +298,7 @@ class Trainer:
                     self.save(done, eval_scores)
                 if self.preemption.reached(done):
                     self.save(done)
-                    self.manager.wait_until_finished()
+                    self.wait_for_saves()
                     logging.warning("Preempted: saved step %d, exiting; rerun to resume.", done)
                     raise Preempted(done, self.preemption.signal_name)
             final = max(cfg.steps, self.start_step)
@@ -233,17 +308,18 @@ class Trainer:
                 self.save(final, scores)
             else:
                 self.save(final)
-            self.manager.wait_until_finished()
+            self.wait_for_saves()
         except Preempted:
             self.writer.close()
             raise
         finally:  # an exception must not cut an asynchronous save short
-            self.manager.wait_until_finished()
+            with contextlib.suppress(Exception):  # a failed save was reported above
+                self.manager.wait_until_finished()
         logging.info("Training took %.1f s.", time.time() - run_start)
         if cfg.eval_at_end and not cfg.keep_best:
             scores = self.evaluate(cfg.steps)
         finish_run(self.run, self.workdir, self.device_state, scores, start=self.start,
-                   wall_time_s=time.time() - run_start)
+                   resumed_at=self.resumed_at, wall_time_s=time.time() - run_start)
         if cfg.eval_at_end and "://" not in self.workdir:  # PNG files on a local disk
             self.pictures.save(self.layout.host(self.device_state),
                                os.path.join(self.workdir, summaries.PICTURES_DIR))

@@ -42,8 +42,8 @@ flags.DEFINE_bool("distributed", False, "Multi-process from the environment: "
                   "jax.distributed.initialize() finds the coordinator on Cloud TPU VMs and "
                   "SLURM (automatic inside an srun step of several tasks).")
 flags.DEFINE_bool("checkpoint_fallback", False, "--mode=eval|predict|analyze|crf_search: if "
-                  "the newest checkpoint is damaged (fails its checksums), use the newest "
-                  "good one instead of stopping.")
+                  "the newest checkpoint is damaged (fails its checksums) or holds NaN/Inf "
+                  "values, use the newest good one instead of stopping.")
 flags.DEFINE_bool("skip_bad_inputs", False, "--mode=predict: predict the readable images and "
                   "list the unreadable ones at the end, instead of stopping before any output.")
 flags.mark_flags_as_required(["config"])
@@ -132,7 +132,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # pylint: disable=import-outside-toplevel
-    from scaleattn import checkpoint, experiment, loop, outputs, parallel, preemption, runlock
+    from scaleattn import (checkpoint, experiment, inference, loop, outputs, parallel,
+                           preemption, runlock)
     from scaleattn.data import errors
     from scaleattn.pretrained import WeightsError
     config = load_config()
@@ -160,11 +161,39 @@ def main(argv):
         sys.exit(PREEMPTED_EXIT)
     except (config_lib.ConfigError, errors.DataError, checkpoint.CheckpointError,
             loop.NonFiniteLossError, WeightsError, runlock.WorkdirLocked,
-            outputs.OutputError) as e:
+            outputs.OutputError, inference.NonFiniteScores) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # a file or folder that cannot be read or written, named
         where = f"{e.filename}: " if e.filename else ""
         sys.exit(f"error: {where}{e.strerror or first_line(e)}")
+    except Exception as e:  # pylint: disable=broad-except
+        message = environment_error(e)
+        if message is None:
+            raise
+        sys.exit(f"error: {message}")
+
+
+def environment_error(error: Exception) -> str | None:
+    """The one line for an error of the machine rather than of the code: a JAX backend
+    that cannot start (``JAX_PLATFORMS`` naming one this install lacks) or device
+    memory running out; ``None`` for any other error."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    frames = []
+    tb = error.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    if platforms and (isinstance(error, (RuntimeError, AssertionError))
+                      and any(f.endswith("xla_bridge.py") for f in frames)):
+        detail = first_line(error) if str(error) else "that backend is not installed"
+        return (f"JAX_PLATFORMS={platforms}: JAX cannot start that backend on this machine "
+                f"({detail}); unset JAX_PLATFORMS to use what is there, or install the JAX "
+                f"build for it")
+    if "RESOURCE_EXHAUSTED" in str(error) or "Out of memory" in str(error):
+        return (f"the device ran out of memory ({first_line(error, limit=160)}): lower "
+                f"batch_size, data.crop_size / data.eval_size or model.scales / "
+                f"predict.ms_scales, or set train.grad_accum_steps / model.remat")
+    return None
 
 
 def print_summary(config, scores: dict) -> None:
@@ -189,6 +218,10 @@ def run_tool(config) -> None:
                                           (".json" if FLAGS.mode in ("bench", "crf_search")
                                            else ""))
     from scaleattn import outputs
+    outputs.check_not_over(output, "--output", folder=FLAGS.mode in ("predict", "analyze"),
+                           inputs=[FLAGS["config"].config_filename.split(":", 1)[0],
+                                   *FLAGS.input],
+                           workdirs=[FLAGS.workdir] if FLAGS.workdir else [])
     if FLAGS.mode == "bench":
         from scaleattn import bench
         bench.main(config, outputs.check_file(output, "--output", missing_folder_ok=True))
@@ -216,6 +249,8 @@ class QuietLibraries:
     def filter(self, record) -> bool:
         path = record.pathname.replace("\\", "/")
         noisy = any(f"/{p}" in path for p in self.prefixes)
+        if noisy and record.exc_info:  # the error is reported in one line by the caller
+            record.exc_info, record.exc_text = None, None
         if noisy and any(text in str(record.msg) for text in self.expected):
             return False
         return record.levelno > std_logging.INFO or not noisy  # absl's INFO is 0, not 20

@@ -87,6 +87,65 @@ def check_dir(path: str, what: str) -> str:
     return path
 
 
+# What a training run owns in its workdir: no tool writes there.
+RUN_RECORDS = ("run.json", "train.lock")
+RUN_FOLDERS = ("checkpoints", "checkpoints_unreadable")
+
+
+def _same(a: str, b: str) -> bool:
+    """Whether paths ``a`` and ``b`` name the same file or folder (links followed)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (links followed)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_not_over(path: str, what: str, *, inputs=(), workdirs=(),
+                   folder: bool = False) -> str:
+    """Refuses (`OutputError`, one line) an output that would destroy what a tool reads
+    or what a training run owns; returns ``path``.
+
+    ``path`` may not be any of ``inputs`` (files or folders the tool reads), nor a
+    run record (``run.json``, ``train.lock``) of, nor anything inside the checkpoint
+    folders of, any of ``workdirs``. A ``folder`` output may moreover not hold an
+    input (its outputs would become the next run's inputs). URLs are not checked.
+    """
+    if "://" in path:
+        return path
+    path = os.path.abspath(os.path.expanduser(path))
+    for item in inputs:
+        if not item or "://" in str(item):
+            continue
+        item = os.path.abspath(os.path.expanduser(str(item)))
+        if _same(path, item):
+            raise OutputError(f"{what}={path} is also an input: writing it would destroy "
+                              f"what is read; choose another place")
+        if folder and _inside(item, path):
+            raise OutputError(f"{what}={path} holds the input {item}: the outputs would be "
+                              f"read as inputs next time; choose a folder without inputs")
+    for workdir in workdirs:
+        if not workdir or "://" in str(workdir):
+            continue
+        workdir = os.path.abspath(os.path.expanduser(str(workdir)))
+        for name in RUN_RECORDS:
+            if _same(path, os.path.join(workdir, name)):
+                raise OutputError(f"{what}={path} is the run's own {name}; choose another "
+                                  f"file name")
+        for name in RUN_FOLDERS:
+            if _inside(path, os.path.join(workdir, name)):
+                raise OutputError(f"{what}={path} is inside {os.path.join(workdir, name)}, "
+                                  f"which the training run owns; choose a place outside it")
+    return path
+
+
 def make_dir(path: str, what: str) -> str:
     """Creates folder ``path`` (and its parents); `OutputError` naming it if it cannot."""
     try:

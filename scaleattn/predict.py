@@ -152,6 +152,7 @@ def predict_image(predictor: inference.Predictor, state, image: np.ndarray, data
     h, w = image.shape[:2]
     padded = normalize_and_pad(image, data_config)
     outputs = predictor(state, padded)
+    inference.check_finite_probs(outputs["probs"], "this image")
     if crf_params is not None:
         rgb = np.zeros(padded.shape, np.float32)
         rgb[0, :h, :w] = image

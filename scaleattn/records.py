@@ -91,11 +91,14 @@ def device_description() -> str:
 
 
 def run_record(config, *, steps: int, scores: dict, ms_flip_scores: dict | None,
-               wall_time_s: float, params, start: str | None = None) -> dict:
+               wall_time_s: float, params, start: str | None = None,
+               resumed_at: int | None = None) -> dict:
     """The JSON-able record of a finished run (see the module docstring).
 
     ``start`` is where the run's first step started from: 'scratch' or the path of
-    the converted ImageNet file (``None``: not known).
+    the converted ImageNet file, as the checkpoints recorded it on a resumed run
+    (``None``: not known); ``resumed_at``: the step this process resumed from
+    (``None``: it trained from the start).
     """
     from scaleattn import crf  # pylint: disable=import-outside-toplevel
 
@@ -109,6 +112,7 @@ def run_record(config, *, steps: int, scores: dict, ms_flip_scores: dict | None,
         "steps": int(steps),
         "seed": int(config.seed),
         "start": start,
+        "resumed_at_step": resumed_at,
         "miou": score(scores, "miou"),
         "pixel_accuracy": score(scores, "pixel_accuracy"),
         "per_class_iou": None if not scores or scores.get("per_class_iou") is None else
@@ -167,6 +171,7 @@ RECORD_FIELDS = {
     "miou_ms_flip": ((float, int, type(None)), False),
     "wall_time_s": ((float, int, type(None)), False), "device": ((str,), False),
     "params_sha256": ((str,), False), "start": ((str, type(None)), False),
+    "resumed_at_step": ((int, type(None)), False),
     "versions": ((dict,), False),
 }
 SCORE_FIELDS = ("miou", "pixel_accuracy", "miou_ms_flip")

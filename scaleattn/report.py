@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from scaleattn import identity, outputs
-from scaleattn.records import load_run
+from scaleattn.records import load_run, run_path
 
 # Published VOC 2012 numbers we could source, each with its split, CRF and MS-COCO
 # setting. A run is compared only with the rows whose `match` equals its `setting`
@@ -174,6 +174,44 @@ def seed_groups(records: list[dict]) -> list[list[dict]]:
     return groups
 
 
+def group_labels(groups: list[list[dict]]) -> list[str]:
+    """A label per group: its run name, followed where several groups share the name by
+    the keys (and values) that tell them apart, e.g. ``demo (optim.base_lr=0.02)``."""
+    labels = []
+    for group in groups:
+        name = group[0].get("name", "—")
+        twins = [g[0] for g in groups if g[0].get("name", "—") == name]
+        if len(twins) == 1:
+            labels.append(name)
+            continue
+        flats = [dict(identity.flat_config(r.get("config", {})), steps=r.get("steps"))
+                 for r in twins]
+        mine = dict(identity.flat_config(group[0].get("config", {})),
+                    steps=group[0].get("steps"))
+        keys = sorted(k for k in set().union(*flats)
+                      if (k == "steps" or identity.defines_setting(k))
+                      and len({repr(f.get(k)) for f in flats}) > 1)
+        labels.append(f"{name} ({', '.join(f'{k}={mine.get(k)}' for k in keys)})")
+    return labels
+
+
+def check_distinct(records: list[dict]) -> None:
+    """ValueError naming the second copy if a run is given twice: the same workdir, or
+    two workdirs holding the same record (a copied run would count twice in a mean)."""
+    seen = {}
+    for r in records:
+        keys = {"folder": os.path.realpath(str(r.get("workdir", "")))}
+        if r.get("params_sha256") is not None:
+            keys["record: parameters, date and seed"] = (
+                r.get("params_sha256"), r.get("date"), r.get("name"), r.get("seed"))
+        for what, key in keys.items():
+            if (what, key) in seen:
+                raise ValueError(f"{r.get('workdir')} is the same run as {seen[what, key]} "
+                                 f"(the same {what}); give each run once, or its mean over "
+                                 f"seeds would count it twice")
+            seen[what, key] = r.get("workdir")
+
+
 def mean_std(values: list) -> str:
     """'mean ± std' in % over the runs that have the value (sample std, n - 1)."""
     values = [100 * float(v) for v in values if v is not None]
@@ -201,10 +239,11 @@ def seed_table(records: list[dict]) -> str:
     header = ("| config | seeds | steps | mIoU | per-class IoU | mIoU ms+flip | paper mIoU "
               "| paper setting |")
     lines, notes = [header, "|" + "---|" * (header.count("|") - 1)], []
-    for group in seed_groups(records):
+    groups = seed_groups(records)
+    for group, label in zip(groups, group_labels(groups)):
         differing = version_differences(group)
         if differing:
-            notes.append(f"- {group[0].get('name', '—')}: its runs used different library "
+            notes.append(f"- {label}: its runs used different library "
                          "versions (" + "; ".join(f"{name} {', '.join(versions)}"
                                                   for name, versions in differing.items())
                          + "), which can move the scores")
@@ -212,7 +251,7 @@ def seed_table(records: list[dict]) -> str:
         classes = ("—" if any(p is None for p in per_class) else " / ".join(
             mean_std(list(column)) for column in zip(*per_class)))
         lines.append("| " + " | ".join([
-            group[0].get("name", "—"), ", ".join(str(r.get("seed", "?")) for r in group),
+            label, ", ".join(str(r.get("seed", "?")) for r in group),
             str(group[0].get("steps", "—")), mean_std([r.get("miou") for r in group]),
             classes, mean_std([r.get("miou_ms_flip") for r in group]),
             *paper_cells(group[0])]) + " |")
@@ -259,7 +298,12 @@ def main(argv=None) -> int:
     try:
         output = outputs.check_file(args.output, "--output") if args.output else None
         json_output = outputs.check_file(args.json, "--json") if args.json else None
+        for flag, path in (("--output", output), ("--json", json_output)):
+            if path:
+                outputs.check_not_over(path, flag, workdirs=args.workdirs,
+                                       inputs=[str(run_path(w)) for w in args.workdirs])
         records = [load_run(w) for w in args.workdirs]
+        check_distinct(records)
     except (ValueError, outputs.OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -170,8 +170,11 @@ def accumulate_gradients(grad_fn, state: TrainState, batch: dict, rng: jax.Array
 
 def eval_step(state: TrainState, batch: dict, *, model, num_classes: int,
               ignore_label: int = 255, replicas: parallel.Replicas = parallel.SINGLE,
-              crf_params: crf.CRFParams | None = None, data_config=None) -> jnp.ndarray:
-    """``[C, C]`` confusion matrix of one batch, summed over replicas.
+              crf_params: crf.CRFParams | None = None, data_config=None
+              ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """``([C, C] confusion matrix, number of NaN/Inf scores)`` of one batch, both summed
+    over replicas (a metric of non-finite scores would be meaningless: the caller
+    refuses it).
 
     The merged logits are upsampled (bilinear) to the label size before the argmax,
     so the metric is computed at full resolution. With ``crf_params``, ``[2, C, C]``:
@@ -179,6 +182,7 @@ def eval_step(state: TrainState, batch: dict, *, model, num_classes: int,
     RGB comes from ``data_config.mean`` / ``std``).
     """
     logits = model.apply(variables_of(state), batch["image"], train=False)["logits"]
+    nonfinite = jnp.sum(~jnp.isfinite(logits.astype(jnp.float32)), dtype=jnp.int32)
     logits = layers.resize_bilinear(logits.astype(jnp.float32), batch["label"].shape[1:3])
     predictions = [jnp.argmax(logits, -1)]
     if crf_params is not None:
@@ -188,4 +192,4 @@ def eval_step(state: TrainState, batch: dict, *, model, num_classes: int,
         predictions.append(jnp.argmax(marginals, -1))
     confusion = jnp.stack([metrics.confusion_matrix(p, batch["label"], num_classes, ignore_label)
                            for p in predictions])
-    return replicas.sum(confusion[0] if crf_params is None else confusion)
+    return replicas.sum((confusion[0] if crf_params is None else confusion, nonfinite))

@@ -757,3 +757,151 @@ def test_launchers_name_a_missing_command_in_one_line(tmp_path):
         result = subprocess.run([sys.executable, os.path.join(REPO, "launch", script), *args],
                                 capture_output=True, text=True, timeout=60, env=env)
         one_line_error(result, fragment)
+
+
+# ------------------------------------------- saved state, resume, outputs, machine ---
+
+
+@pytest.mark.parametrize("steps", [4, 1])
+def test_an_overflowing_update_is_never_saved_and_names_the_arrays(tiny_config, tmp_path,
+                                                                   steps):
+    """base_lr=1e38: the first loss is finite, its update is not; with a checkpoint
+    every step (and with a 1-step run, whose only save is its last) nothing is saved,
+    the stop names the step and the arrays, and no run.json claims a result."""
+    config = tiny_config(steps)
+    config.optim.base_lr, config.train.checkpoint_every = 1e38, 1
+    with pytest.raises(loop.NonFiniteLossError,
+                       match=r"the state of step 1 holds NaN/Inf values in params/\S+.* "
+                             r"no checkpoint was saved yet"):
+        loop.train_and_evaluate(config, str(tmp_path))
+    assert checkpoint.complete_steps(tmp_path / "checkpoints") == []
+    assert not (tmp_path / "run.json").exists()
+
+
+def poison(workdir, step, config):
+    """Rewrites ``step`` with a NaN in one parameter, as a version that did not check
+    the state before saving would have written it."""
+    from test_faults import save_unchecked  # pylint: disable=import-outside-toplevel
+    manager = checkpoint.make_manager(str(workdir), 5, training=True, async_save=False)
+    tree, _ = checkpoint.read(manager, step)
+    first = sorted(jax.tree_util.tree_leaves_with_path(tree["state"]["params"]),
+                   key=lambda kv: jax.tree_util.keystr(kv[0]))[0][1]
+    first.reshape(-1)[0] = np.nan
+    manager.delete(step)
+    save_unchecked(manager, step, tree["state"], config)
+
+
+def test_eval_and_predict_refuse_a_non_finite_checkpoint_fallback_skips_it(trained, tmp_path):
+    config, _ = trained
+    workdir = copy_run(trained, tmp_path)
+    poison(workdir, 4, config)
+    for read in (lambda **kw: experiment.evaluate_checkpoint(config, str(workdir), **kw),
+                 lambda **kw: inference.restore_trained(config, str(workdir), **kw)):
+        with pytest.raises(checkpoint.NonFiniteCheckpoint, match=r"checkpoints/4 holds NaN/Inf"):
+            read()
+    assert inference.restore_trained(config, str(workdir), fallback=True)[2] == 2
+
+
+def test_eval_never_reports_a_metric_of_nan_scores(trained):
+    config, workdir = trained
+    run = experiment.setup_run(config)
+    model, state, _ = inference.restore_trained(config, str(workdir))
+    state = state.replace(params=jax.tree_util.tree_map(lambda x: x * np.nan, state.params))
+    with pytest.raises(inference.NonFiniteScores, match="NaN/Inf values on eval batch 0"):
+        experiment.evaluate(run, run.layout.put_state(state))
+    with pytest.raises(inference.NonFiniteScores):
+        predict.predict_image(inference.Predictor(model), state,
+                              np.zeros((20, 20, 3), np.uint8), config.data)
+
+
+def test_resume_records_its_real_start_and_reads_on_by_images(trained, tiny_config, tmp_path):
+    """A resumed run's run.json names where the run started (not a model.init_from it
+    never loaded) and the step it resumed at; a new batch size continues at the image."""
+    workdir = copy_run(trained, tmp_path)
+    config = tiny_config(6)
+    config.model.init_from = str(tmp_path / "never_loaded.msgpack")
+    config.batch_size, config.eval.batch_size = 4, 4
+    loop.train_and_evaluate(config, str(workdir))
+    record = json.loads((workdir / "run.json").read_text())
+    assert record["start"] == "scratch" and record["resumed_at_step"] == 4
+    _, meta = checkpoint.read(checkpoint.make_manager(str(workdir), 5), 6, tree=False)
+    assert meta["data_position_images"] == 4 * 8 + 2 * 4 and meta["batch_size"] == 4
+
+
+def test_eval_beside_training_reads_the_newest_step_after_a_rotation(trained, tmp_path):
+    """The steps a reader listed are rotated away by a training run before it reads
+    them: it lists again and evaluates the newest instead of 'no checkpoint'."""
+    config, _ = trained
+    workdir = copy_run(trained, tmp_path)
+    steps = workdir / "checkpoints"
+    shutil.move(steps / "4", tmp_path / "4")
+    manager = checkpoint.open_for_reading(str(workdir))  # lists [2]
+    shutil.rmtree(steps / "2")                          # rotated away ...
+    shutil.move(tmp_path / "4", steps / "4")            # ... by a newer step
+    state, rng = restore_template(config)
+    _, _, meta = checkpoint.restore_for_reading(manager, state, rng, config=config)
+    assert meta["step"] == 4
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_full_disk_during_a_save_stops_in_one_line_and_keeps_the_last_checkpoint(
+        trained, tmp_path, async_save):
+    """The file-size limit (RLIMIT_FSIZE, what a full disk looks like to a writer) hits
+    the step-6 save of a resumed run: one line naming the intact step 4, which a rerun
+    resumes from."""
+    config, _ = trained
+    workdir = copy_run(trained, tmp_path)
+    record = (workdir / "run.json").read_bytes()
+    longer = config.copy_and_resolve_references()
+    longer.train.steps, longer.train.async_checkpoints = 6, async_save
+    # bash sets the limit for the child alone; SIGXFSZ ignored: writes fail with EFBIG
+    limited = ["bash", "-c", "trap '' XFSZ; ulimit -f 40; exec \"$@\"", "bash",
+               *main_command(longer, workdir)]
+    result = subprocess.run(limited, cwd=REPO, env=subprocess_env(1), capture_output=True,
+                            text=True, timeout=300)
+    one_line_error(result, f"cannot write checkpoints in {workdir}/checkpoints (File too large)",
+                   "the newest complete checkpoint (step 4) is intact")
+    assert checkpoint.complete_steps(workdir / "checkpoints") == [2, 4]
+    assert (workdir / "run.json").read_bytes() == record  # the 4-step record, untouched
+    manager = checkpoint.make_manager(str(workdir), 5)
+    assert checkpoint.read(manager, 4)[1]["step"] == 4  # checksums verified
+
+
+def test_outputs_over_inputs_and_records_are_refused_by_every_tool(trained, tmp_path):
+    config, workdir = trained
+    run = copy_run(trained, tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "x.png")
+    (run / "run.json").write_text("{}")
+    before = tree_hashes(run)
+    main = [sys.executable, "-m", "scaleattn.main", "--config=configs/demo.py",
+            *demo_config_flags(config), f"--workdir={run}"]
+    cases = {
+        "crf_search over run.json": (main + ["--mode=crf_search", f"--output={run}/run.json"],
+                                     "the run's own run.json"),
+        "predict into its input": (main + ["--mode=predict", f"--input={images}",
+                                           f"--output={images}"], "is also an input"),
+        "predict into a folder of inputs": (main + ["--mode=predict", f"--input={images}/x.png",
+                                                    f"--output={tmp_path}"], "holds the input"),
+        "predict into checkpoints": (main + ["--mode=predict", f"--input={images}",
+                                             f"--output={run}/checkpoints/4"],
+                                     "which the training run owns"),
+        "analyze into checkpoints": (main + ["--mode=analyze", f"--output={run}/checkpoints"],
+                                     "which the training run owns"),
+        "bench over the config": (main + ["--mode=bench", f"--output={REPO}/configs/demo.py"],
+                                  "is also an input"),
+        "JAX_PLATFORMS=cuda": (main + ["--mode=bench", "--config.bench.steps=1"],
+                               "JAX_PLATFORMS=cuda: JAX cannot start that backend"),
+    }
+    env = dict(subprocess_env(1), JAX_PLATFORMS="cuda")
+    children = {name: subprocess.Popen(argv, cwd=REPO, text=True, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE,
+                                       env=env if "cuda" in name else subprocess_env(1))
+                for name, (argv, _) in cases.items()}
+    for name, child in children.items():
+        out, err = child.communicate(timeout=240)
+        print(name, "->", one_line_error(subprocess.CompletedProcess(child.args,
+                                                                     child.returncode, out,
+                                                                     err), cases[name][1]))
+    assert tree_hashes(run) == before and os.listdir(images) == ["x.png"]

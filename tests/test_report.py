@@ -69,11 +69,13 @@ def test_runs_that_differ_only_in_seed_become_one_row_with_mean_and_std():
     runs.append(record("demo", 0.9, seed=3, optim__base_lr=0.5))  # another setting
     lines = report.seed_table(runs).splitlines()
     assert len(lines) == 2 + 3
-    # mean 0.6, sample std 0.1 (in %): 60.00 ± 10.00
-    assert lines[2].startswith("| demo_attention | 0, 1, 2 | 6000 | 60.00 ± 10.00 | "
-                               "90.00 ± 0.00 / 40.00 ± 20.00 / — | 61.00 ± 10.00 |")
+    # mean 0.6, sample std 0.1 (in %): 60.00 ± 10.00; rows of one name are told apart
+    # by the keys whose values differ between them
+    assert lines[2].startswith("| demo_attention (optim.base_lr=0.01) | 0, 1, 2 | 6000 | "
+                               "60.00 ± 10.00 | 90.00 ± 0.00 / 40.00 ± 20.00 / — | "
+                               "61.00 ± 10.00 |")
     assert lines[3].startswith("| demo_avg | 0 | 6000 | 40.00 | — | 41.00 |")
-    assert lines[4].startswith("| demo_attention | 3 | 6000 | 90.00 |")
+    assert lines[4].startswith("| demo_attention (optim.base_lr=0.5) | 3 | 6000 | 90.00 |")
 
 
 def test_seed_groups_that_mix_library_versions_are_named_below_the_table():

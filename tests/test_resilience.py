@@ -153,7 +153,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_
     config.optim.base_lr = 1e8  # step 1 is finite, its update blows the parameters up
     config.train.steps, config.train.checkpoint_every = 4, 1
     with pytest.raises(loop.NonFiniteLossError,
-                       match=r"is (nan|inf) at step 2: .*last good checkpoint \(step 1\) "
+                       match=r"is (nan|inf) at step 2: .*last finite checkpoint \(step 1\) "
                              r"is kept"):
         loop.train_and_evaluate(config, str(tmp_path))
     manager = checkpoint.make_manager(str(tmp_path), 5)

@@ -48,6 +48,7 @@ Design choices:
 
 import math
 import os
+import re
 import time
 from typing import Iterator
 
@@ -57,14 +58,23 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from scaleattn import config as config_lib
-from scaleattn.data import errors, eval_input, shapes
+from scaleattn.data import buildlock, errors, eval_input, shapes
 
 _EVAL_SIZE_ERROR = "image larger than data.eval_size"
 _CANVAS_SIZE_ERROR = "image larger than data.canvas_size"
+_LABEL_ERROR = "label outside the classes"
 
 
 class DatasetNotFoundError(errors.DataError, RuntimeError):
     """The dataset is not prepared in data.data_dir (and cannot be built here)."""
+
+
+class DamagedDatasetError(errors.DataError):
+    """Records of a prepared dataset that cannot be read (truncated, corrupted)."""
+
+
+class LabelError(errors.DataError):
+    """A label value that is neither a class nor the ignore label."""
 
 
 # ----------------------------------------------------------------- builders ---
@@ -130,12 +140,16 @@ def ensure_prepared(data_config) -> None:
         return
     if data_config.name != "scale_shapes":
         raise DatasetNotFoundError(_not_prepared_message(data_config, builder))
-    logging.info("Building the demo dataset %s (config %s) in %s ...",
-                 builder.name, builder.builder_config.name, builder.data_path)
-    start = time.time()
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        try_download_gcs=False))
-    logging.info("Built %s in %.1f s", builder.data_path, time.time() - start)
+    with buildlock.held(data_config.data_dir, data_config.name):
+        builder = get_builder(data_config)  # another process may have built it meanwhile
+        if builder.is_prepared():
+            return
+        logging.info("Building the demo dataset %s (config %s) in %s ...",
+                     builder.name, builder.builder_config.name, builder.data_path)
+        start = time.time()
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False))
+        logging.info("Built %s in %.1f s", builder.data_path, time.time() - start)
 
 
 def _prepared_builder(data_config) -> tfds.core.DatasetBuilder:
@@ -143,6 +157,68 @@ def _prepared_builder(data_config) -> tfds.core.DatasetBuilder:
     if not builder.is_prepared():
         raise DatasetNotFoundError(_not_prepared_message(data_config, builder))
     return builder
+
+
+def check_split(data_config, builder, split: str, key: str) -> None:
+    """`DataError` naming ``config.data.<key>`` unless the dataset has ``split``."""
+    name = split.split("[", 1)[0]
+    if name not in builder.info.splits:
+        raise errors.DataError(
+            f"config.data.{key}={split!r}: dataset {data_config.name} in "
+            f"{builder.data_path} has no such split (it has "
+            f"{', '.join(sorted(builder.info.splits))})")
+
+
+def _encoded_size(data: tf.Tensor) -> tf.Tensor:
+    """(height, width) int32 of an encoded PNG or JPEG image, read from its header."""
+    def png():
+        b = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 16, 8), tf.uint8), tf.int32)
+        width = b[0] * 2**24 + b[1] * 2**16 + b[2] * 2**8 + b[3]
+        height = b[4] * 2**24 + b[5] * 2**16 + b[6] * 2**8 + b[7]
+        return tf.stack([height, width])
+    return tf.cond(tf.strings.substr(data, 0, 4) == b"\x89PNG", png,
+                   lambda: tf.image.extract_jpeg_shape(data)[:2])
+
+
+def largest_image(data_config, split: str) -> tuple[int, int, str]:
+    """``(longest side, index, image_id)`` of the largest image of ``split``, read from
+    the image headers (nothing decoded), so that a size that only matters after
+    training (data.eval_size) is checked before it."""
+    builder = _prepared_builder(data_config)
+    ds = _read_encoded(builder, split).map(
+        lambda example: (tf.reduce_max(_encoded_size(example["image"])),
+                         example["image_id"]),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    best = (0, -1, "")
+    for index, (side, image_id) in enumerate(
+            _raise_data_errors(ds.as_numpy_iterator(), builder)):
+        if side > best[0]:
+            best = (int(side), index, image_id.decode() if isinstance(image_id, bytes)
+                    else str(image_id))
+    return best
+
+
+def check_sizes(data_config) -> None:
+    """Before training: the splits exist, and the images fit data.eval_size (and, with
+    data.augment_on='device', the canvas); `DataError` / `ValueError` naming the key.
+    Each process reads the headers of its own part of the splits (one pass over the
+    encoded records, nothing decoded)."""
+    builder = _prepared_builder(data_config)
+    check_split(data_config, builder, data_config.train_split, "train_split")
+    check_split(data_config, builder, data_config.eval_split, "eval_split")
+    checks = [("eval_split", data_config.eval_split, "eval_size", data_config.eval_size, "")]
+    if data_config.augment_on == "device":
+        checks.append(("train_split", data_config.train_split, "canvas_size",
+                       canvas_size(data_config),
+                       " (0 = data.eval_size), or augment on the host (data.augment_on='host')"))
+    for split_key, split, key, size, fix in checks:
+        index, count = _process(None, None)  # each process checks the part it reads
+        side, _, image_id = largest_image(data_config, tfds.even_splits(split, n=count)[index])
+        if side > size:
+            raise ValueError(
+                f"data.{key}={size} is smaller than image {image_id} of "
+                f"data.{split_key}={split!r} ({side} pixels on its longest side): set "
+                f"data.{key} to at least {side}{fix}.")
 
 
 def num_examples(data_config, split: str) -> int:
@@ -356,7 +432,8 @@ def _example_stream(records: tf.data.Dataset, num_records: int, base_key,
 
 
 def train_batches(data_config, *, batch_size: int, seed: int, ignore_label: int,
-                  start_step: int = 0, process_index: int | None = None,
+                  start_step: int = 0, start_example: int | None = None,
+                  num_classes: int | None = None, process_index: int | None = None,
                   process_count: int | None = None
                   ) -> Iterator[dict[str, np.ndarray]]:
     """Infinite iterator of this process's training batches.
@@ -368,6 +445,11 @@ def train_batches(data_config, *, batch_size: int, seed: int, ignore_label: int,
       ignore_label: `config.loss.ignore_label`: boundaries and padding.
       start_step: batches to skip: the result's first batch is batch number
         `start_step` (0-based) of a fresh stream.
+      start_example: examples of this process's stream to skip instead (a run
+        resumed with another batch size continues at the same example);
+        default `start_step * batch_size`.
+      num_classes: if given, a label value that is neither below it nor
+        `ignore_label` stops the stream (`LabelError` naming the image).
       process_index, process_count: default to JAX's.
     Yields:
       data.augment_on='host': augmented crops, {'image': float32
@@ -391,7 +473,8 @@ def train_batches(data_config, *, batch_size: int, seed: int, ignore_label: int,
                          f"examples of {data_config.train_split}")
     base_key = tf.constant([seed, process_index], tf.int64)
     stream = _example_stream(_read_encoded(builder, split), num_records,
-                             base_key, start_step * batch_size,
+                             base_key, start_step * batch_size
+                             if start_example is None else start_example,
                              min(data_config.shuffle_buffer, num_records))
     augment_key = tf.random.experimental.stateless_fold_in(base_key, 2)
     features = builder.info.features
@@ -399,6 +482,7 @@ def train_batches(data_config, *, batch_size: int, seed: int, ignore_label: int,
 
     def prepare(position, example):
         image, label = _decode(features, example, ignore_label)
+        _assert_labels(label, example, num_classes, ignore_label)
         if on_device:
             tf.debugging.Assert(
                 tf.reduce_all(tf.shape(image)[:2] <= canvas),
@@ -418,7 +502,21 @@ def train_batches(data_config, *, batch_size: int, seed: int, ignore_label: int,
                     deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(
         data_config.prefetch)
-    return _raise_size_errors(ds.as_numpy_iterator())
+    return _raise_data_errors(ds.as_numpy_iterator(), builder)
+
+
+def _assert_labels(label: tf.Tensor, example, num_classes: int | None,
+                   ignore_label: int) -> None:
+    """In-graph check that every label is a class (< num_classes) or the ignore label."""
+    if num_classes is None:
+        return
+    values = tf.cast(label, tf.int32)
+    bad = tf.logical_and(values >= num_classes, values != ignore_label)
+    tf.debugging.Assert(
+        tf.logical_not(tf.reduce_any(bad)),
+        [f"{_LABEL_ERROR} 0..{num_classes - 1} (model.num_classes={num_classes}) and not "
+         f"the ignore label {ignore_label}: image", example["image_id"], "has label",
+         tf.reduce_max(tf.where(bad, values, -1))])
 
 
 # -------------------------------------------------------------- evaluation ---
@@ -450,7 +548,8 @@ def pad_for_eval(image: tf.Tensor, label: tf.Tensor, *, eval_size: int, mean,
 
 
 def eval_batches(data_config, *, batch_size: int, ignore_label: int,
-                 split: str | None = None, process_index: int | None = None,
+                 split: str | None = None, num_classes: int | None = None,
+                 process_index: int | None = None,
                  process_count: int | None = None
                  ) -> Iterator[dict[str, np.ndarray]]:
     """One pass over this process's part of the eval split, in full batches.
@@ -464,6 +563,7 @@ def eval_batches(data_config, *, batch_size: int, ignore_label: int,
       batch_size: examples per batch of this process.
       ignore_label: `config.loss.ignore_label`: boundaries and padding.
       split: TFDS split; default data.eval_split.
+      num_classes: if given, labels are checked as in `train_batches`.
     Yields:
       {'image': float32 [b, S, S, 3], 'label': int32 [b, S, S]},
       S = data.eval_size.
@@ -473,6 +573,7 @@ def eval_batches(data_config, *, batch_size: int, ignore_label: int,
     process_index, process_count = _process(process_index, process_count)
     builder = _prepared_builder(data_config)
     split = split or data_config.eval_split
+    check_split(data_config, builder, split, "eval_split")
     size = data_config.eval_size
     total = builder.info.splits[split].num_examples
     local_split = tfds.even_splits(split, n=process_count)[process_index]
@@ -482,6 +583,7 @@ def eval_batches(data_config, *, batch_size: int, ignore_label: int,
 
     def prepare(example):
         image, label = _decode(features, example, ignore_label)
+        _assert_labels(label, example, num_classes, ignore_label)
         tf.debugging.Assert(
             tf.reduce_all(tf.shape(image)[:2] <= size),
             [f"{_EVAL_SIZE_ERROR}={size}: image", example["image_id"],
@@ -499,14 +601,32 @@ def eval_batches(data_config, *, batch_size: int, ignore_label: int,
         num_batches * batch_size - local))
     ds = ds.batch(batch_size, drop_remainder=True).prefetch(
         data_config.prefetch)
-    return _raise_size_errors(ds.as_numpy_iterator())
+    return _raise_data_errors(ds.as_numpy_iterator(), builder)
 
 
-def _raise_size_errors(batches):
-    """Re-raises the in-graph size checks as ValueErrors naming the data.* key."""
+def _raise_data_errors(batches, builder):
+    """Re-raises the in-graph checks as one-line errors: sizes as ValueErrors naming the
+    data.* key, labels as `LabelError`, unreadable records as `DamagedDatasetError`
+    naming the dataset's folder and how to rebuild it."""
     try:
         yield from batches
+    except tf.errors.DataLossError as e:
+        detail = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", e.message)  # TensorFlow's internals
+        detail = " ".join(detail.split()).strip(" :") or "unreadable record"
+        raise DamagedDatasetError(
+            f"the dataset files in {builder.data_path} are damaged ({detail}): delete that "
+            f"folder and build it again (the demo set is rebuilt on the next run; VOC with "
+            f"python -m scaleattn.data.build)") from None
     except tf.errors.InvalidArgumentError as e:
+        if _LABEL_ERROR in e.message:
+            detail = e.message.split("assertion failed:", 1)[-1].splitlines()[0]
+            found = re.search(r"classes (.+\)) and not the ignore label (\d+): image\W+(\w+)"
+                              r"\W+has label\W+(-?\d+)", detail)
+            classes, ignore, image_id, value = found.groups()
+            raise LabelError(f"image {image_id} of the dataset in {builder.data_path} has "
+                             f"label {value}, neither a class {classes} nor the ignore label "
+                             f"{ignore}: fix the label files, or model.num_classes / "
+                             f"loss.ignore_label") from None
         if _EVAL_SIZE_ERROR in e.message:
             key, what, fix = "eval_size", "An eval image", ""
         elif _CANVAS_SIZE_ERROR in e.message:

@@ -70,7 +70,7 @@ import scipy.io
 import tensorflow_datasets as tfds
 
 from scaleattn.config import VOC_IGNORE_LABEL
-from scaleattn.data import errors
+from scaleattn.data import buildlock, errors
 
 NUM_CLASSES = 21
 CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
@@ -586,11 +586,13 @@ def prepare(data_dir: os.PathLike | str, manual_dir: os.PathLike | str | None = 
             download: bool = False, download_dir: os.PathLike | str | None = None,
             expected_md5: Mapping[str, str | None] | None = None) -> Voc2012:
     """Builds ``voc2012`` under ``data_dir`` (if not built yet); returns the builder."""
-    builder = Voc2012(data_dir=os.fspath(data_dir), expected_md5=expected_md5,
-                      download=download)
     config = tfds.download.DownloadConfig(
         manual_dir=os.fspath(manual_dir) if manual_dir else None)
-    builder.download_and_prepare(
-        download_dir=os.fspath(download_dir) if download_dir else None,
-        download_config=config)
+    check_writable(Path(data_dir), "data_dir")  # before the lock file is made there
+    with buildlock.held(os.fspath(data_dir), "voc2012"):  # one build at a time
+        builder = Voc2012(data_dir=os.fspath(data_dir), expected_md5=expected_md5,
+                          download=download)
+        builder.download_and_prepare(
+            download_dir=os.fspath(download_dir) if download_dir else None,
+            download_config=config)
     return builder
