@@ -32,7 +32,9 @@ setup(
     ],
     extras_require={
         # pytest-xdist: the suite runs on every core (`-n auto`), see docs/getting_started.md.
-        "test": ["pytest>=7", "pytest-xdist>=3.5"],
+        # libtpu (jax[tpu], Linux x86-64 wheels only): its TPU compiler, for the pre-flight
+        # tests that compile the demo for a v5e topology on the CPU (no TPU needed).
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "jax[tpu]>=0.4.30; sys_platform == 'linux'"],
         # Krähenbühl's C++ dense CRF, only to compare scaleattn.crf against
         # (tests/test_crf.py, benchmarks/crf_bench.py, benchmarks/crf_agreement.py); a source
         # package: needs a C++ compiler.

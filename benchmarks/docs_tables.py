@@ -191,6 +191,12 @@ def brief_table() -> str:
               "commit and library versions._")
 
 
+def preflight_table() -> str:
+    """The pre-flight rows of ``benchmarks/results/preflight/`` (`benchmarks.preflight_table`)."""
+    from benchmarks import preflight_table as table  # pylint: disable=import-outside-toplevel
+    return table.render(table.load()).strip()
+
+
 TABLES = (
     Table("run_identity", "docs/reliability.md", identity_table),
     Table("published", "docs/results.md", paper_table),
@@ -211,6 +217,8 @@ TABLES = (
     Table("parallel_equivalence", "docs/scaling.md", figures("parallel_equivalence")),
     Table("results_in_brief", "README.md", brief_table),
     Table("fault_qa", "docs/reliability.md", figures("fault_qa")),
+    Table("compile_time", "docs/preflight.md", figures("compile_time")),
+    Table("preflight", "docs/preflight.md", preflight_table),
 )
 
 

@@ -8,6 +8,10 @@
 
 Steps (each is also a sub-command):
 
+* ``preflight``: on this machine (no TPU), compile the run's train and eval steps for
+  the slice's topology (``python -m scaleattn.main --mode=preflight``, which needs
+  ``pip install -e '.[tpu]'`` here) and stop with its one-line reason when the run
+  would not fit, before any capacity is paid for; ``--skip-preflight`` skips it;
 * ``up``: create a queued resource holding the slice (``--spot`` for spot capacity)
   and wait until it is ACTIVE;
 * ``setup``: copy this repository (``git archive HEAD``) to every worker and install it
@@ -21,7 +25,7 @@ Steps (each is also a sub-command):
 * ``status``: worker 0's exit status and what it means;
 * ``down``: delete the queued resource and its TPU VMs.
 
-``all`` = up, setup, train, logs, status, then: if the run was preempted (status 75,
+``all`` = preflight, up, setup, train, logs, status, then: if the run was preempted (status 75,
 ``PREEMPTED_EXIT``: SIGTERM, checkpoint saved) or the slice is gone (a reclaimed spot
 slice), down and start over, up to ``--max-restarts`` times, each time resuming from
 the checkpoint in the workdir; otherwise down, exiting with the run's status.
@@ -37,8 +41,8 @@ import shlex
 import sys
 import time
 
-from common import (PREEMPTED_EXIT, REPO, Shell, at_least, check_config, run_main,
-                    split_overrides, train_arguments)
+from common import (PREEMPTED_EXIT, REPO, LaunchError, Shell, at_least, check_config,
+                    run_main, split_overrides, train_arguments)
 
 RUNTIME_VERSIONS = {  # accelerator-type prefix -> TPU VM software version
     "v4": "tpu-ubuntu2204-base",
@@ -50,7 +54,16 @@ ARCHIVE = "/tmp/scaleattn.tar.gz"
 REMOTE_DIR = "~/scaleattn"
 LOG = "~/scaleattn.log"
 STATUS = "~/scaleattn.status"
-STEPS = ("up", "setup", "train", "logs", "status", "down")
+STEPS = ("preflight", "up", "setup", "train", "logs", "status", "down")
+# Accelerator-type prefix -> (JAX's generation name, TensorCores per chip: v4 and v5p
+# types count cores, v5e and v6e chips).
+GENERATIONS = {"v4": ("v4", 2), "v5p": ("v5p", 2), "v5litepod": ("v5e", 1), "v6e": ("v6e", 1)}
+# Chips -> the slice's shape (Cloud TPU's default topologies: 3-D tori for v4 / v5p,
+# 2-D for v5e / v6e).
+SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+             256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+             256: "16x16"}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -71,6 +84,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--parallel-mode", default="sharded", choices=("sharded", "pmap"))
     p.add_argument("--max-restarts", type=at_least(0), default=3,
                    help="all: start over this many times after a preemption")
+    p.add_argument("--skip-preflight", action="store_true",
+                   help="do not compile the run for the slice's topology before creating it")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = p.parse_args(own)
     args.overrides = overrides
@@ -82,6 +97,42 @@ def parse(argv: list[str]) -> argparse.Namespace:
             p.error(f"no default --runtime-version for {args.accelerator_type}")
         args.runtime_version = RUNTIME_VERSIONS[prefix]
     return args
+
+
+def topology(accelerator_type: str) -> str | None:
+    """JAX's name of a Cloud TPU accelerator type's topology (``v4-32`` -> ``v4:2x2x4``,
+    ``v5litepod-16`` -> ``v5e:4x4``), or None when it is not a known default shape."""
+    prefix, _, count = accelerator_type.partition("-")
+    if prefix not in GENERATIONS or not count.isdigit():
+        return None
+    generation, cores_per_chip = GENERATIONS[prefix]
+    chips = int(count) // cores_per_chip
+    shape = (SHAPES_3D if cores_per_chip == 2 else SHAPES_2D).get(chips)
+    return f"{generation}:{shape}" if shape else None
+
+
+def preflight(shell: Shell, args) -> None:
+    """Compiles the run for the slice's topology here; stops if it would not fit."""
+    if args.skip_preflight:
+        shell.comment("pre-flight skipped (--skip-preflight)")
+        return
+    name = topology(args.accelerator_type)
+    if name is None:
+        raise LaunchError(f"no pre-flight topology for --accelerator-type="
+                          f"{args.accelerator_type} (known: {', '.join(GENERATIONS)} with a "
+                          f"default slice shape); pass --skip-preflight to launch anyway")
+    shell.comment(f"pre-flight: compile the train and eval steps for {name} on this machine "
+                  f"(no TPU); stop here if the run would not fit")
+    command = [sys.executable, "-m", "scaleattn.main", f"--config={args.config}",
+               "--mode=preflight", f"--topology={name}",
+               f"--config.parallel.mode={args.parallel_mode}", *args.overrides]
+    try:
+        shell.run(command)
+    except LaunchError as e:
+        raise LaunchError(f"the pre-flight for {args.accelerator_type} ({name}) failed: the "
+                          f"run would not fit or does not compile (its reason is the line "
+                          f"above); nothing was created. Change the config, or pass "
+                          f"--skip-preflight to launch anyway") from e
 
 
 def location(args) -> list[str]:
@@ -161,6 +212,7 @@ def status(shell: Shell, args) -> int | None:
 def all_steps(shell: Shell, args) -> int:
     """up, setup, train, logs, status; start over after a preemption; down. The status."""
     code = None
+    preflight(shell, args)
     for attempt in range(args.max_restarts + 1):
         for step in (up, setup, train, logs):
             step(shell, args)
@@ -188,10 +240,12 @@ def main(argv: list[str]) -> None:
     shell = Shell(args.dry_run)
     if args.step in ("train", "all"):  # the config is checked before any plan
         shell.comment(f"config: {check_config(args.config, args.overrides)}")
-    steps = {"up": up, "setup": setup, "train": train, "logs": logs, "status": status,
-             "down": down}
+    steps = {"preflight": preflight, "up": up, "setup": setup, "train": train, "logs": logs,
+             "status": status, "down": down}
     if args.step == "all":
         sys.exit(all_steps(shell, args))
+    if args.step == "up":  # a slice is created only after the pre-flight
+        preflight(shell, args)
     steps[args.step](shell, args)
 
 

@@ -46,17 +46,27 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
     model = build_model(config.model, bn_axis_name=layout.axis_name)
     bn_frozen = config.model.bn_mode == "frozen"
     tx, schedule = optim.create_optimizer(config.optim, config.train.steps, bn_frozen=bn_frozen)
-    train_step = layout.compile_step(functools.partial(
+    train_fn, eval_fn = step_functions(config, model, schedule)
+    return Run(config, layout, model, tx, schedule, per_process_batch(config.batch_size),
+               layout.compile_step(train_fn), layout.compile_step(eval_fn, donate_state=False))
+
+
+def step_functions(config: ml_collections.ConfigDict, model, schedule):
+    """``(train_fn, eval_fn)``: `steps.train_step` and `steps.eval_step` bound to the
+    config's model, loss, schedule, grad accumulation, device augmentation and CRF, not
+    yet compiled (`parallel.Layout.compile_step` compiles them; ``--mode=preflight``
+    compiles the same functions for a TPU topology)."""
+    bn_frozen = config.model.bn_mode == "frozen"
+    train_fn = functools.partial(
         steps.train_step, model=model, loss_config=config.loss, learning_rate=schedule,
         grad_accum_steps=config.train.grad_accum_steps, freeze_batch_norm=bn_frozen,
-        augment=augment_lib.from_config(config)))
-    eval_step = layout.compile_step(functools.partial(
+        augment=augment_lib.from_config(config))
+    eval_fn = functools.partial(
         steps.eval_step, model=model, num_classes=config.model.num_classes,
         ignore_label=config.loss.ignore_label,
         crf_params=crf.CRFParams.from_config(config.crf) if config.eval.crf else None,
-        data_config=config.data), donate_state=False)
-    return Run(config, layout, model, tx, schedule, per_process_batch(config.batch_size),
-               train_step, eval_step)
+        data_config=config.data)
+    return train_fn, eval_fn
 
 
 def check_batch_sizes(config: ml_collections.ConfigDict, layout: parallel.Layout, *,

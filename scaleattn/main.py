@@ -4,7 +4,9 @@
 ``--mode=eval`` evaluates the latest checkpoint; ``--mode=bench`` times the steps on
 synthetic batches (no TensorFlow, no --workdir needed); ``--mode=predict --input=...``
 writes masks and attention maps; ``--mode=analyze`` relates attention to object size;
-``--mode=crf_search`` picks the dense CRF's appearance kernel on val images.
+``--mode=crf_search`` picks the dense CRF's appearance kernel on val images;
+``--mode=preflight --topology=v5e:2x2`` compiles the train and eval steps for a Cloud
+TPU topology on any host and says whether the run fits (docs/preflight.md).
 Any config value can be overridden,
 e.g. ``--config.train.steps=200``.
 """
@@ -29,11 +31,18 @@ config_flags.DEFINE_config_file("config", None, "A config file and its variants,
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "bench", "predict", "analyze",
-                                   "crf_search"],
+                                   "crf_search", "preflight"],
                   "What to run.")
 flags.DEFINE_list("input", [], "--mode=predict: image files or folders.")
-flags.DEFINE_string("output", None, "--mode=bench, crf_search: JSON file (default "
-                    "WORKDIR/<mode>.json); predict, analyze: folder (default WORKDIR/<mode>).")
+flags.DEFINE_string("output", None, "--mode=bench, crf_search, preflight: JSON file "
+                    "(default WORKDIR/<mode>.json; preflight: none); predict, analyze: "
+                    "folder (default WORKDIR/<mode>).")
+flags.DEFINE_string("topology", None, "--mode=preflight: the Cloud TPU topology to compile "
+                    "for, as JAX names it (v5e:2x2, v5e:4x4, v4:2x2x2, v5p:2x2x1, v6e:2x2), or "
+                    "h100:N (N GPUs of one host; docs/preflight.md).")
+flags.DEFINE_enum("preflight_batch", "config", ["config", "auto"], "--mode=preflight: "
+                  "'config' compiles batch_size; 'auto' also finds the largest train batch "
+                  "that fits, and which parallel.param_sharding fits the most.")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0 "
                     "(jax.distributed); with --num_processes and --process_id.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: the number of processes.")
@@ -145,6 +154,9 @@ def main(argv):
                                            FLAGS.process_id, auto=FLAGS.distributed):
             if jax.process_index() != 0:  # only process 0 logs progress
                 logging.set_verbosity(logging.WARNING)
+        if FLAGS.mode == "preflight":
+            run_preflight(config)
+            return
         if FLAGS.mode != "bench" and not FLAGS.workdir:
             raise config_lib.ConfigError(f"--mode={FLAGS.mode} needs --workdir")
         if FLAGS.mode == "train":
@@ -209,6 +221,19 @@ def print_summary(config, scores: dict) -> None:
         config_file=FLAGS["config"].config_filename, workdir=FLAGS.workdir, scores=scores,
         steps=config.train.steps, class_names=pipeline.class_names(config.data),
         pictures=pictures)), flush=True)
+
+
+def run_preflight(config) -> None:
+    """--mode=preflight: needs --topology; no --workdir, no data, no TPU."""
+    # pylint: disable=import-outside-toplevel
+    from scaleattn import outputs, preflight
+    if not FLAGS.topology:
+        raise config_lib.ConfigError("--mode=preflight needs --topology (e.g. v5e:2x2)")
+    if not os.environ.get("JAX_PLATFORMS"):  # shapes are traced on the host CPU; the
+        jax.config.update("jax_platforms", "cpu")  # steps are compiled for the topology
+    output = FLAGS.output and outputs.check_file(FLAGS.output, "--output",
+                                                 missing_folder_ok=True)
+    preflight.run(config, FLAGS.topology, batch=FLAGS.preflight_batch, output=output)
 
 
 def run_tool(config) -> None:

@@ -51,7 +51,13 @@ def test_tpu_pod_slice_dry_run_prints_the_whole_lifecycle():
                     "--", "--config.batch_size=32", "--config.eval.batch_size=32")
     cmds = commands(result.stdout)
     location = ["--project=proj", "--zone=us-central2-b"]
-    create, describe, archive, scp, install, train, logs, status, delete = cmds
+    preflight, create, describe, archive, scp, install, train, logs, status, delete = cmds
+    # first, here, the run compiled for the slice's topology (v4-32: 16 chips, 2x2x4)
+    assert preflight[1:] == ["-m", "scaleattn.main", "--config=configs/voc.py",
+                             "--mode=preflight", "--topology=v4:2x2x4",
+                             "--config.parallel.mode=sharded", "--config.batch_size=32",
+                             "--config.eval.batch_size=32"]
+    check_main_arguments(preflight[3:])
     assert create == ["gcloud", "compute", "tpus", "queued-resources", "create", "sa-qr",
                       "--node-id=sa", *location, "--accelerator-type=v4-32",
                       "--runtime-version=tpu-ubuntu2204-base"]
@@ -93,7 +99,11 @@ def test_tpu_pod_slice_dry_run_prints_the_whole_lifecycle():
 def test_tpu_v5e_spot_and_argument_errors():
     cmds = commands(launch("tpu_vm.py", "up", "--accelerator-type=v5litepod-16", "--spot",
                            *TPU).stdout)
-    assert "--runtime-version=v2-alpha-tpuv5-lite" in cmds[0] and cmds[0][-1] == "--spot"
+    assert "--topology=v5e:4x4" in cmds[0]  # the pre-flight before the slice is created
+    assert "--runtime-version=v2-alpha-tpuv5-lite" in cmds[1] and cmds[1][-1] == "--spot"
+    cmds = commands(launch("tpu_vm.py", "up", "--accelerator-type=v5litepod-16",
+                           "--skip-preflight", *TPU).stdout)
+    assert cmds[0][:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
     result = launch("tpu_vm.py", "train", "--name=sa", "--project=p", "--zone=z", "--dry-run",
                     check=False)
     assert result.returncode == 2 and "--workdir is required" in result.stderr
@@ -181,7 +191,8 @@ esac
         (bin_dir / name).chmod(stat.S_IRWXU)
     env = dict(os.environ, PATH=f"{bin_dir}:/usr/bin:/bin")
     result = subprocess.run([sys.executable, os.path.join(REPO, "launch", "tpu_vm.py"), "all",
-                             "--max-restarts=1", *[a for a in TPU if a != "--dry-run"]],
+                             "--max-restarts=1", "--skip-preflight",
+                             *[a for a in TPU if a != "--dry-run"]],
                             capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == exit_code, result.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
@@ -189,3 +200,43 @@ esac
     assert sum("queued-resources delete" in c for c in calls) == passes
     assert sum("--worker=all --command=cd ~/scaleattn" in c for c in calls) == passes  # train
     assert calls[-1].startswith("compute tpus queued-resources delete sa-qr")
+
+
+def test_tpu_preflight_that_fails_stops_before_any_slice(tmp_path):
+    """A pre-flight that fails (here: a mesh of 3 x n that 4 chips cannot hold, found
+    before anything is compiled; the config itself is valid) stops `all` with its
+    reason; gcloud is never called."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(f"#!/bin/bash\necho \"$*\" >> {tmp_path}/calls\n")
+    (bin_dir / "gcloud").chmod(stat.S_IRWXU)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, os.path.join(REPO, "launch", "tpu_vm.py"), "all",
+                             "--accelerator-type=v5litepod-4",
+                             *[a for a in TPU if a != "--dry-run"], "--",
+                             "--config.parallel.mesh_shape=(3,-1)"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert "parallel.mesh_shape=(3, -1) does not fit 4 devices" in result.stderr  # its reason
+    assert lines[-1].startswith("error: the pre-flight for v5litepod-4 (v5e:2x2) failed")
+    assert "--skip-preflight" in lines[-1]
+    assert not (tmp_path / "calls").exists()
+
+
+def test_tpu_topology_names():
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    spec = importlib.util.spec_from_file_location(
+        "tpu_vm", os.path.join(REPO, "launch", "tpu_vm.py"),
+        submodule_search_locations=None)
+    sys.path.insert(0, os.path.join(REPO, "launch"))
+    try:
+        tpu_vm = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tpu_vm)
+    finally:
+        sys.path.remove(os.path.join(REPO, "launch"))
+    # v4 / v5p types count TensorCores (2 per chip), v5e / v6e count chips
+    assert tpu_vm.topology("v4-8") == "v4:2x2x1" and tpu_vm.topology("v4-32") == "v4:2x2x4"
+    assert tpu_vm.topology("v5p-16") == "v5p:2x2x2"
+    assert tpu_vm.topology("v5litepod-64") == "v5e:8x8" and tpu_vm.topology("v6e-4") == "v6e:2x2"
+    assert tpu_vm.topology("v4-6") is None and tpu_vm.topology("v9-8") is None

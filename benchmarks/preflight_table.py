@@ -1,0 +1,108 @@
+"""The pre-flight table of docs/preflight.md, rendered from the JSON files that
+`benchmarks.preflight_farm` wrote under ``benchmarks/results/preflight/``.
+
+`render(results)` is a pure function of the loaded files (`load`);
+``python -m benchmarks.docs_tables`` writes it into the page with the other tables.
+"""
+
+import glob
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "preflight")
+GiB = 2**30
+
+
+def load(folder: str = RESULTS) -> list[dict]:
+    """Every farm file of ``folder`` (``{'command', 'commit', 'rows': [...]}``), sorted."""
+    results = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+        result["file"] = os.path.basename(path)
+        results.append(result)
+    return results
+
+
+def _step(result: dict, step: str) -> dict | None:
+    return next((r for r in result["rows"] if r.get("step") == step), None)
+
+
+def _gib(n) -> str:
+    return "–" if n is None else f"{n / GiB:.1f}"
+
+
+def _fits(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    return f"{'yes' if row['fits'] else '**no**'} ({_gib(row['peak_bytes_per_chip'])})"
+
+
+def _largest(result: dict) -> str:
+    rows = [r for r in result["rows"] if r.get("step") == "largest_batch"]
+    if not rows:
+        return "–"
+    best = max(rows, key=lambda r: (r.get("largest_batch") or 0, r["predicted_batch"]))
+    others = ", ".join(f"{r['param_sharding']} ≈{r['predicted_batch']}" for r in rows
+                       if r is not best)
+    text = f"{best['largest_batch']} ({best['param_sharding']})"
+    return text + (f"; {others}" if others else "")
+
+
+def _ms(seconds) -> str:
+    return "–" if not seconds else f"{seconds * 1e3:.0f}"
+
+
+def _num(value, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def render(results: list[dict]) -> str:
+    """The Markdown table (one line per config x topology x dtype, the largest-batch
+    rows merged into theirs) and the provenance lines under it."""
+    merged = {}  # (config, topology, dtype) -> the rows of its files together
+    for result in sorted(results, key=lambda r: r.get("file", "")):
+        train = _step(result, "train")
+        if train is not None:
+            rows = merged.setdefault((train["config"], train["topology"], train["dtype"]), [])
+            have = {r["step"] for r in rows}
+            rows += [r for r in result["rows"]
+                     if r["step"] == "largest_batch" or r["step"] not in have]
+    lines = [
+        "| config | topology (chips, hosts) | dtype | mode / params | train batch | "
+        "train fits (GiB/chip) | eval fits (GiB/chip) | largest train batch | "
+        "est. train step ms | est. img/s | est. MFU | est. chip-hours (schedule) | "
+        "compile s, wall (CPU), train + eval |",
+        "|" + "---|" * 13]
+    for key in sorted(merged, key=lambda k: (k[0], k[2], len(k[1]), k[1])):
+        result = {"rows": merged[key]}
+        train, evaluation = _step(result, "train"), _step(result, "eval")
+        steps_compiled = [r for r in (train, evaluation) if r]
+        compile_s = sum(r["lower_s"] + r["compile_s"] for r in steps_compiled)
+        cpu = [r.get("lower_cpu_s", 0) + r.get("compile_cpu_s", 0) for r in steps_compiled
+               if "compile_cpu_s" in r]
+        compile_text = f"{compile_s:.0f}" + (f" ({sum(cpu):.0f} CPU)" if cpu else "")
+        note = " †" if train.get("batch_note") else ""
+        name = train["config"].replace(f"+dtype={train['dtype']}", "")  # its own column
+        lines.append(
+            f"| {name} | {train['topology']} ({train['chips']}, {train['hosts']}) "
+            f"| {train['dtype']} | {train['parallel_mode']} / {train['param_sharding']} "
+            f"| {train['global_batch']}{note} | {_fits(train)} | {_fits(evaluation)} "
+            f"| {_largest(result)} | {_ms(train.get('est_step_s'))} "
+            f"| {_num(train.get('est_img_per_s'), '.0f')} "
+            f"| {_num(train.get('est_mfu'), '.0%')} "
+            f"| {_num(train.get('est_chip_hours'), '.1f')} ({train.get('train_steps', '–')} steps) "
+            f"| {compile_text} |")
+    if not merged:
+        return "No rows compiled yet: `python -m benchmarks.preflight_farm`.\n"
+    versions = sorted({(r["rows"][0].get("jax"), r["rows"][0].get("libtpu"), r.get("commit"))
+                       for r in results if r["rows"]})
+    lines += ["", "Rows from: " + "; ".join(
+        f"commit {commit}, jax {jax_v}, libtpu {libtpu}" for jax_v, libtpu, commit in versions)
+        + ". Commands: `python -m benchmarks.preflight_farm` (each row's exact command is "
+          "in its JSON file under `benchmarks/results/preflight/`)."]
+    if any(_step(r, "train").get("batch_note") for r in results if _step(r, "train")):
+        lines.append("† the config's batch does not divide over the topology's chips "
+                     "(`--mode=train` would stop); compiled at the next batch that does.")
+    return "\n".join(lines) + "\n"
