@@ -6,12 +6,13 @@ checkpoint or starts fresh (from ImageNet weights unless the config says scratch
 then runs `Trainer`: every process feeds its part of the global batch from the
 tf.data pipeline, process 0 logs, every process checkpoints. A NaN/Inf loss stops it
 naming the step; SIGTERM / SIGINT make it save at the next step boundary and raise
-`preemption.Preempted`. At the end it evaluates and writes ``run.json``
-(`records`).
+`preemption.Preempted`. At the end it evaluates, writes ``run.json`` (`records`) and
+the pictures of a few eval images (``eval_pictures/``, `summaries.EvalPictures`).
 """
 
 import collections
 import contextlib
+import os
 import time
 from typing import Callable, Iterator
 
@@ -319,5 +320,8 @@ class Trainer:
             scores = self.evaluate(cfg.steps)
         finish_run(self.run, self.workdir, self.device_state, scores, start=self.start,
                    resumed_at=self.resumed_at, wall_time_s=time.time() - run_start)
+        if cfg.eval_at_end and "://" not in self.workdir:  # PNG files on a local disk
+            self.pictures.save(self.layout.host(self.device_state),
+                               os.path.join(self.workdir, summaries.PICTURES_DIR))
         self.writer.close()
         return scores

@@ -160,7 +160,9 @@ def main(argv):
         if FLAGS.mode != "bench" and not FLAGS.workdir:
             raise config_lib.ConfigError(f"--mode={FLAGS.mode} needs --workdir")
         if FLAGS.mode == "train":
-            loop.train_and_evaluate(config, FLAGS.workdir)
+            scores = loop.train_and_evaluate(config, FLAGS.workdir)
+            if jax.process_index() == 0:
+                print_summary(config, scores)
         elif FLAGS.mode == "eval":
             experiment.evaluate_checkpoint(config, FLAGS.workdir,
                                            fallback=FLAGS.checkpoint_fallback)
@@ -204,6 +206,21 @@ def environment_error(error: Exception) -> str | None:
                 f"batch_size, data.crop_size / data.eval_size or model.scales / "
                 f"predict.ms_scales, or set train.grad_accum_steps / model.remat")
     return None
+
+
+def print_summary(config, scores: dict) -> None:
+    """The last lines of a training run (`run_summary`): scores by class, where the
+    checkpoint, logs and pictures are, the next commands."""
+    # pylint: disable=import-outside-toplevel
+    from scaleattn import checkpoint, run_summary, summaries
+    from scaleattn.data import pipeline
+    folder = os.path.join(checkpoint.resolve_workdir(FLAGS.workdir), summaries.PICTURES_DIR)
+    pictures = sorted(os.path.join(folder, name) for name in os.listdir(folder)
+                      if name.endswith(".png")) if os.path.isdir(folder) else []
+    print("\n".join(run_summary.lines(
+        config_file=FLAGS["config"].config_filename, workdir=FLAGS.workdir, scores=scores,
+        steps=config.train.steps, class_names=pipeline.class_names(config.data),
+        pictures=pictures)), flush=True)
 
 
 def run_preflight(config) -> None:

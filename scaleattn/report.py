@@ -3,10 +3,13 @@
 The digest column says at a glance whether runs reproduced bit for bit.
 ``python -m scaleattn.report WORKDIR...`` prints the table, and one row per group of
 runs that differ only in their seed (mean ± std), each next to the published number
-for the same split, CRF / MS-COCO setting and model (`PAPER`; ``--paper`` lists them).
+for the same split, CRF / MS-COCO setting and model (`PAPER`; ``--paper`` lists them);
+``--json FILE`` writes the seed groups as data (`seed_summary`) for tables rendered
+elsewhere (``benchmarks/demo_tables.py``).
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -255,6 +258,28 @@ def seed_table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else "")
 
 
+def seed_summary(records: list[dict]) -> dict:
+    """The groups of `seed_groups` as JSON-able data (``--json``): per group its name,
+    model setting, and per run the seed, mIoU, per-class IoU (fractions), wall time,
+    commit and library versions, so that a table can be rendered from the file alone."""
+    groups = []
+    for group in seed_groups(records):
+        cfg = identity.flat_config(group[0].get("config", {}))
+        groups.append({
+            "name": group[0].get("name"),
+            "steps": group[0].get("steps"),
+            "setting": {key: cfg.get(key) for key in (
+                "data.name", "model.backbone", "model.head", "model.scales", "model.merge",
+                "model.gsag_variant", "loss.type", "loss.extra_supervision")},
+            "runs": [{"workdir": os.path.basename(os.path.normpath(r.get("workdir", ""))),
+                      "seed": r.get("seed"), "miou": r.get("miou"),
+                      "per_class_iou": r.get("per_class_iou"),
+                      "wall_time_s": r.get("wall_time_s"), "commit": r.get("commit"),
+                      "device": r.get("device"), "versions": r.get("versions")}
+                     for r in group]})
+    return {"groups": groups}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m scaleattn.report",
@@ -263,6 +288,8 @@ def main(argv=None) -> int:
                     "(mean ± std), each next to the published number for its setting.")
     parser.add_argument("workdirs", nargs="*", metavar="WORKDIR")
     parser.add_argument("--output", help="also write the tables to this file")
+    parser.add_argument("--json", help="also write the runs grouped over seeds "
+                        "(`seed_summary`) to this JSON file")
     parser.add_argument("--paper", action="store_true",
                         help="print the sourced published numbers (split, CRF, MS-COCO)")
     args = parser.parse_args(argv)
@@ -270,9 +297,11 @@ def main(argv=None) -> int:
         parser.error("give at least one WORKDIR (or --paper)")
     try:
         output = outputs.check_file(args.output, "--output") if args.output else None
-        if output:
-            outputs.check_not_over(output, "--output", workdirs=args.workdirs,
-                                   inputs=[str(run_path(w)) for w in args.workdirs])
+        json_output = outputs.check_file(args.json, "--json") if args.json else None
+        for flag, path in (("--output", output), ("--json", json_output)):
+            if path:
+                outputs.check_not_over(path, flag, workdirs=args.workdirs,
+                                       inputs=[str(run_path(w)) for w in args.workdirs])
         records = [load_run(w) for w in args.workdirs]
         check_distinct(records)
     except (ValueError, outputs.OutputError) as e:
@@ -286,11 +315,14 @@ def main(argv=None) -> int:
         parts.append("### Published numbers\n\n" + paper_table())
     table = "\n".join(parts)
     print(table, end="")
-    if output:
+    for flag, path, text in (("--output", output, table), ("--json", json_output, json.dumps(
+            seed_summary(records), indent=1) + "\n" if json_output else "")):
+        if not path:
+            continue
         try:
-            outputs.atomic_write(output, table)
+            outputs.atomic_write(path, text)
         except OSError as e:
-            print(f"error: --output={output}: {e.strerror or e}", file=sys.stderr)
+            print(f"error: {flag}={path}: {e.strerror or e}", file=sys.stderr)
             return 1
     return 0
 

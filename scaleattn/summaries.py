@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from scaleattn import inference, viz
+from scaleattn import inference, outputs, viz
 
 
 class MetricWriter:
@@ -75,6 +75,9 @@ def log_progress(writer: MetricWriter, progress: Progress, done: int, scalars: d
     writer.scalars(done, scalars)
 
 
+PICTURES_DIR = "eval_pictures"  # in the workdir: the final eval's pictures as PNG files
+
+
 class EvalPictures:
     """TensorBoard pictures (`viz.panel`) of the first eval images, one set per eval.
 
@@ -89,13 +92,14 @@ class EvalPictures:
         self.predictor = inference.Predictor(model)
         self.batch = None
 
-    def write(self, step: int, host_state) -> None:
-        """Pictures at ``step`` of ``host_state`` (a `TrainState` this process can read,
-        `parallel.Layout.host`)."""
+    def pictures(self, host_state) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """``[(index, image uint8 [H, W, 3], panel uint8 [H, k W, 3])]`` of the first
+        ``config.predict.summary_images`` eval images under ``host_state`` (`viz.panel`:
+        image | truth | prediction | attention per scale); ``[]`` if that is 0."""
         config = self.config
         count = config.predict.summary_images
-        if not self.writer.enabled or count <= 0:
-            return
+        if count <= 0:
+            return []
         if self.batch is None:
             from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
             self.batch = next(pipeline.eval_batches(
@@ -103,12 +107,42 @@ class EvalPictures:
                 process_index=0, process_count=1))
         batch = self.batch
         outputs = self.predictor(jax.device_get(host_state), batch["image"])
+        result = []
         for i, (image, label) in enumerate(zip(batch["image"], batch["label"])):
             if np.all(label == config.loss.ignore_label):  # a filler slot of the last batch
                 continue
-            self.writer.image(step, f"eval_images/{i}", viz.panel(
-                viz.denormalize(image, config.data.mean, config.data.std),
-                outputs["prediction"][i], label=label,
+            rgb = viz.denormalize(image, config.data.mean, config.data.std)
+            result.append((i, rgb, viz.panel(
+                rgb, outputs["prediction"][i], label=label,
                 attention=outputs["attention"][i] if "attention" in outputs else None,
-                alpha=config.predict.overlay_alpha))
+                alpha=config.predict.overlay_alpha)))
+        return result
+
+    def write(self, step: int, host_state) -> None:
+        """Pictures at ``step`` of ``host_state`` (a `TrainState` this process can read,
+        `parallel.Layout.host`)."""
+        if not self.writer.enabled:
+            return
+        for i, _, picture in self.pictures(host_state):
+            self.writer.image(step, f"eval_images/{i}", picture)
         self.writer.writer.flush()
+
+    def save(self, host_state, folder: str) -> list[str]:
+        """The same pictures as PNG files in ``folder`` (created): ``eval_<i>.png`` (the
+        panel) and ``eval_<i>_input.png`` (the image alone, an input for
+        ``--mode=predict``), each through a temporary file and a rename; their paths.
+        Nothing on processes other than 0."""
+        if not self.writer.enabled:
+            return []
+        from PIL import Image  # pylint: disable=import-outside-toplevel
+        pictures = self.pictures(host_state)
+        if pictures:
+            outputs.make_dir(folder, "eval pictures")
+        paths = []
+        for i, rgb, picture in pictures:
+            for suffix, array in (("", picture), ("_input", rgb)):
+                path = os.path.join(folder, f"eval_{i}{suffix}.png")
+                outputs.atomic_write(path, lambda f, a=array: Image.fromarray(a).save(
+                    f, format="PNG"))
+                paths.append(path)
+        return paths

@@ -49,6 +49,8 @@ def test_train_checkpoints_and_evaluates(straight_run):
     assert 0.0 <= scores["miou"] <= 1.0 and scores["per_class_iou"].shape == (4,)
     assert sorted(checkpoint.make_manager(str(workdir), 5).all_steps()) == [2, 4]
     assert os.listdir(os.path.join(workdir, "tensorboard"))
+    pictures = sorted(os.listdir(os.path.join(workdir, "eval_pictures")))  # 3 val images
+    assert pictures == [f"eval_{i}{s}.png" for i in range(3) for s in ("", "_input")]
 
 
 def test_resume_gives_the_same_parameters(straight_run, config_of, tmp_path):

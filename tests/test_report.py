@@ -119,6 +119,30 @@ def test_report_command_reads_workdirs(tmp_path, capsys):
     assert "| 62.25 |" in capsys.readouterr().out
 
 
+def test_report_json_renders_the_demo_table(tmp_path):
+    """--json writes the seed groups as data; benchmarks.demo_tables renders the docs
+    table from that file alone (mean ± sample std over seeds, in %)."""
+    from benchmarks import demo_tables  # pylint: disable=import-outside-toplevel
+    runs = {"att_s0": record("demo", 0.80, seed=0, per_class=[0.98, 0.8, 0.7, 0.72]),
+            "att_s1": record("demo", 0.90, seed=1, per_class=[0.98, 0.9, 0.9, 0.82]),
+            "one_s0": record("demo:single", 0.5, seed=0, per_class=[0.9, 0.3, 0.4, 0.4])}
+    for name, run in runs.items():
+        records.write_run(str(tmp_path / name), run)
+    out = tmp_path / "demo.json"
+    assert report.main([str(tmp_path / n) for n in runs] + [f"--json={out}"]) == 0
+    summary = json.loads(out.read_text())
+    assert [g["name"] for g in summary["groups"]] == ["demo_attention", "demo_single"]
+    assert [r["seed"] for r in summary["groups"][0]["runs"]] == [0, 1]
+    assert summary["groups"][0]["runs"][1]["workdir"] == "att_s1"
+    lines = demo_tables.render(summary).splitlines()
+    assert len(lines) == 2 + 2
+    assert lines[2] == ("| `demo_attention` | {1, 0.5} | attention | yes | 0, 1 | "
+                        "**85.0 ± 7.1** | "
+                        "98.0 ± 0.0 | 85.0 ± 7.1 | 80.0 ± 14.1 | 77.0 ± 7.1 | 80.0 / 90.0 |")
+    assert lines[3] == ("| `demo_single` | {1} | — | — | 0 | **50.0** | 90.0 | 30.0 | 40.0 | "
+                        "40.0 | 50.0 |")
+
+
 def test_tree_digest_sees_every_bit():
     tree = {"a": jnp.arange(4.0), "b": {"c": np.ones((2, 2), np.int32)}}
     same = {"a": jnp.arange(4.0), "b": {"c": np.ones((2, 2), np.int32)}}

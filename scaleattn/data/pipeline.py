@@ -100,6 +100,15 @@ def get_builder(data_config) -> tfds.core.DatasetBuilder:
                      "'scale_shapes' or 'voc2012'")
 
 
+def class_names(data_config) -> tuple[str, ...]:
+    """The names of data.name's classes, by label index (the builder module's
+    ``CLASS_NAMES``)."""
+    if data_config.name == "scale_shapes":
+        return shapes.CLASS_NAMES
+    from scaleattn.data import voc  # pylint: disable=import-outside-toplevel
+    return voc.CLASS_NAMES
+
+
 def _not_prepared_message(data_config, builder) -> str:
     data_dir = os.path.expanduser(data_config.data_dir)
     if data_config.name == "voc2012":

@@ -73,6 +73,9 @@ from scaleattn.config import VOC_IGNORE_LABEL
 from scaleattn.data import buildlock, errors
 
 NUM_CLASSES = 21
+CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
+               "cat", "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person",
+               "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 
 VOC_ARCHIVE = "VOCtrainval_11-May-2012.tar"
 SBD_ARCHIVE = "benchmark.tgz"

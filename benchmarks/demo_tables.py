@@ -1,0 +1,148 @@
+"""The demo tables: the merges and the GSAG heads on `scale_shapes`, over seeds.
+
+    python -m benchmarks.demo_tables run --table=merges --root=/tmp/demo_seeds [--seeds=0,1,2]
+    python -m scaleattn.report /tmp/demo_seeds/merges/*/ --json=/tmp/demo_seeds/merges.json
+    python -m benchmarks.demo_tables render /tmp/demo_seeds/merges.json \
+        [--result=benchmarks/results/demo_merges.json --command=... --machine=...]
+
+``run`` trains every (row, seed) of a table, one after the other, each with
+``python -m scaleattn.main`` in ``<root>/<table>/<row>_s<seed>``; a workdir that holds a
+finished run (``run.json``) is skipped and one with checkpoints resumes, so the command
+can be stopped and started again. Every row is the same recipe (``configs/demo.py``) with
+only its merge or head changed (its variants, ``configs/demo.py:max`` ...).
+
+``render`` turns the JSON of ``python -m scaleattn.report --json`` (`report.seed_summary`)
+into the Markdown table of docs/results.md (`render`); ``--result`` also writes it as a
+``benchmarks/results/`` file (`result_file`: columns, rows, commands, commit, library
+versions), the form the docs' table generator reads.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+# table -> rows: (workdir stem, config file, extra flags, what the row is)
+TABLES = {
+    "merges": (
+        ("single", "configs/demo.py:single", (), "single scale"),
+        ("max", "configs/demo.py:max", (), "max over scales"),
+        ("avg", "configs/demo.py:avg", (), "average over scales"),
+        ("noextra", "configs/demo.py:noextra", (), "attention, no extra supervision"),
+        ("attention", "configs/demo.py", (), "attention"),
+        ("hier", "configs/demo.py:hier", (), "hierarchical attention"),
+    ),
+    "gsag": (
+        ("basic", "configs/demo.py:gsag_basic", (), "GSAG basic, CE"),
+        ("incremental", "configs/demo.py:gsag_incremental", (), "GSAG incremental, CE"),
+        ("hybrid", "configs/demo.py:gsag_hybrid", (), "GSAG hybrid, OHEM"),
+        ("hybrid_ce", "configs/demo.py:gsag_hybrid",
+         ("--config.loss.type=ce", "--config.name=demo_gsag_hybrid_ce"), "GSAG hybrid, CE"),
+    ),
+}
+CLASS_NAMES = ("background", "circle", "square", "triangle")  # scale_shapes' labels
+
+
+def run_table(table: str, root: str, seeds: list[int], extra: list[str]) -> None:
+    """Trains the missing runs of ``table`` under ``root/table`` (see the module doc)."""
+    for seed in seeds:
+        for stem, config_file, flags, _ in TABLES[table]:
+            workdir = os.path.join(root, table, f"{stem}_s{seed}")
+            if os.path.isfile(os.path.join(workdir, "run.json")):
+                print(f"done already: {workdir}", flush=True)
+                continue
+            command = [sys.executable, "-m", "scaleattn.main", f"--config={config_file}",
+                       f"--workdir={workdir}", f"--config.seed={seed}", *flags, *extra]
+            print("running: " + " ".join(command[1:]), flush=True)
+            subprocess.run(command, check=True)
+
+
+def mean_std(values) -> str:
+    """'mean ± sample std' in % (one value: the value)."""
+    values = 100 * np.asarray(values, np.float64)
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+
+
+def columns_and_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """The table of a `report.seed_summary` JSON: one row per group, mIoU and each
+    class's IoU as mean ± sample std over its seeds (in %), then mIoU per seed."""
+    columns = ["config", "scales", "merge / head", "extra supervision", "seeds", "val mIoU",
+               *(f"IoU {name}" for name in CLASS_NAMES), "mIoU per seed"]
+    rows = []
+    for group in summary["groups"]:
+        setting, runs = group["setting"], group["runs"]
+        gsag = setting.get("model.head") == "gsag"
+        head = (f"GSAG {setting['model.gsag_variant']}, {setting['loss.type'].upper()}"
+                if gsag else setting["model.merge"])
+        scales = setting["model.scales"]
+        per_class = np.asarray([r["per_class_iou"] for r in runs], np.float64)
+        rows.append([
+            f"`{group['name']}`", "{" + ", ".join(f"{s:g}" for s in scales) + "}",
+            head if len(scales) > 1 or gsag else "—",
+            ("yes" if setting["loss.extra_supervision"] else "no") if len(scales) > 1 else "—",
+            ", ".join(str(r["seed"]) for r in runs),
+            "**" + mean_std([r["miou"] for r in runs]) + "**",
+            *(mean_std(per_class[:, c]) for c in range(per_class.shape[1])),
+            " / ".join(f"{100 * r['miou']:.1f}" for r in runs)])
+    return columns, rows
+
+
+def render(summary: dict) -> str:
+    """`columns_and_rows` as a Markdown table."""
+    columns, rows = columns_and_rows(summary)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def result_file(summary: dict, command: list[str], machine: str) -> dict:
+    """The table as a ``benchmarks/results/<name>.json`` result (columns, rows and where
+    they came from: the commands, the runs' commit(s) and library versions)."""
+    runs = [r for group in summary["groups"] for r in group["runs"]]
+    commits = sorted({r.get("commit") or "unknown" for r in runs})
+    versions = next((r["versions"] for r in runs if r.get("versions")), {})
+    columns, rows = columns_and_rows(summary)
+    return {"command": command, "commit": ", ".join(commits), "versions": versions,
+            "constraints": None, "machine": machine, "columns": columns, "rows": rows}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.demo_tables",
+                                     description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train the missing runs of a table")
+    run.add_argument("--table", choices=sorted(TABLES), required=True)
+    run.add_argument("--root", required=True)
+    run.add_argument("--seeds", default="0,1,2")
+    run.add_argument("extra", nargs="*", help="more flags for every run (after --)")
+    show = sub.add_parser("render", help="print the Markdown table of a report JSON")
+    show.add_argument("json_file")
+    show.add_argument("--result", help="also write it as a benchmarks/results/ file")
+    show.add_argument("--command", action="append", default=[],
+                      help="for --result: a command that produced the runs (repeatable)")
+    show.add_argument("--machine", default="", help="for --result: where the runs ran")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        run_table(args.table, args.root, [int(s) for s in args.seeds.split(",")], args.extra)
+        return 0
+    try:
+        with open(args.json_file, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"error: {args.json_file}: {e}", file=sys.stderr)
+        return 1
+    print(render(summary), end="")
+    if args.result:
+        with open(args.result, "w", encoding="utf-8") as f:
+            json.dump(result_file(summary, args.command, args.machine), f, indent=1,
+                      ensure_ascii=False)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
