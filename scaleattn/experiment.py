@@ -43,12 +43,31 @@ def setup_run(config: ml_collections.ConfigDict) -> Run:
         layout = parallel.make_layout(config.parallel)
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from e
+    check_grouped_convolutions(config, layout)
     model = build_model(config.model, bn_axis_name=layout.axis_name)
     bn_frozen = config.model.bn_mode == "frozen"
     tx, schedule = optim.create_optimizer(config.optim, config.train.steps, bn_frozen=bn_frozen)
     train_fn, eval_fn = step_functions(config, model, schedule)
     return Run(config, layout, model, tx, schedule, per_process_batch(config.batch_size),
                layout.compile_step(train_fn), layout.compile_step(eval_fn, donate_state=False))
+
+
+def check_grouped_convolutions(config: ml_collections.ConfigDict,
+                               layout: parallel.Layout) -> None:
+    """Refuses ResNeXt (grouped 3x3 convolutions) on a mesh whose two axes are both larger
+    than 1: there XLA (jax 0.10.2) computes the grouped kernels' gradients wrongly (off by
+    1-9 % of the gradient norm; `tests/test_layout_independence.py` holds the four-line
+    case), so training would be silently wrong. Meshes (N, 1) and (1, N) and pmap are
+    exact."""
+    if layout.mesh is None or not config.model.backbone.startswith("resnext"):
+        return
+    data, model = layout.mesh.shape["data"], layout.mesh.shape["model"]
+    if data > 1 and model > 1:
+        raise config_lib.ConfigError(
+            f"parallel.mesh_shape={tuple(config.parallel.mesh_shape)} gives a {data}x{model} "
+            f"mesh, on which XLA computes the gradients of model.backbone="
+            f"{config.model.backbone!r}'s grouped convolutions wrongly; use "
+            f"parallel.mesh_shape=(-1, 1) or parallel.mode='pmap'")
 
 
 def step_functions(config: ml_collections.ConfigDict, model, schedule):
