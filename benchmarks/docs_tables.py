@@ -116,6 +116,17 @@ def configs_table() -> str:
     """Every shipped config: its ``--config``, run name, model, scales, schedule and the
     published number the report compares a plain val run of it with."""
     from scaleattn import config, report  # pylint: disable=import-outside-toplevel
+    from benchmarks import preflight_table  # pylint: disable=import-outside-toplevel
+    compiled = {}  # run name -> ["v5e:2x2 bf16: fits, est. 0.6 chip-h", ...]
+    for result in preflight_table.load():
+        train = next((r for r in result["rows"] if r.get("step") == "train"), None)
+        if train is not None:
+            name = train["config"].split("+")[0]
+            hours = train.get("est_chip_hours")
+            compiled.setdefault(name, []).append(
+                f"{train['topology']} {train['dtype'].replace('bfloat16', 'bf16')}: "
+                f"{'fits' if train['fits'] else 'does not fit'}"
+                + (f", est. {hours:.1f} chip-h" if hours is not None else ""))
     rows = []
     for spec in config.shipped():
         c = config.load(os.path.join(REPO, spec))
@@ -126,12 +137,16 @@ def configs_table() -> str:
                      ", ".join(f"{s:g}" for s in c.model.scales), merge,
                      "yes" if c.loss.extra_supervision else "no", c.loss.type,
                      f"{c.train.steps:,} x {c.batch_size}", c.model.init_from,
-                     f"{paper['miou']:.2f} ({paper['source']})" if paper else "—"])
+                     f"{paper['miou']:.2f} ({paper['source']})" if paper else "—",
+                     "; ".join(compiled.get(c.name, ["not compiled yet"]))])
     return (markdown(["--config", "run name", "data", "model", "scales", "merge",
-                      "extra supervision", "loss", "steps x batch", "start", "published"],
+                      "extra supervision", "loss", "steps x batch", "start", "published",
+                      "TPU pre-flight (compiler estimate)"],
                      rows)
-            + "\n\n_Rendered from the files of `configs/` (`config.shipped()`) and "
-              "`scaleattn/report.py` (`PAPER`)._")
+            + "\n\n_Rendered from the files of `configs/` (`config.shipped()`), "
+              "`scaleattn/report.py` (`PAPER`) and the pre-flight rows under "
+              "`benchmarks/results/preflight/` ([preflight.md](preflight.md): chips, batch, "
+              "est. step time; no config has a measured accelerator run time yet)._")
 
 
 def cell(name: str, row: str, column: str) -> str:
