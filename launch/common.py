@@ -7,6 +7,7 @@ submit from, which needs ``gcloud`` (Cloud TPU) or ``sbatch`` (SLURM), not JAX.
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -33,6 +34,14 @@ class Shell:
 
     def comment(self, text: str) -> None:
         print(f"# {text}", file=self.out, flush=True)
+
+    def require(self, program: str) -> None:
+        """Stops with the install hint now if ``program`` is not on PATH (a real run only),
+        rather than after the steps before its first use (e.g. minutes of pre-flight)."""
+        if not self.dry_run and shutil.which(program) is None:
+            hint = INSTALL_HINTS.get(program, "install it or put it on PATH")
+            raise LaunchError(f"{program}: command not found; {hint} (or look at the plan "
+                              f"with --dry-run)")
 
     def run(self, argv: list[str], *, check: bool = True, capture: bool = False) -> str:
         """Runs ``argv`` (no shell); returns its stdout when ``capture``."""

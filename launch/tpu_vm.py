@@ -238,6 +238,8 @@ def down(shell: Shell, args) -> None:
 def main(argv: list[str]) -> None:
     args = parse(argv)
     shell = Shell(args.dry_run)
+    if args.step != "preflight":  # every other step calls gcloud: missing, say so first
+        shell.require("gcloud")
     if args.step in ("train", "all"):  # the config is checked before any plan
         shell.comment(f"config: {check_config(args.config, args.overrides)}")
     steps = {"preflight": preflight, "up": up, "setup": setup, "train": train, "logs": logs,
