@@ -419,11 +419,15 @@ def test_damaged_dataset_records_name_the_folder_and_how_to_rebuild(demo_data, t
     data = demo_data.data.copy_and_resolve_references()
     shutil.copytree(data.data_dir, tmp_path / "data")
     data.data_dir = str(tmp_path / "data")
-    record = next(p for p in (tmp_path / "data").rglob("*train.tfrecord*"))
-    blob = bytearray(record.read_bytes())
-    for i in range(len(blob) // 2, len(blob) // 2 + 32):
-        blob[i] ^= 0xFF
-    record.write_bytes(bytes(blob))
+    # The session's data folder may hold several builds: damage every train shard, in its
+    # first record's payload (after the 12-byte length header), which any read reaches.
+    records = sorted((tmp_path / "data").rglob("*train.tfrecord*"))
+    assert records
+    for record in records:
+        blob = bytearray(record.read_bytes())
+        for i in range(12, 44):
+            blob[i] ^= 0xFF
+        record.write_bytes(bytes(blob))
     with pytest.raises(pipeline.DamagedDatasetError,
                        match=r"the dataset files in \S+ are damaged .*delete that folder and "
                              r"build it again"):
