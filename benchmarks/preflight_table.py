@@ -46,7 +46,8 @@ def _largest(result: dict) -> str:
     best = max(rows, key=lambda r: (r.get("largest_batch") or 0, r["predicted_batch"]))
     others = ", ".join(f"{r['param_sharding']} ≈{r['predicted_batch']}" for r in rows
                        if r is not best)
-    text = f"{best['largest_batch']} ({best['param_sharding']})"
+    bound = "≥" if best.get("largest_batch_is_lower_bound") else ""
+    text = f"{bound}{best['largest_batch']} ({best['param_sharding']})"
     return text + (f"; {others}" if others else "")
 
 

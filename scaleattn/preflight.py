@@ -27,8 +27,12 @@ collectives over the same axis name); ``'jit'`` runs on one chip of the topology
 The largest batch (`largest_batch`): memory is close to affine in the per-chip batch
 (the state is fixed, activations grow with each image), so the train step is compiled
 at two per-chip batches, the line through the two peaks is solved for the chip's HBM,
-and the batch found is compiled once to confirm it (one step down at a time while it
-does not fit).
+and the batch found is compiled to confirm it. The line is never followed more than
+`MAX_GROWTH` times past the largest batch compiled so far: a small model whose line
+predicts thousands of images per chip is compiled at 8x, the line refitted through that
+point, up to `MAX_REFITS` times (past that the row reports the largest batch confirmed
+and says it is a lower bound). A prediction that does not fit steps down one batch
+unit twice, then bisects between it and the largest batch known to fit.
 """
 
 import copy
@@ -611,6 +615,58 @@ def affine_batch(points: list[tuple[int, int]], hbm: int, unit: int) -> dict:
             "per_chip": max(0, guess - guess % unit)}
 
 
+MAX_GROWTH = 8   # the line is followed at most this many times past the largest compiled batch
+MAX_REFITS = 3   # ... and refitted through a new point at most this many times
+
+
+def confirm_batch(compile_at: Callable[[int], dict], predicted: int, known: dict,
+                  hbm: int, unit: int) -> tuple[int, bool]:
+    """The largest per-chip batch (a multiple of ``unit``) that a compile confirms.
+
+    Args:
+      compile_at: compiles the train step at a per-chip batch, returns its row
+        (``peak_bytes_per_chip``, ``fits``).
+      predicted: the affine line's per-chip batch.
+      known: ``{per-chip batch: row}`` compiled already (at least one).
+      hbm: the chip's bytes; unit: the per-chip batch moves in these steps.
+    Returns:
+      ``(per-chip batch, lower_bound)``: 0 when not even ``unit`` fits; ``lower_bound``
+      when `MAX_REFITS` ran out while the line still pointed higher.
+    """
+    known = dict(known)
+
+    def fits(b: int) -> bool:
+        if b not in known:
+            known[b] = compile_at(b)
+        return known[b]["fits"]
+
+    target, lower_bound = predicted, False
+    for refit in range(MAX_REFITS + 1):
+        cap = MAX_GROWTH * max(known)
+        cap -= cap % unit
+        if target <= cap:
+            break
+        if refit == MAX_REFITS or not fits(cap):
+            target, lower_bound = cap, refit == MAX_REFITS
+            break
+        near = max(b for b in known if b < cap)
+        target = affine_batch([(near, known[near]["peak_bytes_per_chip"]),
+                               (cap, known[cap]["peak_bytes_per_chip"])], hbm, unit)["per_chip"]
+        target = max(target, cap)   # cap fits: the answer is at least cap
+    if target >= unit and fits(target):
+        return target, lower_bound
+    failed, steps = target, 0
+    while True:
+        lo = max([b for b, row in known.items() if row["fits"]], default=0)
+        steps += 1
+        trial = failed - unit if steps <= 2 else lo + (failed - lo) // 2
+        trial -= trial % unit
+        if trial <= lo or trial < unit:
+            return lo, False
+        if not fits(trial):
+            failed = trial
+
+
 def largest_batch(candidates: list["Preflight"], first: dict, *,
                   log: Callable[[str], None] = print) -> list[dict]:
     """The largest global train batch that fits, for each candidate layout of one config
@@ -659,11 +715,11 @@ def largest_batch(candidates: list["Preflight"], first: dict, *,
                      "predicted_batch": per_chip * pre.target.batch_shards,
                      "largest_batch": None})
     best = max(range(len(rows)), key=lambda i: (rows[i]["predicted_batch"], -i))
-    per_chip = rows[best]["predicted_per_chip"]
-    while per_chip >= unit and not at(best, per_chip)["fits"]:
-        per_chip -= unit
-    rows[best]["largest_batch"] = per_chip * candidates[best].target.batch_shards if (
-        per_chip >= unit) else 0
+    per_chip, lower_bound = confirm_batch(lambda b: at(best, b), rows[best]["predicted_per_chip"],
+                                          {k[1]: v for k, v in compiled.items() if k[0] == best},
+                                          hbm, unit)
+    rows[best]["largest_batch"] = per_chip * candidates[best].target.batch_shards
+    rows[best]["largest_batch_is_lower_bound"] = lower_bound
     rows[best]["largest_batch_row"] = compiled.get((best, per_chip))
     for index, row in enumerate(rows):
         row["points"] = sorted((k[1], v["peak_bytes_per_chip"]) for k, v in compiled.items()
@@ -764,8 +820,8 @@ def auto_batches(config, topology: str, pre: Preflight, first: dict, *,
         log(f"  {row['parallel_mode']} / {row['param_sharding']}: predicted "
             f"{row['predicted_batch']} ({gib(row['fixed_bytes'])} fixed + "
             f"{gib(row['bytes_per_image'])} per image)"
-            + (f", confirmed {row['largest_batch']}" if row["largest_batch"] is not None
-               else ""))
+            + (f", confirmed {'at least ' if row.get('largest_batch_is_lower_bound') else ''}"
+               f"{row['largest_batch']}" if row["largest_batch"] is not None else ""))
     best = max(found, key=lambda r: r["largest_batch"] or 0)
     log(f"largest batch: {best['largest_batch']} with parallel.mode={best['parallel_mode']}, "
         f"param_sharding={best['param_sharding']} (--config.batch_size="

@@ -99,11 +99,14 @@ def test_largest_batch_fits_a_line_and_confirms_the_best_sharding():
     own = FakeLayout("replicated", 4 * GiB, GiB // 2, bend=GiB, knee=20)
     fsdp = FakeLayout("fsdp", 2 * GiB, GiB // 2, bend=GiB, knee=20)
     rows = preflight.largest_batch([own, fsdp], own.compile("train", 4 * 2), log=lambda _: None)
-    # replicated: (16 - 4) / 0.5 = 24 per chip, fsdp: 28; the bend past 20 images costs
-    # 1 GiB, so fsdp confirms at 26 per chip (one compile at 28, then 27, 26)
+    # replicated: (16 - 4) / 0.5 = 24 per chip, fsdp: 28; 28 is more than MAX_GROWTH (8)
+    # times the 2 compiled, so 16 is compiled first (fits; the line through it says 28
+    # again); the bend past 20 images costs 1 GiB, so fsdp confirms at 26 per chip (one
+    # compile at 28, then 27, 26)
     assert [r["predicted_per_chip"] for r in rows] == [24, 28]
     assert rows[0]["largest_batch"] is None and rows[1]["largest_batch"] == 26 * 4
-    assert own.compiled == [2, 4] and fsdp.compiled == [2, 28, 27, 26]
+    assert own.compiled == [2, 4] and fsdp.compiled == [2, 16, 28, 27, 26]
+    assert rows[1]["largest_batch_is_lower_bound"] is False
     assert rows[1]["fixed_bytes"] == pytest.approx(2 * GiB)
 
 
@@ -237,3 +240,32 @@ def test_oversized_batch_does_not_fit(tmp_path):
                         last), last
     train = json.loads(output.read_text())[0]
     assert train["fits"] is False and train["peak_bytes_per_chip"] > 16e9
+
+
+def test_largest_batch_never_follows_the_line_far_past_a_compile():
+    """A tiny model is compiled at 8x the largest batch so far, the line refitted through
+    each point. 1 GiB fixed, 1 MiB per image: the line from batches 2 and 4 says 15,360
+    per chip; 32, 256 and 2,048 are compiled on the way, then 15,360 is confirmed. With
+    64 KiB per image (245,760) `MAX_REFITS` runs out: the row gives the largest batch
+    compiled, 16,384, and says it is a lower bound."""
+    own = FakeLayout("replicated", GiB, 2**20, shards=1)
+    rows = preflight.largest_batch([own], own.compile("train", 2), log=lambda _: None)
+    assert rows[0]["predicted_per_chip"] == 15_360
+    assert own.compiled == [2, 4, 32, 256, 2048, 15_360]
+    assert rows[0]["largest_batch"] == 15_360 and not rows[0]["largest_batch_is_lower_bound"]
+    own = FakeLayout("replicated", GiB, 2**16, shards=1)
+    rows = preflight.largest_batch([own], own.compile("train", 2), log=lambda _: None)
+    assert rows[0]["predicted_per_chip"] == 245_760
+    assert own.compiled == [2, 4, 32, 256, 2048, 16_384]
+    assert rows[0]["largest_batch"] == 16_384 and rows[0]["largest_batch_is_lower_bound"]
+
+
+def test_largest_batch_bisects_when_the_line_is_far_off():
+    """Memory jumps by 6 GiB past 12 images (a layout change in the compiler): the line
+    through 2 and 4 says 24 per chip; 24, 23 and 22 do not fit, then bisection between
+    the largest that fits (4) and 22 finds 12 in a few compiles, not one per image."""
+    own = FakeLayout("replicated", 4 * GiB, GiB // 2, shards=1, bend=6 * GiB, knee=12)
+    rows = preflight.largest_batch([own], own.compile("train", 2), log=lambda _: None)
+    assert own.compiled[:5] == [2, 4, 24, 23, 22]
+    assert rows[0]["largest_batch"] == 12 and len(own.compiled) <= 10
+    assert all(b <= 12 or not own.compile("train", b)["fits"] for b in list(own.compiled))
