@@ -234,6 +234,15 @@ def log_scores(scores: dict, step: int, what: str = "eval at step") -> dict:
     return scores
 
 
+def scores_record(scores) -> dict:
+    """``scores`` (`evaluate`'s dict, nested, with NumPy values) as plain JSON values."""
+    if isinstance(scores, dict):
+        return {key: scores_record(value) for key, value in scores.items()}
+    if isinstance(scores, (np.ndarray, np.generic)):
+        return scores.tolist()
+    return scores
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                         fallback: bool = False) -> dict:
     """``--mode=eval``: the latest checkpoint in ``workdir`` on ``data.eval_split``
@@ -253,6 +262,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
         np.asarray(train_rng), config=config, fallback=fallback)
     device_state = run.layout.put_state(state)
     scores = log_scores(evaluate(run, device_state), meta["step"], "eval of step")
+    scores["step"] = int(meta["step"])
     if config.predict.ms_eval_at_end:  # multi-scale + flip inference as well
         scores["ms_flip"] = inference.evaluate_ms_flip(
             config, run.model, jax.device_get(run.layout.host(device_state)))

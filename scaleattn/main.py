@@ -34,8 +34,8 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "bench", "predict", "analyz
                                    "crf_search", "preflight"],
                   "What to run.")
 flags.DEFINE_list("input", [], "--mode=predict: image files or folders.")
-flags.DEFINE_string("output", None, "--mode=bench, crf_search, preflight: JSON file "
-                    "(default WORKDIR/<mode>.json; preflight: none); predict, analyze: "
+flags.DEFINE_string("output", None, "--mode=bench, crf_search, preflight, eval: JSON file "
+                    "(default WORKDIR/<mode>.json; preflight, eval: none); predict, analyze: "
                     "folder (default WORKDIR/<mode>).")
 flags.DEFINE_string("topology", None, "--mode=preflight: the Cloud TPU topology to compile "
                     "for, as JAX names it (v5e:2x2, v5e:4x4, v4:2x2x2, v5p:2x2x1, v6e:2x2), or "
@@ -164,8 +164,7 @@ def main(argv):
             if jax.process_index() == 0:
                 print_summary(config, scores)
         elif FLAGS.mode == "eval":
-            experiment.evaluate_checkpoint(config, FLAGS.workdir,
-                                           fallback=FLAGS.checkpoint_fallback)
+            run_eval(config)
         else:
             run_tool(config)
     except preemption.Preempted as e:
@@ -221,6 +220,27 @@ def print_summary(config, scores: dict) -> None:
         config_file=FLAGS["config"].config_filename, workdir=FLAGS.workdir, scores=scores,
         steps=config.train.steps, class_names=pipeline.class_names(config.data),
         pictures=pictures)), flush=True)
+
+
+def run_eval(config) -> None:
+    """--mode=eval: scores of WORKDIR's latest checkpoint, logged; with --output also
+    written there as JSON (the workdir itself is not changed)."""
+    # pylint: disable=import-outside-toplevel
+    import json
+    from scaleattn import experiment, outputs
+    output = FLAGS.output and outputs.check_not_over(
+        outputs.check_file(FLAGS.output, "--output", missing_folder_ok=True), "--output",
+        inputs=[FLAGS["config"].config_filename.split(":", 1)[0]], workdirs=[FLAGS.workdir])
+    scores = experiment.evaluate_checkpoint(config, FLAGS.workdir,
+                                            fallback=FLAGS.checkpoint_fallback)
+    if output:
+        record = {"config": config.name, "workdir": os.path.abspath(FLAGS.workdir),
+                  "eval_split": config.data.eval_split,
+                  "scales": list(config.model.inference_scales or config.model.scales),
+                  **experiment.scores_record(scores)}
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+        outputs.atomic_write(output, json.dumps(record, indent=1) + "\n")
+        logging.info("wrote %s", output)
 
 
 def run_preflight(config) -> None:

@@ -216,6 +216,43 @@ def test_damaged_steps_stop_eval_with_one_quiet_line_and_change_nothing(trained,
     assert tree_hashes(workdir) == before
 
 
+def test_eval_output_is_the_runs_own_final_score(trained, tmp_path):
+    """``--mode=eval --output=FILE`` writes the scores of the latest checkpoint as JSON:
+    the mIoU and per-class IoU of that checkpoint's confusion matrix (recomputed here in
+    NumPy from the eval step's own matrix), the step and the scales; the workdir is not
+    changed. An --output over the run's records is refused."""
+    config, _ = trained
+    workdir = copy_run(trained, tmp_path)
+    before = tree_hashes(workdir)
+    output = tmp_path / "scores" / "eval.json"
+    result = cli(*main_command(config, workdir, "--mode=eval", f"--output={output}")[2:])
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(output.read_text())
+    assert record["step"] == 4 and record["scales"] == list(config.model.scales)
+    run = experiment.setup_run(config)
+    state, _ = restore_template(config)
+    state = checkpoint.restore_for_reading(checkpoint.open_for_reading(str(workdir)), state,
+                                           np.asarray(jax.random.split(
+                                               jax.random.PRNGKey(config.seed))[1]),
+                                           config=config)[0]
+    device_state = run.layout.put_state(state)
+    confusion = np.zeros((config.model.num_classes,) * 2)
+    from scaleattn.data import pipeline  # pylint: disable=import-outside-toplevel
+    for batch in pipeline.eval_batches(config.data, batch_size=config.eval.batch_size,
+                                       ignore_label=255, num_classes=config.model.num_classes):
+        confusion += np.asarray(run.layout.host(run.eval_step(device_state,
+                                                              run.layout.put_batch(batch)))[0])
+    iou = np.diag(confusion) / (confusion.sum(0) + confusion.sum(1) - np.diag(confusion))
+    assert confusion.sum() > 0
+    np.testing.assert_allclose(record["per_class_iou"], np.nan_to_num(iou), atol=1e-6)
+    assert record["miou"] == pytest.approx(np.nanmean(iou), abs=1e-6)
+    assert tree_hashes(workdir) == before
+    refused = cli(*main_command(config, workdir, "--mode=eval",
+                                f"--output={workdir}/run.json")[2:])
+    assert refused.returncode != 0 and "--output" in refused.stderr
+    assert tree_hashes(workdir) == before
+
+
 def test_same_size_damage_is_named_and_stops_a_reader(trained, tmp_path):
     config, _ = trained
     workdir = copy_run(trained, tmp_path)
