@@ -4,12 +4,18 @@
     python -m scaleattn.report /tmp/demo_seeds/merges/*/ --json=/tmp/demo_seeds/merges.json
     python -m benchmarks.demo_tables render /tmp/demo_seeds/merges.json \
         [--result=benchmarks/results/demo_merges.json --command=... --machine=...]
+    python -m benchmarks.demo_tables hier --root=/tmp/demo_seeds \
+        [--result=benchmarks/results/demo_hierarchical.json]
 
 ``run`` trains every (row, seed) of a table, one after the other, each with
 ``python -m scaleattn.main`` in ``<root>/<table>/<row>_s<seed>``; a workdir that holds a
 finished run (``run.json``) is skipped and one with checkpoints resumes, so the command
 can be stopped and started again. Every row is the same recipe (``configs/demo.py``) with
 only its merge or head changed (its variants, ``configs/demo.py:max`` ...).
+
+``hier`` evaluates the merges table's hierarchical runs on other scale lists without
+retraining (``--mode=eval --output``) and tabulates them beside its own and softmax
+attention's final scores (`hier_table`).
 
 ``render`` turns the JSON of ``python -m scaleattn.report --json`` (`report.seed_summary`)
 into the Markdown table of docs/results.md (`render`); ``--result`` also writes it as a
@@ -58,6 +64,52 @@ def run_table(table: str, root: str, seeds: list[int], extra: list[str]) -> None
                        f"--workdir={workdir}", f"--config.seed={seed}", *flags, *extra]
             print("running: " + " ".join(command[1:]), flush=True)
             subprocess.run(command, check=True)
+
+
+# The hierarchical table: (label, evaluated on, --config.model.inference_scales or None
+# for the run's own final evaluation), the softmax-attention row first.
+HIER_ROWS = (
+    ("softmax attention (`demo_attention`)", "{1, 0.5}", "attention", None),
+    ("hierarchical (`demo_hier`)", "{0.5, 1}", "hier", None),
+    ("hierarchical, no retraining", "{0.25, 0.5, 1}", "hier", "(0.25,0.5,1.0)"),
+    ("hierarchical, no retraining", "{0.5, 1, 2}", "hier", "(0.5,1.0,2.0)"),
+)
+
+
+def hier_table(root: str, seeds: list[int], extra: list[str]) -> tuple[list, list, list]:
+    """The hierarchical merge on its training scales and on other scale lists without
+    retraining, beside softmax attention: ``(columns, rows, commands)`` from the merges
+    table's runs under ``root/merges`` (`run_table`); the other lists are evaluated with
+    ``--mode=eval --output`` into ``root/hier_eval`` (skipped where that file exists)."""
+    columns = ["model", "trained on", "evaluated on", "val mIoU (per seed " +
+               " / ".join(map(str, seeds)) + ")"]
+    rows, commands = [], []
+    for label, evaluated_on, stem, scales in HIER_ROWS:
+        values = []
+        for seed in seeds:
+            workdir = os.path.join(root, "merges", f"{stem}_s{seed}")
+            if scales is None:
+                with open(os.path.join(workdir, "run.json"), encoding="utf-8") as f:
+                    values.append(json.load(f)["miou"])
+                continue
+            output = os.path.join(root, "hier_eval", f"{stem}_s{seed}_{scales.strip('()')}.json")
+            command = [sys.executable, "-m", "scaleattn.main", "--config=configs/demo.py:hier",
+                       f"--workdir={workdir}", "--mode=eval", f"--output={output}",
+                       f"--config.model.inference_scales={scales}", *extra]
+            if not os.path.isfile(output):
+                print("running: " + " ".join(command[1:]), flush=True)
+                subprocess.run(command, check=True)
+            with open(output, encoding="utf-8") as f:
+                values.append(json.load(f)["miou"])
+        if scales is not None:
+            commands.append("python -m scaleattn.main --config=configs/demo.py:hier "
+                            f"--workdir={root}/merges/hier_s<seed> --mode=eval "
+                            f"--output=... --config.model.inference_scales='{scales}' "
+                            + " ".join(extra))
+        rows.append([label, "{1, 0.5}", evaluated_on,
+                     mean_std(values) + " (" + " / ".join(f"{100 * v:.1f}" for v in values)
+                     + ")"])
+    return columns, rows, commands
 
 
 def mean_std(values) -> str:
@@ -119,6 +171,12 @@ def main(argv=None) -> int:
     run.add_argument("--root", required=True)
     run.add_argument("--seeds", default="0,1,2")
     run.add_argument("extra", nargs="*", help="more flags for every run (after --)")
+    hier = sub.add_parser("hier", help="the hierarchical table from the merges runs")
+    hier.add_argument("--root", required=True)
+    hier.add_argument("--seeds", default="0,1,2")
+    hier.add_argument("--result", help="also write it as a benchmarks/results/ file")
+    hier.add_argument("--machine", default="", help="for --result: where the runs ran")
+    hier.add_argument("extra", nargs="*", help="more flags for every eval (after --)")
     show = sub.add_parser("render", help="print the Markdown table of a report JSON")
     show.add_argument("json_file")
     show.add_argument("--result", help="also write it as a benchmarks/results/ file")
@@ -128,6 +186,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         run_table(args.table, args.root, [int(s) for s in args.seeds.split(",")], args.extra)
+        return 0
+    if args.command == "hier":
+        columns, rows, commands = hier_table(args.root, [int(s) for s in args.seeds.split(",")],
+                                             args.extra)
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        print("\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]))
+        if args.result:
+            with open(os.path.join(args.root, "merges", "hier_s0", "run.json"),
+                      encoding="utf-8") as f:
+                run = json.load(f)
+            with open(args.result, "w", encoding="utf-8") as f:
+                json.dump({"command": [f"python -m benchmarks.demo_tables run --table=merges "
+                                       f"--root={args.root} (the trained runs)", *commands],
+                           "commit": run.get("commit") or "unknown",
+                           "versions": run.get("versions", {}), "constraints": None,
+                           "machine": args.machine, "columns": columns, "rows": rows},
+                          f, indent=1, ensure_ascii=False)
+                f.write("\n")
         return 0
     try:
         with open(args.json_file, encoding="utf-8") as f:

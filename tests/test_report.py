@@ -186,3 +186,30 @@ def image_tags(folder) -> set:
         for event in tf.compat.v1.train.summary_iterator(str(name)):
             tags |= {v.tag for v in event.summary.value if v.HasField("image")}
     return tags
+
+
+def test_hierarchical_table_reads_the_merges_runs_and_the_other_scale_lists(tmp_path):
+    """`demo_tables.hier_table`: the trained-scale rows come from each run's run.json,
+    the other scale lists from the ``--mode=eval --output`` files (present here, so no
+    eval runs); mean ± sample std and the per-seed values, checked by hand."""
+    from benchmarks import demo_tables  # pylint: disable=import-outside-toplevel
+    mious = {"attention": (0.70, 0.74), "hier": (0.60, 0.64)}
+    for stem, values in mious.items():
+        for seed, miou in enumerate(values):
+            workdir = tmp_path / "merges" / f"{stem}_s{seed}"
+            workdir.mkdir(parents=True)
+            (workdir / "run.json").write_text(json.dumps({"miou": miou}))
+    (tmp_path / "hier_eval").mkdir()
+    for scales, values in (("0.25,0.5,1.0", (0.50, 0.56)), ("0.5,1.0,2.0", (0.40, 0.40))):
+        for seed, miou in enumerate(values):
+            (tmp_path / "hier_eval" / f"hier_s{seed}_{scales}.json").write_text(
+                json.dumps({"miou": miou}))
+    columns, rows, commands = demo_tables.hier_table(str(tmp_path), [0, 1], [])
+    assert columns[-1] == "val mIoU (per seed 0 / 1)"
+    # mean 72, sample std of (70, 74) = 2.83
+    assert rows[0][-1] == "72.0 ± 2.8 (70.0 / 74.0)"
+    assert rows[1][-1] == "62.0 ± 2.8 (60.0 / 64.0)"
+    assert rows[2][-1] == "53.0 ± 4.2 (50.0 / 56.0)"
+    assert rows[3][-1] == "40.0 ± 0.0 (40.0 / 40.0)"
+    assert [r[2] for r in rows] == ["{1, 0.5}", "{0.5, 1}", "{0.25, 0.5, 1}", "{0.5, 1, 2}"]
+    assert len(commands) == 2 and all("--mode=eval" in c for c in commands)
