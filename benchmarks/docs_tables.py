@@ -164,19 +164,19 @@ def cell(name: str, row: str, column: str) -> str:
 # The README's results in brief: (what, page, [(result, row, column), ...]); each figure
 # is read from the table of its page, so it exists once.
 BRIEF = (
-    ("Demo, current recipe: attention over scales {1, 0.5} (3 seeds) / one scale (seed 0), "
+    ("Demo: attention over scales {1, 0.5} / max / average / one scale (3 seeds each), "
      "val mIoU %",
-     "docs/results.md#the-current-recipe",
-     [("demo_recipe", "`demo_attention`", "val mIoU"),
-      ("demo_recipe", "`demo_single`", "val mIoU")]),
-    ("Demo, previous recipe: attention without / with extra supervision",
-     "docs/results.md#the-demo-and-what-it-shows",
-     [("demo_merges", "attention, no extra", "val mIoU"),
-      ("demo_merges", "attention (", "val mIoU")]),
+     "docs/results.md#the-merges-3-seeds-each",
+     [("demo_merges", "`demo_attention`", "val mIoU"), ("demo_merges", "`demo_max`", "val mIoU"),
+      ("demo_merges", "`demo_avg`", "val mIoU"), ("demo_merges", "`demo_single`", "val mIoU")]),
+    ("Demo: attention without / with extra supervision (3 seeds each)",
+     "docs/results.md#the-merges-3-seeds-each",
+     [("demo_merges", "`demo_noextra`", "val mIoU"),
+      ("demo_merges", "`demo_attention`", "val mIoU")]),
     ("Demo, previous recipe: GSAG heads basic / incremental / hybrid", "docs/results.md#the-demo-and-what-it-shows",
      [("demo_gsag", "basic", "val mIoU"), ("demo_gsag", "incremental", "val mIoU"),
       ("demo_gsag", "hybrid", "val mIoU")]),
-    ("Demo, previous recipe: hierarchical attention on its training scales / on {0.5, 1, 2}",
+    ("Demo: hierarchical attention on its training scales / on {0.5, 1, 2} (3 seeds)",
      "docs/hierarchical.md",
      [("demo_hierarchical", "hierarchical (", "val mIoU (per seed 0 / 1 / 2)"),
       ("demo_hierarchical", "hierarchical, no retraining | {1, 0.5} | {0.5, 1, 2}",
@@ -216,7 +216,6 @@ TABLES = (
     Table("run_identity", "docs/reliability.md", identity_table),
     Table("published", "docs/results.md", paper_table),
     Table("configs", "docs/configs.md", configs_table),
-    Table("demo_recipe", "docs/results.md", figures("demo_recipe")),
     Table("demo_merges", "docs/results.md", figures("demo_merges")),
     Table("demo_gsag", "docs/results.md", figures("demo_gsag")),
     Table("demo_hierarchical", "docs/hierarchical.md", figures("demo_hierarchical")),
