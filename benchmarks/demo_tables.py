@@ -120,13 +120,22 @@ def mean_std(values) -> str:
     return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
 
 
+def row_order(group: dict) -> int:
+    """A report group's place in its table: the order of `TABLES` (single, max, average,
+    no extra supervision, attention, hierarchical; basic, incremental, hybrid, hybrid
+    with CE), matched on the end of the config name (``demo_max``); others last."""
+    stems = [stem for rows in TABLES.values() for stem, *_ in rows]
+    return next((i for i, stem in enumerate(stems) if group["name"].endswith("_" + stem)),
+                len(stems))
+
+
 def columns_and_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     """The table of a `report.seed_summary` JSON: one row per group, mIoU and each
     class's IoU as mean ± sample std over its seeds (in %), then mIoU per seed."""
     columns = ["config", "scales", "merge / head", "extra supervision", "seeds", "val mIoU",
                *(f"IoU {name}" for name in CLASS_NAMES), "mIoU per seed"]
     rows = []
-    for group in summary["groups"]:
+    for group in sorted(summary["groups"], key=row_order):
         setting, runs = group["setting"], group["runs"]
         gsag = setting.get("model.head") == "gsag"
         head = (f"GSAG {setting['model.gsag_variant']}, {setting['loss.type'].upper()}"

@@ -136,10 +136,11 @@ def test_report_json_renders_the_demo_table(tmp_path):
     assert summary["groups"][0]["runs"][1]["workdir"] == "att_s1"
     lines = demo_tables.render(summary).splitlines()
     assert len(lines) == 2 + 2
-    assert lines[2] == ("| `demo_attention` | {1, 0.5} | attention | yes | 0, 1 | "
+    # rows in the table's order (single scale first, as in demo_tables.TABLES)
+    assert lines[3] == ("| `demo_attention` | {1, 0.5} | attention | yes | 0, 1 | "
                         "**85.0 ± 7.1** | "
                         "98.0 ± 0.0 | 85.0 ± 7.1 | 80.0 ± 14.1 | 77.0 ± 7.1 | 80.0 / 90.0 |")
-    assert lines[3] == ("| `demo_single` | {1} | — | — | 0 | **50.0** | 90.0 | 30.0 | 40.0 | "
+    assert lines[2] == ("| `demo_single` | {1} | — | — | 0 | **50.0** | 90.0 | 30.0 | 40.0 | "
                         "40.0 | 50.0 |")
 
 
