@@ -153,11 +153,15 @@ def columns_and_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     return columns, rows
 
 
-def render(summary: dict) -> str:
-    """`columns_and_rows` as a Markdown table."""
-    columns, rows = columns_and_rows(summary)
+def markdown(columns: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table of these columns and rows."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def render(summary: dict) -> str:
+    """`columns_and_rows` as a Markdown table."""
+    return markdown(*columns_and_rows(summary))
 
 
 def result_file(summary: dict, command: list[str], machine: str) -> dict:
@@ -199,8 +203,7 @@ def main(argv=None) -> int:
     if args.command == "hier":
         columns, rows, commands = hier_table(args.root, [int(s) for s in args.seeds.split(",")],
                                              args.extra)
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        print("\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]))
+        print(markdown(columns, rows), end="")
         if args.result:
             with open(os.path.join(args.root, "merges", "hier_s0", "run.json"),
                       encoding="utf-8") as f:
