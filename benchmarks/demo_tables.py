@@ -6,6 +6,8 @@
         [--result=benchmarks/results/demo_merges.json --command=... --machine=...]
     python -m benchmarks.demo_tables hier --root=/tmp/demo_seeds \
         [--result=benchmarks/results/demo_hierarchical.json]
+    python -m benchmarks.demo_tables crf --root=/tmp/demo_seeds \
+        [--result=benchmarks/results/crf_demo.json]
 
 ``run`` trains every (row, seed) of a table, one after the other, each with
 ``python -m scaleattn.main`` in ``<root>/<table>/<row>_s<seed>``; a workdir that holds a
@@ -17,6 +19,10 @@ only its merge or head changed (its variants, ``configs/demo.py:max`` ...).
 retraining (``--mode=eval --output``) and tabulates them beside its own and softmax
 attention's final scores (`hier_table`).
 
+``crf`` post-processes the merges table's attention runs with the dense CRF: DeepLab's
+parameters, and the parameters a ``--mode=crf_search`` on the first seed's run picks
+(`crf_table`).
+
 ``render`` turns the JSON of ``python -m scaleattn.report --json`` (`report.seed_summary`)
 into the Markdown table of docs/results.md (`render`); ``--result`` also writes it as a
 ``benchmarks/results/`` file (`result_file`: columns, rows, commands, commit, library
@@ -26,6 +32,7 @@ versions), the form the docs' table generator reads.
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -66,6 +73,21 @@ def run_table(table: str, root: str, seeds: list[int], extra: list[str]) -> None
             subprocess.run(command, check=True)
 
 
+def main_command(config_file: str, workdir: str, mode: str, output: str, flags) -> list[str]:
+    """``python -m scaleattn.main`` in ``mode`` on a trained run, writing ``output``."""
+    return [sys.executable, "-m", "scaleattn.main", f"--config={config_file}",
+            f"--workdir={workdir}", f"--mode={mode}", f"--output={output}", *flags]
+
+
+def run_once(command: list[str], output: str) -> dict:
+    """``output``'s JSON, after running ``command`` if that file is not there yet."""
+    if not os.path.isfile(output):
+        print("running: " + " ".join(command[1:]), flush=True)
+        subprocess.run(command, check=True)
+    with open(output, encoding="utf-8") as f:
+        return json.load(f)
+
+
 # The hierarchical table: (label, evaluated on, --config.model.inference_scales or None
 # for the run's own final evaluation), the softmax-attention row first.
 HIER_ROWS = (
@@ -93,22 +115,73 @@ def hier_table(root: str, seeds: list[int], extra: list[str]) -> tuple[list, lis
                     values.append(json.load(f)["miou"])
                 continue
             output = os.path.join(root, "hier_eval", f"{stem}_s{seed}_{scales.strip('()')}.json")
-            command = [sys.executable, "-m", "scaleattn.main", "--config=configs/demo.py:hier",
-                       f"--workdir={workdir}", "--mode=eval", f"--output={output}",
-                       f"--config.model.inference_scales={scales}", *extra]
-            if not os.path.isfile(output):
-                print("running: " + " ".join(command[1:]), flush=True)
-                subprocess.run(command, check=True)
-            with open(output, encoding="utf-8") as f:
-                values.append(json.load(f)["miou"])
+            command = main_command("configs/demo.py:hier", workdir, "eval", output,
+                                   (f"--config.model.inference_scales={scales}", *extra))
+            values.append(run_once(command, output)["miou"])
         if scales is not None:
             commands.append("python -m scaleattn.main --config=configs/demo.py:hier "
                             f"--workdir={root}/merges/hier_s<seed> --mode=eval "
                             f"--output=... --config.model.inference_scales='{scales}' "
                             + " ".join(extra))
-        rows.append([label, "{1, 0.5}", evaluated_on,
-                     mean_std(values) + " (" + " / ".join(f"{100 * v:.1f}" for v in values)
-                     + ")"])
+        rows.append([label, "{1, 0.5}", evaluated_on, per_seed(values)])
+    return columns, rows, commands
+
+
+# The CRF table: (stem of its eval files, row, --mode=eval flags; None: the run's own
+# final evaluation, no CRF). The searched row adds the flags of the search's best setting.
+CRF_ROWS = (
+    ("none", "no CRF", None),
+    ("deeplab", "CRF, DeepLab-LargeFOV's parameters (w1 4, θα 121, θβ 5)",
+     ("--config.eval.crf=True",)),
+    ("searched", "CRF, searched", ("--config.eval.crf=True",)),
+)
+# The search grid, around the demo's image and object sizes (128-px images, radius 3-48
+# px, colour noise) rather than DeepLab's 500-px photos: 27 settings.
+CRF_SEARCH_FLAGS = ("--config.crf.search_bilateral_weights=(3.0,5.0,8.0)",
+                    "--config.crf.search_bilateral_xy_stds=(10.0,20.0,40.0)",
+                    "--config.crf.search_bilateral_rgb_stds=(5.0,10.0,20.0)")
+
+
+def crf_table(root: str, seeds: list[int], extra: list[str]) -> tuple[list, list, list]:
+    """The dense CRF on the merges table's attention runs (``root/merges/attention_s*``):
+    no CRF (each run's own final score), DeepLab-LargeFOV's parameters, and the setting
+    that ``--mode=crf_search`` (`CRF_SEARCH_FLAGS`, the first 100 val images) picks on
+    the first seed's run, applied to every seed. ``(columns, rows, commands)``; the
+    search and evaluations write to ``root/crf`` (skipped where their file exists)."""
+    def command(workdir, mode, output, flags):
+        return main_command("configs/demo.py", workdir, mode, output, (*flags, *extra))
+
+    workdir = os.path.join(root, "merges", "attention_s{}")
+    search_file = os.path.join(root, "crf", f"search_s{seeds[0]}.json")
+    search = run_once(command(workdir.format(seeds[0]), "crf_search", search_file,
+                              CRF_SEARCH_FLAGS), search_file)
+    best = search["best"]
+    commands = [shlex.join(["python", *command("RUN", "crf_search", "SEARCH.json",
+                                               CRF_SEARCH_FLAGS)[1:]])]
+    columns = ["", "val mIoU (per seed " + " / ".join(map(str, seeds)) + ")",
+               "IoU " + " / ".join(CLASS_NAMES)]
+    rows = []
+    for stem, label, flags in CRF_ROWS:
+        if stem == "searched":
+            label = (f"CRF, searched on seed {seeds[0]}'s first {search['images']} val "
+                     f"images (w1 {best['bilateral_weight']:g}, θα {best['bilateral_xy_std']:g},"
+                     f" θβ {best['bilateral_rgb_std']:g})")
+            flags = (*flags, *search["flags"].split())
+        records = []
+        for seed in seeds:
+            if flags is None:
+                with open(os.path.join(workdir.format(seed), "run.json"), encoding="utf-8") as f:
+                    records.append(json.load(f))
+            else:
+                output = os.path.join(root, "crf", f"{stem}_s{seed}.json")
+                records.append(run_once(command(workdir.format(seed), "eval", output, flags),
+                                        output))
+        if flags is not None:
+            commands.append(shlex.join(["python", *command("RUN", "eval", "EVAL.json",
+                                                           flags)[1:]]))
+        values = [r["miou"] for r in records]
+        per_class = np.mean([r["per_class_iou"] for r in records], axis=0)
+        rows.append([label, per_seed(values), " / ".join(f"{100 * v:.1f}" for v in per_class)])
     return columns, rows, commands
 
 
@@ -118,6 +191,11 @@ def mean_std(values) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+
+
+def per_seed(values) -> str:
+    """`mean_std` and each value: '72.0 ± 2.8 (70.0 / 74.0)'."""
+    return mean_std(values) + " (" + " / ".join(f"{100 * v:.1f}" for v in values) + ")"
 
 
 def row_order(group: dict) -> int:
@@ -184,12 +262,13 @@ def main(argv=None) -> int:
     run.add_argument("--root", required=True)
     run.add_argument("--seeds", default="0,1,2")
     run.add_argument("extra", nargs="*", help="more flags for every run (after --)")
-    hier = sub.add_parser("hier", help="the hierarchical table from the merges runs")
-    hier.add_argument("--root", required=True)
-    hier.add_argument("--seeds", default="0,1,2")
-    hier.add_argument("--result", help="also write it as a benchmarks/results/ file")
-    hier.add_argument("--machine", default="", help="for --result: where the runs ran")
-    hier.add_argument("extra", nargs="*", help="more flags for every eval (after --)")
+    for name, what in (("hier", "the hierarchical table"), ("crf", "the dense-CRF table")):
+        derived = sub.add_parser(name, help=f"{what} from the merges runs")
+        derived.add_argument("--root", required=True)
+        derived.add_argument("--seeds", default="0,1,2")
+        derived.add_argument("--result", help="also write it as a benchmarks/results/ file")
+        derived.add_argument("--machine", default="", help="for --result: where the runs ran")
+        derived.add_argument("extra", nargs="*", help="more flags for every eval (after --)")
     show = sub.add_parser("render", help="print the Markdown table of a report JSON")
     show.add_argument("json_file")
     show.add_argument("--result", help="also write it as a benchmarks/results/ file")
@@ -200,12 +279,14 @@ def main(argv=None) -> int:
     if args.command == "run":
         run_table(args.table, args.root, [int(s) for s in args.seeds.split(",")], args.extra)
         return 0
-    if args.command == "hier":
-        columns, rows, commands = hier_table(args.root, [int(s) for s in args.seeds.split(",")],
-                                             args.extra)
+    if args.command in ("hier", "crf"):
+        seeds = [int(s) for s in args.seeds.split(",")]
+        table = hier_table if args.command == "hier" else crf_table
+        columns, rows, commands = table(args.root, seeds, args.extra)
         print(markdown(columns, rows), end="")
         if args.result:
-            with open(os.path.join(args.root, "merges", "hier_s0", "run.json"),
+            stem = "hier" if args.command == "hier" else "attention"
+            with open(os.path.join(args.root, "merges", f"{stem}_s{seeds[0]}", "run.json"),
                       encoding="utf-8") as f:
                 run = json.load(f)
             with open(args.result, "w", encoding="utf-8") as f:

@@ -214,3 +214,36 @@ def test_hierarchical_table_reads_the_merges_runs_and_the_other_scale_lists(tmp_
     assert rows[3][-1] == "40.0 ± 0.0 (40.0 / 40.0)"
     assert [r[2] for r in rows] == ["{1, 0.5}", "{0.5, 1}", "{0.25, 0.5, 1}", "{0.5, 1, 2}"]
     assert len(commands) == 2 and all("--mode=eval" in c for c in commands)
+
+
+def test_crf_table_reads_the_search_and_the_evaluations(tmp_path):
+    """`demo_tables.crf_table`: the no-CRF row from each attention run's run.json, the
+    CRF rows from the ``--mode=eval --output`` files, the searched row named and run
+    with the search's best setting (files present here, so nothing runs); mean ± std,
+    per seed and the per-class mean checked by hand."""
+    from benchmarks import demo_tables  # pylint: disable=import-outside-toplevel
+    (tmp_path / "crf").mkdir()
+    files = {"none": "merges/attention_s{}/run.json", "deeplab": "crf/deeplab_s{}.json",
+             "searched": "crf/searched_s{}.json"}
+    mious = {"none": (0.70, 0.74), "deeplab": (0.72, 0.72), "searched": (0.75, 0.79)}
+    for stem, pattern in files.items():
+        for seed, miou in enumerate(mious[stem]):
+            path = tmp_path / pattern.format(seed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"miou": miou,
+                                        "per_class_iou": [0.9, miou, 0.5 + seed / 10, 0.0]}))
+    (tmp_path / "crf" / "search_s0.json").write_text(json.dumps({
+        "images": 100, "flags": "--config.crf.bilateral_weight=8 "
+                                "--config.crf.bilateral_xy_std=20 --config.crf.bilateral_rgb_std=20",
+        "best": {"bilateral_weight": 8.0, "bilateral_xy_std": 20.0, "bilateral_rgb_std": 20.0}}))
+    columns, rows, commands = demo_tables.crf_table(str(tmp_path), [0, 1], [])
+    assert columns[1] == "val mIoU (per seed 0 / 1)"
+    assert [r[1] for r in rows] == ["72.0 ± 2.8 (70.0 / 74.0)", "72.0 ± 0.0 (72.0 / 72.0)",
+                                    "77.0 ± 2.8 (75.0 / 79.0)"]
+    assert rows[2][0] == "CRF, searched on seed 0's first 100 val images (w1 8, θα 20, θβ 20)"
+    # per class: mean over seeds of (0.9, miou, 0.5 / 0.6, 0)
+    assert rows[0][2] == "90.0 / 72.0 / 55.0 / 0.0"
+    assert "--mode=crf_search" in commands[0]
+    assert "'--config.crf.search_bilateral_weights=(3.0,5.0,8.0)'" in commands[0]  # quoted
+    assert "--config.eval.crf=True" in commands[1]
+    assert "--config.crf.bilateral_weight=8" in commands[2]
