@@ -83,6 +83,7 @@ def run_once(command: list[str], output: str) -> dict:
     """``output``'s JSON, after running ``command`` if that file is not there yet."""
     if not os.path.isfile(output):
         print("running: " + " ".join(command[1:]), flush=True)
+        os.makedirs(os.path.dirname(output), exist_ok=True)
         subprocess.run(command, check=True)
     with open(output, encoding="utf-8") as f:
         return json.load(f)
