@@ -79,6 +79,12 @@ def main_command(config_file: str, workdir: str, mode: str, output: str, flags) 
             f"--workdir={workdir}", f"--mode={mode}", f"--output={output}", *flags]
 
 
+def run_record(workdir: str) -> dict:
+    """A finished run's ``run.json``."""
+    with open(os.path.join(workdir, "run.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def run_once(command: list[str], output: str) -> dict:
     """``output``'s JSON, after running ``command`` if that file is not there yet."""
     if not os.path.isfile(output):
@@ -112,8 +118,7 @@ def hier_table(root: str, seeds: list[int], extra: list[str]) -> tuple[list, lis
         for seed in seeds:
             workdir = os.path.join(root, "merges", f"{stem}_s{seed}")
             if scales is None:
-                with open(os.path.join(workdir, "run.json"), encoding="utf-8") as f:
-                    values.append(json.load(f)["miou"])
+                values.append(run_record(workdir)["miou"])
                 continue
             output = os.path.join(root, "hier_eval", f"{stem}_s{seed}_{scales.strip('()')}.json")
             command = main_command("configs/demo.py:hier", workdir, "eval", output,
@@ -171,8 +176,7 @@ def crf_table(root: str, seeds: list[int], extra: list[str]) -> tuple[list, list
         records = []
         for seed in seeds:
             if flags is None:
-                with open(os.path.join(workdir.format(seed), "run.json"), encoding="utf-8") as f:
-                    records.append(json.load(f))
+                records.append(run_record(workdir.format(seed)))
             else:
                 output = os.path.join(root, "crf", f"{stem}_s{seed}.json")
                 records.append(run_once(command(workdir.format(seed), "eval", output, flags),
@@ -254,6 +258,11 @@ def result_file(summary: dict, command: list[str], machine: str) -> dict:
             "constraints": None, "machine": machine, "columns": columns, "rows": rows}
 
 
+# The tables built on the merges runs: command -> (its table, the merges row whose run
+# names the commit and library versions of the --result file).
+DERIVED = {"hier": (hier_table, "hier"), "crf": (crf_table, "attention")}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.demo_tables",
                                      description=__doc__.splitlines()[0])
@@ -280,16 +289,13 @@ def main(argv=None) -> int:
     if args.command == "run":
         run_table(args.table, args.root, [int(s) for s in args.seeds.split(",")], args.extra)
         return 0
-    if args.command in ("hier", "crf"):
+    if args.command in DERIVED:
         seeds = [int(s) for s in args.seeds.split(",")]
-        table = hier_table if args.command == "hier" else crf_table
+        table, stem = DERIVED[args.command]
         columns, rows, commands = table(args.root, seeds, args.extra)
         print(markdown(columns, rows), end="")
         if args.result:
-            stem = "hier" if args.command == "hier" else "attention"
-            with open(os.path.join(args.root, "merges", f"{stem}_s{seeds[0]}", "run.json"),
-                      encoding="utf-8") as f:
-                run = json.load(f)
+            run = run_record(os.path.join(args.root, "merges", f"{stem}_s{seeds[0]}"))
             with open(args.result, "w", encoding="utf-8") as f:
                 json.dump({"command": [f"python -m benchmarks.demo_tables run --table=merges "
                                        f"--root={args.root} (the trained runs)", *commands],
