@@ -150,6 +150,7 @@ def main(argv):
         config_lib.validate(config)
         name_with_overrides(config, ConfigFileParser.file_config)
         jax.config.update("jax_default_prng_impl", config.prng_impl)
+        parallel.set_compile_effort(config.parallel)
         if parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                            FLAGS.process_id, auto=FLAGS.distributed):
             if jax.process_index() != 0:  # only process 0 logs progress

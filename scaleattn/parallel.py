@@ -404,6 +404,17 @@ def make_layout(cfg) -> Layout:
     return Layout(mode, mesh, cfg.param_sharding, int(cfg.fsdp_min_size))
 
 
+def set_compile_effort(cfg) -> float:
+    """Sets XLA's ``exec_time_optimization_effort`` for every program this process
+    compiles from now on (train, eval, augmentation, pre-flight) to
+    ``cfg.exec_time_effort`` (``config.parallel``, -1..1; 0 is XLA's default) and
+    returns it. Lower values trade step time and memory for compile time
+    (docs/preflight.md, "Compile time")."""
+    effort = float(cfg.exec_time_effort)
+    jax.config.update("jax_exec_time_optimization_effort", effort)
+    return effort
+
+
 # --------------------------------------------------------------------------- processes
 
 

@@ -571,6 +571,8 @@ class Preflight:
             "mesh_shape": dict(target.mesh.shape),
             "param_sharding": target.param_sharding,
             "dilated_conv": cfg.model.dilated_conv, "remat": bool(cfg.model.remat),
+            # XLA's exec_time_optimization_effort the step was compiled with (read back)
+            "exec_time_effort": float(jax.config.jax_exec_time_optimization_effort),
             "lower_s": round(result["lower_s"], 2), "compile_s": round(result["compile_s"], 2),
             # CPU seconds of this process (all threads): on a shared host, the figure
             # that other jobs do not inflate
@@ -763,10 +765,12 @@ def run(config: ml_collections.ConfigDict, topology: str, *, batch: str = "confi
     """
     if batch not in ("config", "auto"):
         raise PreflightError(f"--preflight_batch={batch!r}: use 'config' or 'auto'")
+    effort = parallel.set_compile_effort(config.parallel)
     pre = Preflight.create(config, topology)
     log(f"pre-flight of {config.name} on {topology} ({pre.target.chips} x "
         f"{pre.devices[0].device_kind}, {len({d.process_index for d in pre.devices})} "
-        f"host(s)), {pre.target.mode} / {pre.target.param_sharding}, {config.model.dtype}; "
+        f"host(s)), {pre.target.mode} / {pre.target.param_sharding}, {config.model.dtype}"
+        + (f", XLA exec_time_optimization_effort {effort:g}" if effort else "") + "; "
         f"every time and throughput below is a {ESTIMATE_NOTE}")
     rows = []
     for step, key in (("train", "batch_size"), ("eval", "eval.batch_size")):

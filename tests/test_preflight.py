@@ -210,6 +210,7 @@ def test_demo_train_and_eval_steps_fit_v5e(demo_rows):
             row["model_flops_per_chip"] / seconds / 197e12)
         assert row["estimate"] == "compiler estimate, not a measurement"
         assert row["jax"] and row["libtpu"] and row["compile_s"] > 0
+        assert row["exec_time_effort"] == 0.0  # XLA's default
     # the state is donated: the new state aliases it; the eval step keeps it
     assert train["alias_bytes"] > 0 and evaluation["alias_bytes"] == 0
     # pmap's gradient sum: all-reduces of at least the float32 parameters' bytes
@@ -219,6 +220,27 @@ def test_demo_train_and_eval_steps_fit_v5e(demo_rows):
     # XLA executes at least the model's FLOPs (the analytic count: per chip, 2 of 8 images)
     assert train["flops_per_chip"] > 0.9 * train["model_flops_per_chip"] > 0
     assert "compiler estimate, not a measurement" in stdout and "fits" in stdout
+
+
+@pytest.mark.slow
+def test_exec_time_effort_reaches_the_tpu_compiler(demo_rows, tmp_path):
+    """``parallel.exec_time_effort=-1`` is handed to XLA: the rows record it, and the
+    compiled train step is another program (less fusion: more HBM traffic) computing
+    the same FLOPs; the summary says which effort was used."""
+    output = tmp_path / "fast.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "scaleattn.main", "--config=configs/demo.py",
+         "--mode=preflight", "--topology=v5e:2x2", f"--output={output}",
+         "--config.parallel.exec_time_effort=-1"],
+        cwd=REPO, capture_output=True, text=True, timeout=1800, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fast, default = json.loads(output.read_text()), demo_rows[0]
+    assert [r["exec_time_effort"] for r in fast] == [-1.0, -1.0]
+    assert "exec_time_optimization_effort -1" in result.stdout
+    train, train_default = fast[0], default[0]
+    assert train["flops_per_chip"] == pytest.approx(train_default["flops_per_chip"], rel=0.01)
+    assert train["bytes_accessed_per_chip"] != train_default["bytes_accessed_per_chip"]
+    assert train["fits"] is True
 
 
 @pytest.mark.slow
