@@ -122,7 +122,8 @@ def main(argv=None) -> None:
     effort = parallel.set_compile_effort(config.parallel)
     pre = preflight.Preflight.create(config, args.topology)
     key = "batch_size" if args.step == "train" else "eval.batch_size"
-    batch = args.batch or config_lib.lookup(config, key)
+    # a batch that does not divide over the chips: the next one up, as the pre-flight does
+    batch, _ = pre.runnable_batch(args.batch or config_lib.lookup(config, key), key)
     fn = pre.steps.train_fn if args.step == "train" else pre.steps.eval_fn
     jitted = pre.target.compile_step(fn, donate_state=args.step == "train")
     lowered = jitted.lower(*pre.arguments(args.step, batch))

@@ -103,6 +103,10 @@ def render(results: list[dict]) -> str:
         f"commit {commit}, jax {jax_v}, libtpu {libtpu}" for jax_v, libtpu, commit in versions)
         + ". Commands: `python -m benchmarks.preflight_farm` (each row's exact command is "
           "in its JSON file under `benchmarks/results/preflight/`)."]
+    efforts = sorted({r["rows"][0].get("exec_time_effort", 0.0) for r in results if r["rows"]})
+    lines.append("Compiled with XLA's exec_time_optimization_effort (`parallel.exec_time_effort`) "
+                 + " and ".join(f"{e:g}" + (" (XLA's default)" if e == 0 else "")
+                                for e in efforts) + ".")
     if any(_step(r, "train").get("batch_note") for r in results if _step(r, "train")):
         lines.append("† the config's batch does not divide over the topology's chips "
                      "(`--mode=train` would stop); compiled at the next batch that does.")

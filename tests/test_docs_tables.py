@@ -65,3 +65,25 @@ def test_the_generator_rewrites_only_between_the_markers(tmp_path, capsys):
     now, new = pages["docs/results.md"]
     assert now == tampered and new == original.replace("# Results", "# Results, edited")
     assert all(now == new for p, (now, new) in pages.items() if p != "docs/results.md")
+
+
+def test_preflight_table_rows_and_the_effort_they_were_compiled_at():
+    """A hand-made farm file: one line per (config, topology, dtype), GiB per chip and the
+    estimate as the JSON says, and the XLA effort of the rows under the table."""
+    from benchmarks import preflight_table  # pylint: disable=import-outside-toplevel
+    gib = 2**30
+    common = {"config": "voc_x", "topology": "v5e:2x2", "dtype": "bfloat16", "chips": 4,
+              "hosts": 1, "parallel_mode": "pmap", "param_sharding": "replicated",
+              "lower_s": 1.0, "lower_cpu_s": 1.0, "fits": True, "jax": "J", "libtpu": "L",
+              "exec_time_effort": -1.0}
+    rows = [{**common, "step": "train", "global_batch": 16, "peak_bytes_per_chip": 3 * gib,
+             "compile_s": 99.0, "compile_cpu_s": 49.0, "est_step_s": 0.25,
+             "est_img_per_s": 64.0, "est_mfu": 0.125, "est_chip_hours": 1.5,
+             "train_steps": 100},
+            {**common, "step": "eval", "global_batch": 8, "peak_bytes_per_chip": gib // 2,
+             "compile_s": 10.0, "compile_cpu_s": 8.0}]
+    text = preflight_table.render([{"file": "voc_x.json", "commit": "abc", "rows": rows}])
+    assert ("| voc_x | v5e:2x2 (4, 1) | bfloat16 | pmap / replicated | 16 | yes (3.0) "
+            "| yes (0.5) | – | 250 | 64 | 12% | 1.5 (100 steps) | 111 (59 CPU) |") in text
+    assert "exec_time_optimization_effort (`parallel.exec_time_effort`) -1." in text
+    assert "commit abc, jax J, libtpu L" in text
