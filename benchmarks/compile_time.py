@@ -72,7 +72,9 @@ def write_table(jsonl: str, result: str) -> None:
     compiles appended to ``jsonl``, with their commands, commits and versions."""
     with open(jsonl, encoding="utf-8") as f:
         lines = [json.loads(line) for line in f if line.strip()]
-    out = {"command": sorted({line["command"] for line in lines}),
+    effort = re.compile(r"parallel\.exec_time_effort=\S+")
+    out = {"command": sorted({effort.sub("parallel.exec_time_effort=E", line["command"])
+                              for line in lines}) + ["(E: the XLA effort column)"],
            "commit": ", ".join(sorted({line["commit"] for line in lines})),
            "versions": {k: lines[0][k] for k in ("jax", "jaxlib", "libtpu") if k in lines[0]},
            "constraints": None,

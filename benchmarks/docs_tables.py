@@ -235,6 +235,7 @@ TABLES = (
     Table("parallel_equivalence", "docs/scaling.md", figures("parallel_equivalence")),
     Table("results_in_brief", "README.md", brief_table),
     Table("fault_qa", "docs/reliability.md", figures("fault_qa")),
+    Table("compile_effort", "docs/preflight.md", figures("compile_effort")),
     Table("compile_time", "docs/preflight.md", figures("compile_time")),
     Table("preflight", "docs/preflight.md", preflight_table),
 )

@@ -7,9 +7,9 @@ Cloud TPU topologies, one JSON file per (config, topology, dtype) under
 Resumable: a row whose JSON file exists (compiled at `EFFORT`) is skipped, so the farm
 can be stopped and started again (compiles take minutes each on a small CPU host).
 Every row is compiled with ``--config.parallel.exec_time_effort=-1`` (`EFFORT`): XLA's
-TPU compile is 4-8x cheaper so, with the same FLOPs and within 0.2% of the default
-compile's train-step peak on the rows measured both ways (docs/preflight.md, "Compile
-time"; eval steps up to 16% more memory: conservative). Each row runs
+TPU compile takes a fifth to a tenth of the CPU so, for the same FLOPs; the peak per
+chip is that program's, within about 15% of the default compile's, either way, on the
+steps measured both ways (docs/preflight.md, "Compile time"). Each row runs
 ``python -m scaleattn.main --mode=preflight`` in a subprocess (the command is stored
 in the row) at the config's batch; the ``__largest`` rows add ``--preflight_batch=auto``
 (two to four more train-step compiles) for the (topology, dtype) pairs of

@@ -62,6 +62,7 @@ CLASSES = (
     ("train.keep_best", EXECUTION, "checkpoints kept"),
     ("train.async_checkpoints", EXECUTION, "how checkpoints are written"),
     ("eval.batch_size", EXECUTION, "evaluation batching: the same sums"),
+    ("parallel.exec_time_effort", EXECUTION, "how hard XLA optimises the same program"),
     ("parallel.*", EXECUTION, "the device layout: the same step (tests/test_parallel.py)"),
     ("bench.*", EXECUTION, "--mode=bench's settings"),
     ("predict.summary_images", EXECUTION, "pictures in TensorBoard"),
