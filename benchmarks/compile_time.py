@@ -24,7 +24,6 @@ import os
 import re
 import resource
 import shlex
-import subprocess
 
 
 def operation_counts(text: str, top: int, depth: int = 4) -> dict:
@@ -154,10 +153,9 @@ def main(argv=None) -> None:
                             f"--step={args.step}", f"--topology={args.topology}"]
                            + ([f"--batch={args.batch}"] if args.batch else [])
                            + [shlex.quote(o) for o in args.overrides])
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                capture_output=True, check=False).stdout.strip()
+        from benchmarks.preflight_farm import git_commit  # pylint: disable=import-outside-toplevel
         with open(args.append, "a", encoding="utf-8") as f:
-            f.write(json.dumps({**row, "command": command, "commit": commit}) + "\n")
+            f.write(json.dumps({**row, "command": command, "commit": git_commit()}) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Every table of figures in the docs is what its source renders (benchmarks/docs_tables.py)."""
+import json
 import os
 import re
 import shutil
@@ -87,3 +88,29 @@ def test_preflight_table_rows_and_the_effort_they_were_compiled_at():
             "| yes (0.5) | – | 250 | 64 | 12% | 1.5 (100 steps) | 111 (59 CPU) |") in text
     assert "exec_time_optimization_effort (`parallel.exec_time_effort`) -1." in text
     assert "commit abc, jax J, libtpu L" in text
+
+
+def test_compile_effort_table_from_appended_compiles(tmp_path):
+    """Two hand-made ``compile_time --append`` lines: one table row each, in file order,
+    MiB / GFLOP / GB as the columns say, the roofline of the pre-flight (the slower of
+    FLOPs at 197 TFLOP/s and bytes at 819 GB/s on v5e), one command for both efforts."""
+    from benchmarks import compile_time  # pylint: disable=import-outside-toplevel
+    base = {"config": "voc_x", "step": "train", "topology": "v5e:2x2", "global_batch": 8,
+            "compile_s": 20.0, "peak_bytes_per_chip": 3 * 2**20, "flops_per_chip": 197e9,
+            "jax": "J", "jaxlib": "J", "libtpu": "L", "commit": "abc",
+            "command": "python -m benchmarks.compile_time --config=c parallel.exec_time_effort=0"}
+    lines = [{**base, "exec_time_effort": 0.0, "compile_cpu_s": 100.0,
+              "bytes_accessed_per_chip": 0.4095e9},
+             {**base, "exec_time_effort": -1.0, "compile_cpu_s": 10.0,
+              "bytes_accessed_per_chip": 1.638e9,
+              "command": base["command"].replace("=0", "=-1")}]
+    jsonl, out = tmp_path / "e.jsonl", tmp_path / "e.json"
+    jsonl.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    compile_time.main([f"--table_from={jsonl}", f"--result={out}"])
+    result = json.loads(out.read_text())
+    assert result["rows"] == [
+        ["voc_x", "train", "v5e:2x2", 8, 0.0, 100.0, 20.0, 3.0, 197.0, 0.41, 1.0],   # FLOPs
+        ["voc_x", "train", "v5e:2x2", 8, -1.0, 10.0, 20.0, 3.0, 197.0, 1.64, 2.0]]  # bytes
+    assert result["command"][0].endswith("parallel.exec_time_effort=E")
+    assert len(result["command"]) == 2 and result["commit"] == "abc"
+    assert len(result["columns"]) == len(result["rows"][0])
