@@ -74,7 +74,7 @@ def render(results: list[dict]) -> str:
         "| config | topology (chips, hosts) | dtype | mode / params | train batch | "
         "train fits (GiB/chip) | eval fits (GiB/chip) | largest train batch | "
         "est. train step ms | est. img/s | est. MFU | est. chip-hours (schedule) | "
-        "compile s, wall (CPU), train + eval |",
+        "compile s, wall (CPU; XLA effort), train + eval |",
         "|" + "---|" * 13]
     for key in sorted(merged, key=lambda k: (k[0], k[2], len(k[1]), k[1])):
         result = {"rows": merged[key]}
@@ -83,7 +83,8 @@ def render(results: list[dict]) -> str:
         compile_s = sum(r["lower_s"] + r["compile_s"] for r in steps_compiled)
         cpu = [r.get("lower_cpu_s", 0) + r.get("compile_cpu_s", 0) for r in steps_compiled
                if "compile_cpu_s" in r]
-        compile_text = f"{compile_s:.0f}" + (f" ({sum(cpu):.0f} CPU)" if cpu else "")
+        effort = f"effort {train.get('exec_time_effort', 0.0):g}"
+        compile_text = f"{compile_s:.0f} (" + (f"{sum(cpu):.0f} CPU; " if cpu else "") + effort + ")"
         note = " †" if train.get("batch_note") else ""
         name = train["config"].replace(f"+dtype={train['dtype']}", "")  # its own column
         lines.append(

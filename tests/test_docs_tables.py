@@ -85,7 +85,7 @@ def test_preflight_table_rows_and_the_effort_they_were_compiled_at():
              "compile_s": 10.0, "compile_cpu_s": 8.0}]
     text = preflight_table.render([{"file": "voc_x.json", "commit": "abc", "rows": rows}])
     assert ("| voc_x | v5e:2x2 (4, 1) | bfloat16 | pmap / replicated | 16 | yes (3.0) "
-            "| yes (0.5) | – | 250 | 64 | 12% | 1.5 (100 steps) | 111 (59 CPU) |") in text
+            "| yes (0.5) | – | 250 | 64 | 12% | 1.5 (100 steps) | 111 (59 CPU; effort -1) |") in text
     assert "exec_time_optimization_effort (`parallel.exec_time_effort`) -1." in text
     assert "commit abc, jax J, libtpu L" in text
 
