@@ -7,7 +7,7 @@ Cloud TPU topologies, one JSON file per (config, topology, dtype) under
 Resumable: a row whose JSON file exists (compiled at `EFFORT`) is skipped, so the farm
 can be stopped and started again (compiles take minutes each on a small CPU host).
 Every row is compiled with ``--config.parallel.exec_time_effort=-1`` (`EFFORT`): XLA's
-TPU compile takes a fifth to a tenth of the CPU so, for the same FLOPs; the peak per
+TPU compile takes a fifth to a tenth of the CPU, for the same FLOPs; the peak per
 chip is that program's, within about 15% of the default compile's, either way, on the
 steps measured both ways (docs/preflight.md, "Compile time"). Each row runs
 ``python -m scaleattn.main --mode=preflight`` in a subprocess (the command is stored

@@ -201,9 +201,9 @@ def parallel_keys() -> ml_collections.ConfigDict:
                                  # 'model' (conv kernels' output channels over model)
     p.fsdp_min_size = 2**14      # fsdp / model: smaller arrays stay replicated
     p.exec_time_effort = 0.0     # XLA's exec_time_optimization_effort for every step this
-                                 # run compiles, -1..1: 0 = XLA's default; -1 compiles a
-                                 # TPU step 4-8x faster for up to ~16% more memory
-                                 # (docs/preflight.md, "Compile time")
+                                 # run compiles, -1..1: 0 = XLA's default; -1 compiled
+                                 # TPU steps 5-10x faster, peak memory within ~16% either
+                                 # way (docs/preflight.md, "Compile time")
     return p
 
 
