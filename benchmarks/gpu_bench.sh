@@ -8,14 +8,18 @@
 #   # there (device tool: carry .wheels), at most ~10 minutes per call:
 #   bash benchmarks/gpu_bench.sh bfloat16 "$OUT"     # then float32 in a second call
 #
-# Further arguments go to compare.py after the script's own (a later --config.* wins);
-# PEER_ARGS replaces the peer's flags (default --compile).
+# Further arguments go to both runs after the script's own (a later --config.* wins);
+# PEER_ARGS replaces the peer's flags (default --compile); LOWERINGS (default
+# space_to_batch,taps) the dilated-conv lowerings of the second run, empty: none.
 #
-# Runs benchmarks.compare on the target setting (ResNet-101-ASPP, 3 scales with
-# attention, crop 321, batch 8 on one device) for one dtype, with the three lowerings of
-# the dilated convolutions and a profile of each (the step alone, augmentation on the
-# host, as the peer is timed), against the PyTorch peer with
-# torch.compile. Writes compare.md / compare.json and the JAX/PyTorch reports to OUT.
+# The target setting: ResNet-101-ASPP, 3 scales with attention, crop 321, batch 8 on one
+# device, augmentation on the host (the step alone, as the peer is timed), one dtype.
+#  1. benchmarks.compare: JAX with the dilated convolutions as XLA lowers them (native)
+#     against the PyTorch peer with torch.compile -> compare.md / compare.json, jax_0.json,
+#     torch_0.json. First, so that a time limit leaves the headline ratio.
+#  2. --mode=bench with the exact rewrites of the dilated convolutions (LOWERINGS)
+#     -> lowerings.json, rewritten after every row.
+# Each row carries a profile of its train step (the ops that took the time).
 set -euo pipefail
 dtype="${1:-bfloat16}"
 out="${2:-${OUT:-bench_out}}"
@@ -31,11 +35,21 @@ if ! python3 -c "import ml_collections" 2>/dev/null; then
     .wheels/ml_collections-*.whl
   export PYTHONPATH="/tmp/scaleattn_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.csv" || true
-python3 -m benchmarks.compare --config=configs/voc_r101.py \
-  --config.bench.dtypes="$dtype" --config.bench.batch_size=8 --config.data.crop_size=321 \
-  --config.bench.dilated_convs=native,space_to_batch,taps --config.data.augment_on=host \
-  --config.bench.profile_dir=/tmp/scaleattn_profile --config.bench.steps=10 --config.bench.warmup=3 \
-  --peer_args="${PEER_ARGS---compile}" --output_dir="$out" "$@"
+python3 -m pip list 2>/dev/null | grep -i -E '^(jax|jaxlib|jax-cuda.*|flax|optax|orbax-checkpoint|torch|triton|numpy) ' \
+  > "$out/versions.txt" || true
+setting=(--config=configs/voc_r101.py --config.bench.dtypes="$dtype"
+         --config.bench.batch_size=8 --config.data.crop_size=321
+         --config.data.augment_on=host --config.bench.profile_dir=/tmp/scaleattn_profile
+         --config.bench.steps=10 --config.bench.warmup=3)
+status=0  # the second run goes ahead if the first fails; the script exits with the failure
+python3 -m benchmarks.compare "${setting[@]}" --config.bench.dilated_convs=native \
+  --peer_args="${PEER_ARGS---compile}" --output_dir="$out" "$@" || status=$?
+lowerings="${LOWERINGS-space_to_batch,taps}"
+if [[ -n "$lowerings" ]]; then
+  python3 -m scaleattn.main --mode=bench "${setting[@]}" \
+    --config.bench.dilated_convs="$lowerings" --output="$out/lowerings.json" "$@" || status=$?
+fi
+exit "$status"

@@ -29,9 +29,10 @@ default the model's own) and every batch-norm folding of ``bench.fold_frozen_bn`
   over the process; n/a on CPU) and XLA's own estimate for the compiled step
   (arguments + outputs + temporaries - aliased).
 
-With ``bench.profile_dir``, the timed train steps run under ``jax.profiler.trace``
-and `op_time_summary` reads the trace back: the ops (on a GPU/TPU its device ops, on
-a CPU the XLA thunks) that took the most time per step, grouped by name.
+With ``bench.profile_dir``, ``bench.steps`` more train steps run under
+``jax.profiler.trace`` after the timed ones (the tracer's overhead stays out of the
+times) and `op_time_summary` reads the trace back: the ops (on a GPU/TPU its device
+ops, on a CPU the XLA thunks) that took the most time per step, grouped by name.
 
 Results go to stdout as a table and to a JSON file.
 """
@@ -270,15 +271,14 @@ def benchmark_dtype(config, dtype: str, dilated_conv: str | None = None,
         return step_metrics
 
     jax.block_until_ready(train_call())  # the first step may allocate
+    train_times = time_calls(train_call, steps=cfg.bench.steps, warmup=cfg.bench.warmup)
     profile = None
-    if cfg.bench.profile_dir:
+    if cfg.bench.profile_dir:  # after the timing: a tracer's overhead stays out of it
         trace_dir = os.path.join(cfg.bench.profile_dir, f"{dtype}_{lowering}"
                                  f"{'' if cfg.model.fold_frozen_bn else '_unfolded'}")
         with jax.profiler.trace(trace_dir):
-            train_times = time_calls(train_call, steps=cfg.bench.steps, warmup=cfg.bench.warmup)
-        profile = op_time_summary(trace_dir, cfg.bench.steps + cfg.bench.warmup)
-    else:
-        train_times = time_calls(train_call, steps=cfg.bench.steps, warmup=cfg.bench.warmup)
+            time_calls(train_call, steps=cfg.bench.steps, warmup=0)
+        profile = op_time_summary(trace_dir, cfg.bench.steps)
 
     peak = peak_flops(device.device_kind)
     train_s, eval_s = statistics.median(train_times), statistics.median(eval_times)
@@ -313,8 +313,10 @@ def benchmark_dtype(config, dtype: str, dilated_conv: str | None = None,
     }
 
 
-def benchmark(config) -> dict:
-    """All dtypes of ``config.bench.dtypes``: ``{'setup': {...}, 'results': [rows]}``."""
+def benchmark(config, on_row=None) -> dict:
+    """All dtypes of ``config.bench.dtypes``: ``{'setup': {...}, 'results': [rows],
+    'complete': bool}``. ``on_row(report)``, if given, is called after every row with
+    the report so far (``complete`` False until the last row)."""
     dtypes = config_lib.comma_list(config.bench.dtypes)
     device = jax.local_devices()[0]
     cfg = bench_config(config, dtypes[0] if dtypes else "float32")
@@ -335,15 +337,19 @@ def benchmark(config) -> dict:
     }
     impls = config_lib.comma_list(config.bench.dilated_convs)
     folds = [f == "true" for f in config_lib.comma_list(config.bench.fold_frozen_bn)]
-    results = []
-    for dtype in dtypes:
-        for impl in impls or [None]:
-            for fold in folds or [None]:
-                logging.info("Benchmarking %s in %s, dilated convs %s, fold_frozen_bn %s ...",
-                             config.name, dtype, impl or config.model.dilated_conv,
-                             config.model.fold_frozen_bn if fold is None else fold)
-                results.append(benchmark_dtype(config, dtype, impl, fold))
-    return {"setup": setup, "results": results}
+    rows = [(dtype, impl, fold) for dtype in dtypes for impl in impls or [None]
+            for fold in folds or [None]]
+    report = {"setup": setup, "results": [], "complete": False}
+    for i, (dtype, impl, fold) in enumerate(rows):
+        logging.info("Benchmarking %s in %s, dilated convs %s, fold_frozen_bn %s ...",
+                     config.name, dtype, impl or config.model.dilated_conv,
+                     config.model.fold_frozen_bn if fold is None else fold)
+        report["results"].append(benchmark_dtype(config, dtype, impl, fold))
+        report["complete"] = i + 1 == len(rows)
+        if on_row is not None:
+            on_row(report)
+    report["complete"] = True
+    return report
 
 
 # ------------------------------------------------------------------- reporting ---
@@ -388,11 +394,17 @@ def table(report: dict) -> str:
 
 
 def main(config, output: str) -> dict:
-    """Runs `benchmark`, prints the table and writes the JSON to ``output``."""
-    report = benchmark(config)
-    print(table(report), flush=True)
+    """Runs `benchmark`, prints the table and writes the JSON to ``output``, rewritten
+    after every row (each version whole, ``complete`` false until the last row): a run
+    stopped by a time limit keeps the rows it finished."""
     output = os.path.abspath(os.path.expanduser(output))
     os.makedirs(os.path.dirname(output), exist_ok=True)
-    outputs.atomic_write(output, json.dumps(report, indent=1))  # never a partial file
-    logging.info("Wrote %s", output)
+
+    def write(report):
+        outputs.atomic_write(output, json.dumps(report, indent=1))  # never a partial file
+        logging.info("Wrote %s (%d rows%s)", output, len(report["results"]),
+                     "" if report["complete"] else ", more to come")
+
+    report = benchmark(config, on_row=write)
+    print(table(report), flush=True)
     return report

@@ -85,6 +85,7 @@ def test_bench_mode_runs_without_tensorflow(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(output.read_text())
     assert report["setup"]["batch_size"] == 1 and report["setup"]["crop_size"] == 17
+    assert report["complete"] and "(1 rows, more to come)" in result.stderr
     row, taps_row = report["results"]
     assert (row["dilated_conv"], taps_row["dilated_conv"]) == ("native", "taps")
     assert row["dtype"] == "float32" and row["train_flops"] > row["eval_flops"] > 0
