@@ -411,6 +411,8 @@ def set_compile_effort(cfg) -> float:
     returns it. Lower values trade step time and memory for compile time
     (docs/preflight.md, "Compile time")."""
     effort = float(cfg.exec_time_effort)
+    if effort == 0.0 and not hasattr(jax.config, "jax_exec_time_optimization_effort"):
+        return effort  # XLA's default; JAX 0.11 dropped the option
     jax.config.update("jax_exec_time_optimization_effort", effort)
     return effort
 
