@@ -16,6 +16,7 @@ table is one line in `TABLES` plus its JSON file and its markers.
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -59,15 +60,16 @@ def markdown(columns: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def provenance(result: dict, name: str) -> str:
-    """The line under a table: where its figures came from."""
+def provenance(result: dict, name: str, path: str | None = None) -> str:
+    """The line under a table: where its figures came from (``path``, default
+    ``benchmarks/results/<name>.json``)."""
     commands = result["command"] if isinstance(result["command"], list) else [result["command"]]
     versions = result["versions"]
     if isinstance(versions, dict):
         versions = ", ".join(f"{k} {v}" for k, v in versions.items())
     constraints = (f"installed with `{result['constraints']}`" if result["constraints"]
                    else "installed without a constraints file")
-    parts = [f"Figures: `benchmarks/results/{name}.json`",
+    parts = [f"Figures: `{path or f'benchmarks/results/{name}.json'}`",
              "from " + "; ".join(f"`{c}`" for c in commands),
              f"at commit `{result['commit']}`",
              f"library versions: {versions}", constraints]
@@ -153,7 +155,8 @@ def cell(name: str, row: str, column: str) -> str:
     """The cell of result ``name`` in ``column`` and the row whose cells, joined by
     ' | ', start with ``row``; bold and a trailing parenthesis dropped (``'45.87 ± 6.22 (39.04 / ...)'``
     -> ``'45.87 ± 6.22'``)."""
-    result = load_result(name)
+    result = (load_result(name) if name != "jax_vs_pytorch_gpu"
+              else {"columns": GPU_COLUMNS, "rows": [r for _, g in gpu_results() for r in g["rows"]]})
     matches = [r for r in result["rows"] if " | ".join(map(str, r)).startswith(row)]
     if len(matches) != 1:
         raise ValueError(f"benchmarks/results/{name}.json: {len(matches)} rows start with {row!r}")
@@ -195,6 +198,10 @@ BRIEF = (
     ("JAX / PyTorch train speed on a CPU, fp32, VGG16 / ResNet-101", "docs/performance.md",
      [("jax_vs_pytorch_cpu", "VGG16-LargeFOV | fp32", "JAX / PyTorch train"),
       ("jax_vs_pytorch_cpu", "ResNet-101-ASPP | fp32", "JAX / PyTorch train")]),
+    ("JAX / PyTorch train speed on an H200, ResNet-101 x3 scales, crop 321, batch 8, "
+     "bf16 / fp32", "docs/performance.md#on-a-gpu",
+     [("jax_vs_pytorch_gpu", "NVIDIA H200 | bfloat16 | native", "JAX / PyTorch train"),
+      ("jax_vs_pytorch_gpu", "NVIDIA H200 | float32 | native", "JAX / PyTorch train")]),
     ("pmap / sharded FSDP against one device, max abs difference after 3 steps",
      "docs/scaling.md",
      [("parallel_equivalence", "`pmap`", "max abs diff"),
@@ -208,6 +215,56 @@ def brief_table() -> str:
     return (markdown(["what", "figure", "details"], rows)
             + "\n\n_Each figure is read from the table of its page, which names its command, "
               "commit and library versions._")
+
+
+GPU_RUNS = "gpu_*"  # benchmarks/results/gpu_<date>_<device>/: gpu_bench.sh's raw output
+
+
+GPU_COLUMNS = ["device", "dtype", "JAX dilated convs", "JAX train img/s", "PyTorch train img/s",
+               "JAX / PyTorch train", "JAX eval img/s", "PyTorch eval img/s",
+               "JAX / PyTorch eval", "train MFU JAX / PyTorch",
+               "JAX compile train / eval (s)", "PyTorch first steps (s)",
+               "JAX train step memory (GiB, XLA)"]
+
+
+def gpu_results() -> list[tuple[str, dict]]:
+    """``[(folder, result)]``: each ``benchmarks/results/gpu_<date>_<device>/``
+    (`benchmarks/gpu_bench.sh`'s raw ``<dtype>/compare.json`` and ``versions.txt``, its
+    provenance in ``meta.json``) as a measured result: one row per dtype."""
+    results = []
+    for meta_path in sorted(glob.glob(os.path.join(RESULTS_DIR, GPU_RUNS, "meta.json"))):
+        run_dir = os.path.dirname(meta_path)
+        with open(meta_path, encoding="utf-8") as f:
+            result = dict(json.load(f), columns=GPU_COLUMNS, rows=[], versions={},
+                          constraints=None)
+        for compare_path in sorted(glob.glob(os.path.join(run_dir, "*", "compare.json"))):
+            with open(compare_path, encoding="utf-8") as f:
+                compare = json.load(f)
+            with open(os.path.join(os.path.dirname(compare_path), "versions.txt"),
+                      encoding="utf-8") as f:
+                result["versions"].update(line.split()[:2] for line in f if line.strip())
+            for r in compare["rows"]:
+                jax_row = next(j for j in compare["jax"]["results"]
+                               if (j["dtype"], j["dilated_conv"]) == (r["dtype"], r["dilated_conv"]))
+                result["rows"].append([
+                    compare["jax"]["setup"]["device"], r["dtype"], r["dilated_conv"],
+                    f"{r['jax_train_images_per_s']:.1f}", f"{r['torch_train_images_per_s']:.1f}",
+                    f"{r['train_ratio']:.2f}×", f"{r['jax_eval_images_per_s']:.1f}",
+                    f"{r['torch_eval_images_per_s']:.1f}", f"{r['eval_ratio']:.2f}×",
+                    f"{100 * r['jax_train_mfu']:.1f}% / {100 * r['torch_train_mfu']:.1f}%",
+                    f"{jax_row['compile_train_s']:.1f} / {jax_row['compile_eval_s']:.1f}",
+                    f"{r['torch_first_steps_s']:.1f}",
+                    f"{jax_row['train_step_memory_bytes'] / 2**30:.1f}"])
+        results.append((os.path.relpath(run_dir, RESULTS_DIR), result))
+    return results
+
+
+def gpu_table() -> str:
+    """JAX against the PyTorch peer on a GPU, one table per measurement (`gpu_results`)."""
+    parts = [markdown(result["columns"], result["rows"]) + "\n\n"
+             + provenance(result, name, f"benchmarks/results/{name}/")
+             for name, result in gpu_results()]
+    return "\n\n".join(parts) or "_No GPU measurement yet: `benchmarks/gpu_bench.sh`._"
 
 
 def preflight_table() -> str:
@@ -230,6 +287,7 @@ TABLES = (
     Table("input_pipeline", "docs/performance.md", figures("input_pipeline")),
     Table("input_pipeline_stages", "docs/performance.md", figures("input_pipeline_stages")),
     Table("jax_vs_pytorch_cpu", "docs/performance.md", figures("jax_vs_pytorch_cpu")),
+    Table("jax_vs_pytorch_gpu", "docs/performance.md", gpu_table),
     Table("dilated_conv_cpu", "docs/performance.md", figures("dilated_conv_cpu")),
     Table("fold_frozen_bn_cpu", "docs/performance.md", figures("fold_frozen_bn_cpu")),
     Table("parallel_equivalence", "docs/scaling.md", figures("parallel_equivalence")),
