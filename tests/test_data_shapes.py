@@ -126,6 +126,32 @@ def test_label_values_and_ignore_band():
         assert shapes.erode(band)[1:-1, 1:-1].sum() < 0.1 * band.sum()
 
 
+def test_objects_are_whole_and_apart():
+    """Every object lies wholly inside the image, no two touch, and the labels show
+    one connected part per object, of one class."""
+    size, pad = shapes.IMAGE_SIZE, 64
+    grid = np.arange(-pad, size + pad)
+    counts = []
+    for i in range(80):
+        rng = shapes.example_rng("train", i)
+        objects = shapes.sample_objects(rng, size, shapes.draw_background(rng, size))
+        masks = [shapes.shape_mask(o.label, o.radius, o.angle, *np.broadcast_arrays(
+            grid[:, None] - o.cy, grid[None, :] - o.cx)) for o in objects]
+        for o, mask in zip(objects, masks):
+            inside = mask[pad:pad + size, pad:pad + size]
+            assert inside.sum() == mask.sum() > 0, (i, o.label, o.radius)
+        for a in range(len(masks)):
+            for b in range(a + 1, len(masks)):
+                assert not (shapes.dilate(masks[a]) & shapes.dilate(masks[b])).any(), (i, a, b)
+        _, label = shapes.generate_example("train", i)
+        parts, n = ndimage.label(label != 0, structure=np.ones((3, 3)))
+        assert n == len(objects), (i, n, len(objects))
+        for k in range(1, n + 1):
+            assert len(set(np.unique(label[parts == k])) - {255}) == 1, (i, k)
+        counts.append(len(objects))
+    assert min(counts) == 1 and max(counts) == shapes.MAX_OBJECTS  # room for 4 happens
+
+
 def test_object_sizes_span_16x():
     """Over the default val split, measured from the labels.
 

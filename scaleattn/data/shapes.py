@@ -14,9 +14,16 @@ Design choices:
   (tiny nets, 96x96 images) showed that texture-separable classes make input scale irrelevant; outlines
   are read best when the object fills the receptive field, so small objects
   want the large input and large objects the small one.
-* **Sizes span ~16x.** `r` is log-uniform in [R_MIN, R_MAX] = [3, 48] px, so
-  small and large objects are equally common on a log scale. Objects that do
-  not fit are centred and cut by the frame.
+* **Sizes span 16x.** `r` is log-uniform in [R_MIN, R_MAX] = [2.5, 40] px, so
+  small and large objects are equally common on a log scale. R_MAX is the
+  largest radius whose widest shape (the triangle, circumradius 1.56 r) still
+  fits a 128-px image whole.
+* **Whole and apart.** Every object lies wholly inside the image, and the disks
+  circumscribing any two objects are at least GAP px apart (`PLACEMENT_TRIES`
+  centres are tried; an object that finds no room is left out). An object cut by
+  the frame or half hidden by another shows only part of the outline that tells
+  its class: on such data (2.0.0) the demo net confused squares with the other
+  classes, a confusion that no choice of input scale removes.
 * **Upright shapes.** Squares stand on a side and triangles on their base
   (`UPRIGHT_ANGLE`): rotation is a nuisance unrelated to scale, and one that a
   small net trained for minutes learns slowly. Each object's shading runs in a
@@ -25,11 +32,10 @@ Design choices:
   smooth low-frequency colour noise, and per-pixel noise over everything, so
   background is not one colour; each object's colour is resampled until it
   stands out from the background at its centre.
-* **Overlap.** 1-4 objects per image, drawn largest first so that small
-  objects (the interesting ones) are not hidden by large ones.
+* **Count.** 1-4 objects per image are drawn (fewer are placed when the
+  image has no room), largest first.
 * **Ignore band.** Like VOC, each object's outline is labelled 255 (ignore):
-  the pixels within one pixel of the boundary on either side (~2 px wide). A
-  later object's band is drawn over what lies below it.
+  the pixels within one pixel of the boundary on either side (~2 px wide).
 * **Deterministic.** Example `i` of split `s` is drawn with
   `np.random.Generator` seeded by `(crc32(s), i)` only, so a rebuild gives
   byte-identical data and the tiny test configs are prefixes of the default
@@ -69,8 +75,11 @@ CLASS_NAMES = ("background", "circle", "square", "triangle")
 IMAGE_SIZE = 128         # default image side
 TRAIN_SIZE = 2000        # default number of images per split
 VAL_SIZE = 300
-R_MIN, R_MAX = 3.0, 48.0  # nominal object radius range (px), log-uniform
+R_MIN, R_MAX = 2.5, 40.0  # nominal object radius range (px), log-uniform
 MAX_OBJECTS = 4
+PLACEMENT_TRIES = 20     # centres tried per object before it is left out
+GAP = 5.0                # px between the circumscribed disks of two objects: their
+                         # ignore bands (1 px out) never touch, background between
 MIN_CONTRAST = 60.0      # RGB distance of an object's colour to the background
 # Rotation of each class's outline: squares axis-aligned, triangles with a vertex up
 # (`shape_mask`'s half-plane normals then point down, up-left and up-right).
@@ -183,31 +192,52 @@ def draw_background(rng: np.random.Generator, size: int) -> np.ndarray:
         np.tensordot(rows, interp, axes=(1, 1)).transpose(0, 2, 1))
 
 
+def place(rng: np.random.Generator, size: int, extent: float,
+          placed: list[tuple[float, float, float]]) -> tuple[float, float] | None:
+    """A centre ``(cy, cx)`` for an object of half-extent ``extent`` that keeps it
+    wholly inside a ``size``-px image and its circumscribed disk GAP px clear of every
+    ``(cy, cx, extent)`` of ``placed``; None after PLACEMENT_TRIES uniform draws.
+    An object too large for the image is centred (not reached with R_MAX)."""
+    lo, hi = min(extent, (size - 1) / 2), max(size - 1 - extent, (size - 1) / 2)
+    for _ in range(PLACEMENT_TRIES):
+        cy, cx = rng.uniform(lo, hi, 2)
+        if all(np.hypot(cy - y, cx - x) >= extent + e + GAP for y, x, e in placed):
+            return float(cy), float(cx)
+    return None
+
+
 def sample_objects(rng: np.random.Generator, size: int,
                    background: np.ndarray) -> list[ShapeSpec]:
-    """1..MAX_OBJECTS random objects, sorted largest first (drawing order).
+    """Up to MAX_OBJECTS random objects, whole and apart (`place`), largest first.
 
-    Class, log-uniform size, shading direction and centre are independent; the colour
-    is uniform, redrawn (up to 10 times) until it is MIN_CONTRAST away from the
-    background under the object's centre.
+    The count (1..MAX_OBJECTS), then per object class, log-uniform size and shading
+    direction are independent; objects are placed largest first, so a small one is
+    the one left out when there is no room. The colour is uniform, redrawn (up to 10
+    times) until it is MIN_CONTRAST away from the background under the object's
+    centre.
     """
-    objects = []
+    drawn = []
     for _ in range(rng.integers(1, MAX_OBJECTS + 1)):
         label = int(rng.integers(1, NUM_CLASSES))
         radius = float(np.exp(rng.uniform(np.log(R_MIN), np.log(R_MAX))))
-        shade_angle = float(rng.uniform(0, 2 * np.pi))
+        drawn.append((label, radius, float(rng.uniform(0, 2 * np.pi))))
+    drawn.sort(key=lambda d: -d[1])
+    objects, placed = [], []
+    for label, radius, shade_angle in drawn:
         h = half_extent(label, radius)
-        lo, hi = min(h, size / 2), max(size - 1 - h, size / 2)
-        cy, cx = rng.uniform(lo, hi, 2)
+        centre = place(rng, size, h, placed)
+        if centre is None:
+            continue
+        cy, cx = centre
+        placed.append((cy, cx, h))
         under = background[int(round(cy)), int(round(cx))]
         for _ in range(10):   # a colour that stands out from the background
             color = rng.uniform(0, 255, 3)
             if np.linalg.norm(color - under) >= MIN_CONTRAST:
                 break
         shading = rng.uniform(-25, 25, 3)
-        objects.append(ShapeSpec(label, float(cy), float(cx), radius,
-                                 UPRIGHT_ANGLE[label], color, shading, shade_angle))
-    objects.sort(key=lambda o: -o.radius)
+        objects.append(ShapeSpec(label, cy, cx, radius, UPRIGHT_ANGLE[label], color,
+                                 shading, shade_angle))
     return objects
 
 
@@ -309,9 +339,10 @@ def shapes_config(train_size: int = 0, val_size: int = 0,
 class ScaleShapes(tfds.core.GeneratorBasedBuilder):
     """Circles, squares and triangles of sizes spanning 16x (see module doc)."""
 
-    VERSION = tfds.core.Version("2.0.0")
+    VERSION = tfds.core.Version("3.0.0")
     RELEASE_NOTES = {"1.0.0": "First release.",
-                     "2.0.0": "Upright squares and triangles; shading in its own direction."}
+                     "2.0.0": "Upright squares and triangles; shading in its own direction.",
+                     "3.0.0": "Objects whole and apart; radius 2.5-40 px."}
     BUILDER_CONFIGS = [DEFAULT_CONFIG]
 
     def _info(self) -> tfds.core.DatasetInfo:

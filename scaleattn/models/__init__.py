@@ -37,7 +37,10 @@ def backbone_factory(cfg: ml_collections.ConfigDict, bn_axis_name: str | None, d
     if cfg.backbone == "vgg16":
         return functools.partial(vgg.VGG16, width=cfg.width, depth=tuple(cfg.depth),
                                  output_stride=cfg.output_stride, dtype=dtype,
-                                 dilated_conv=dilated_conv_impl(cfg))
+                                 dilated_conv=dilated_conv_impl(cfg),
+                                 batch_norm=bool(cfg.get("vgg_batch_norm", False)),
+                                 bn_mode=cfg.bn_mode, bn_axis_name=bn_axis_name,
+                                 fold_bn=fold_bn(cfg))
     from scaleattn.models import resnet  # pylint: disable=import-outside-toplevel
     return functools.partial(
         resnet.resnet, cfg.backbone, width=cfg.width, depth=tuple(cfg.depth),

@@ -7,6 +7,11 @@ average pool `pool5a` of the LargeFOV prototxt. The fully connected layers fc6/f
 and the classifier fc8 live in `heads.LargeFOVHead`.
 
 Module names are Caffe's (`conv1_1` ... `conv5_3`) so converted weights map by name.
+
+``batch_norm=True`` puts a batch norm (``bn1_1`` ... ``bn5_3``) between every trunk
+convolution and its ReLU, as torchvision's ``vgg16_bn`` does; the convolutions then
+have no bias (the batch norm's offset takes its place; torchvision keeps both). It is
+for training from scratch (the demo): there is no converted ImageNet file of it.
 """
 
 from typing import Any, Sequence
@@ -28,16 +33,23 @@ class VGG16(nn.Module):
       depth: convolutions per block; ``()`` is VGG16's (2, 2, 3, 3, 3).
       output_stride: must be 8 (the LargeFOV layout); kept as an argument so that a
         config asking for another stride fails loudly instead of being ignored.
+      batch_norm: a batch norm after every convolution (`layers.conv_bn`), with
+        ``bn_mode`` ('frozen' | 'train'), ``bn_axis_name`` (the axis batch statistics
+        are averaged over, or None) and ``fold_bn`` (fold it into the convolution
+        where its statistics are constants).
     """
     width: float = 1.0
     depth: Sequence[int] = ()
     output_stride: int = 8
     dtype: Any = jnp.float32
     dilated_conv: str = "native"
+    batch_norm: bool = False
+    bn_mode: str = "frozen"
+    bn_axis_name: str | None = None
+    fold_bn: bool = True
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, *, train: bool) -> jnp.ndarray:
-        del train  # no dropout or batch norm in the trunk
         if self.output_stride != 8:
             raise ValueError(f"VGG16-LargeFOV has output stride 8, got model.output_stride="
                              f"{self.output_stride}")
@@ -47,9 +59,17 @@ class VGG16(nn.Module):
         for block, (convs, channels) in enumerate(zip(depth, VGG16_WIDTHS), start=1):
             dilation = 2 if block == 5 else 1
             for i in range(1, convs + 1):
-                x = layers.conv(max(1, int(channels * self.width)), 3, dilation=dilation,
-                                use_bias=True, dtype=self.dtype,
-                                dilated_conv=self.dilated_conv, name=f"conv{block}_{i}")(x)
+                features = max(1, int(channels * self.width))
+                if self.batch_norm:
+                    x = layers.conv_bn(x, features, 3, train=train, bn_mode=self.bn_mode,
+                                       axis_name=self.bn_axis_name, fold=self.fold_bn,
+                                       conv_name=f"conv{block}_{i}", bn_name=f"bn{block}_{i}",
+                                       dilation=dilation, dtype=self.dtype,
+                                       dilated_conv=self.dilated_conv)
+                else:
+                    x = layers.conv(features, 3, dilation=dilation, use_bias=True,
+                                    dtype=self.dtype, dilated_conv=self.dilated_conv,
+                                    name=f"conv{block}_{i}")(x)
                 x = nn.relu(x)
             stride = 2 if block <= 3 else 1
             x = nn.max_pool(x, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)))
