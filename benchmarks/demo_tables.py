@@ -141,7 +141,7 @@ CRF_ROWS = (
      ("--config.eval.crf=True",)),
     ("searched", "CRF, searched", ("--config.eval.crf=True",)),
 )
-# The search grid, around the demo's image and object sizes (128-px images, radius 3-48
+# The search grid, around the demo's image and object sizes (128-px images, radius 2.5-40
 # px, colour noise) rather than DeepLab's 500-px photos: 27 settings.
 CRF_SEARCH_FLAGS = ("--config.crf.search_bilateral_weights=(3.0,5.0,8.0)",
                     "--config.crf.search_bilateral_xy_stds=(10.0,20.0,40.0)",

@@ -96,7 +96,8 @@ def model_keys() -> ml_collections.ConfigDict:
     m.output_stride = 8
     m.bn_mode = "frozen"         # 'frozen' | 'train'
     m.vgg_batch_norm = False     # VGG16: batch norm after every trunk convolution
-                                 # (torchvision's vgg16_bn layout; no ImageNet file here)
+                                 # (torchvision's vgg16_bn layout; no ImageNet file here);
+                                 # a ResNet has its own batch norm and ignores it
     m.sync_bn = True             # batch statistics over all devices when bn_mode='train'
     m.dropout = 0.5              # fc6/fc7 dropout (LargeFOV)
     m.fc_width = 1024            # LargeFOV fc6/fc7 width (before `width`)
@@ -692,10 +693,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for item in comma_list(config.bench.fold_frozen_bn):
         if item not in ("true", "false"):
             raise ConfigError(f"config.bench.fold_frozen_bn has {item!r}, not 'true' or 'false'")
-    if config.model.vgg_batch_norm and config.model.backbone != "vgg16":
-        raise ConfigError(f"config.model.vgg_batch_norm=True is for model.backbone='vgg16', "
-                          f"not {config.model.backbone!r} (set it False)")
-    if config.model.vgg_batch_norm and config.model.init_from == "imagenet":
+    if (config.model.vgg_batch_norm and config.model.backbone == "vgg16"
+            and config.model.init_from == "imagenet"):
         raise ConfigError("config.model.vgg_batch_norm=True has no converted ImageNet file "
                           "(the DeepLab VGG16 has no batch norm): set model.init_from='scratch' "
                           "or a converted file of this layout")

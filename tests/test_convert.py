@@ -700,6 +700,7 @@ def test_keras_dense_and_torch_linear_are_the_7x7_convs(keras):
 def tiny_config(init_from="scratch"):
     c = config_lib.recipe("demo")
     c.model.width, c.model.fc_width, c.model.depth = 1 / 16, 1024, (1, 1, 1, 1, 1)
+    c.model.vgg_batch_norm = False  # DeepLab's VGG16, the layout the converter writes
     c.data.crop_size = 33
     c.model.init_from = init_from
     return c

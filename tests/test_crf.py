@@ -371,9 +371,13 @@ def test_eval_scores_with_and_without_the_crf_in_one_pass(tiny_run):
     ms_flip = scores["ms_flip"]
     assert set(scores["no_crf"]) == set(ms_flip["no_crf"]) == {"miou", "pixel_accuracy",
                                                                "per_class_iou"}
-    assert ms_flip["no_crf"]["miou"] == pytest.approx(scores["no_crf"]["miou"], abs=1e-9)
-    assert ms_flip["miou"] == pytest.approx(scores["miou"], abs=1e-9)
-    np.testing.assert_allclose(ms_flip["per_class_iou"], scores["per_class_iou"], atol=1e-9)
+    # One path takes the argmax of logits, the other of probabilities (and the CRF runs
+    # in another float order), so on this untrained model's near-tied scores a few
+    # pixels can go either way (seen on scale_shapes 3.0.0: 5e-6 of mIoU without the
+    # CRF); a wiring fault moves whole images.
+    assert ms_flip["no_crf"]["miou"] == pytest.approx(scores["no_crf"]["miou"], abs=1e-4)
+    assert ms_flip["miou"] == pytest.approx(scores["miou"], abs=1e-4)
+    np.testing.assert_allclose(ms_flip["per_class_iou"], scores["per_class_iou"], atol=1e-3)
 
 
 def test_predict_writes_the_crf_mask_beside_the_plain_one(tiny_run, tmp_path):

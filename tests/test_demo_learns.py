@@ -13,15 +13,16 @@ from scaleout_common import REPO, subprocess_env
 
 pytestmark = pytest.mark.slow  # end-to-end: see conftest.py
 
-# The shortened schedule (400 of the recipe's 1,200 steps, poly over 400) and its floors,
-# measured: seed 0 gave mIoU 0.293, IoU background 0.898, circle 0.011, square 0.000,
-# triangle 0.262 (docs/results.md, "The demo"). A model that predicts background
-# everywhere scores mIoU about 0.21 on the val split (background about 0.86, every shape 0), so
-# these floors fail when learning breaks. Squares and circles are not learnt this early;
-# the floor is on the mean and on the best shape.
+# The shortened schedule (400 of the recipe's 1,800 steps, poly over 400) and its floors,
+# measured on scale_shapes 3.0.0: seed 0 gave mIoU 0.508, IoU background 0.959, circle
+# 0.352, square 0.016, triangle 0.705 (about 80 s of training on an idle 2-core machine).
+# A model that predicts background everywhere scores mIoU 0.225 on the val split
+# (background 0.898, every shape 0), so these floors fail when learning breaks. Squares
+# are not learnt this early (the full schedule learns every class: docs/results.md); the
+# floors are on the mean and on the two best shapes.
 STEPS = 400
-MIOU_FLOOR = 0.25
-BEST_SHAPE_FLOOR = 0.15
+MIOU_FLOOR = 0.40
+SECOND_SHAPE_FLOOR = 0.20
 
 
 def test_demo_recipe_learns(tmp_path, demo_data_dir):
@@ -40,7 +41,7 @@ def test_demo_recipe_learns(tmp_path, demo_data_dir):
     record = json.loads((workdir / "run.json").read_text())
     iou = dict(zip(("background", "circle", "square", "triangle"), record["per_class_iou"]))
     assert record["miou"] >= MIOU_FLOOR, iou
-    assert max(iou["circle"], iou["square"], iou["triangle"]) >= BEST_SHAPE_FLOOR, iou
+    assert sorted((iou["circle"], iou["square"], iou["triangle"]))[1] >= SECOND_SHAPE_FLOOR, iou
     # The summary the run ends with (scaleattn.run_summary), and the files it names.
     summary = result.stdout.splitlines()
     assert any(line.startswith(f"Finished {STEPS} steps: val mIoU") for line in summary)
