@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     show = sub.add_parser("render", help="print the Markdown table of a report JSON")
     show.add_argument("json_file")
     show.add_argument("--result", help="also write it as a benchmarks/results/ file")
-    show.add_argument("--command", action="append", default=[],
+    show.add_argument("--command", action="append", default=[], dest="commands",
                       help="for --result: a command that produced the runs (repeatable)")
     show.add_argument("--machine", default="", help="for --result: where the runs ran")
     args = parser.parse_args(argv)
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
     print(render(summary), end="")
     if args.result:
         with open(args.result, "w", encoding="utf-8") as f:
-            json.dump(result_file(summary, args.command, args.machine), f, indent=1,
+            json.dump(result_file(summary, args.commands, args.machine), f, indent=1,
                       ensure_ascii=False)
             f.write("\n")
     return 0

@@ -142,6 +142,13 @@ def test_report_json_renders_the_demo_table(tmp_path):
                         "98.0 ± 0.0 | 85.0 ± 7.1 | 80.0 ± 14.1 | 77.0 ± 7.1 | 80.0 / 90.0 |")
     assert lines[2] == ("| `demo_single` | {1} | — | — | 0 | **50.0** | 90.0 | 30.0 | 40.0 | "
                         "40.0 | 50.0 |")
+    # the command line: the table, and the results file with the commands given
+    result = tmp_path / "result.json"
+    assert demo_tables.main(["render", str(out), f"--result={result}", "--command=a b",
+                             "--command=c", "--machine=m"]) == 0
+    written = json.loads(result.read_text())
+    assert written["command"] == ["a b", "c"] and written["machine"] == "m"
+    assert written["rows"][1][0] == "`demo_attention`"
 
 
 def test_tree_digest_sees_every_bit():
