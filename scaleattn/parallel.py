@@ -411,8 +411,13 @@ def set_compile_effort(cfg) -> float:
     returns it. Lower values trade step time and memory for compile time
     (docs/preflight.md, "Compile time")."""
     effort = float(cfg.exec_time_effort)
-    if effort == 0.0 and not hasattr(jax.config, "jax_exec_time_optimization_effort"):
-        return effort  # XLA's default; JAX 0.11 dropped the option
+    if not hasattr(jax.config, "jax_exec_time_optimization_effort"):  # JAX 0.11 dropped it
+        if effort == 0.0:
+            return effort  # XLA's default: nothing to set
+        raise config_lib.ConfigError(
+            f"config.parallel.exec_time_effort={effort:g} needs JAX's "
+            f"jax_exec_time_optimization_effort option, which jax {jax.__version__} does not "
+            f"have: set it 0 (or use the JAX of constraints.txt)")
     jax.config.update("jax_exec_time_optimization_effort", effort)
     return effort
 

@@ -145,3 +145,16 @@ def test_bfloat16_compute_keeps_float32_parameters_and_optimizer_state():
                                 batches[0]["image"][:1], train=False)
     assert outputs["logits"].dtype == jax.numpy.bfloat16  # the compute really is bf16
     np.testing.assert_allclose(losses, reference[1], rtol=2e-2)
+
+
+def test_compile_effort_on_a_jax_without_the_option(monkeypatch):
+    """JAX 0.11 (the lent GPU machine's) has no ``jax_exec_time_optimization_effort``:
+    the default 0 needs nothing, another value stops with the key and the fix."""
+    import types  # pylint: disable=import-outside-toplevel
+    cfg = config_lib.base_config().parallel
+    assert parallel.set_compile_effort(cfg) == 0.0  # this JAX: the option is set
+    monkeypatch.setattr(parallel.jax, "config", types.SimpleNamespace())
+    assert parallel.set_compile_effort(cfg) == 0.0
+    cfg.exec_time_effort = -1.0
+    with pytest.raises(config_lib.ConfigError, match="exec_time_effort=-1 needs JAX"):
+        parallel.set_compile_effort(cfg)
