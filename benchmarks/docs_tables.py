@@ -155,8 +155,7 @@ def cell(name: str, row: str, column: str) -> str:
     """The cell of result ``name`` in ``column`` and the row whose cells, joined by
     ' | ', start with ``row``; bold and a trailing parenthesis dropped (``'45.87 ± 6.22 (39.04 / ...)'``
     -> ``'45.87 ± 6.22'``)."""
-    result = (load_result(name) if name != "jax_vs_pytorch_gpu"
-              else {"columns": GPU_COLUMNS, "rows": [r for _, g in gpu_results() for r in g["rows"]]})
+    result = GATHERED[name]() if name in GATHERED else load_result(name)
     matches = [r for r in result["rows"] if " | ".join(map(str, r)).startswith(row)]
     if len(matches) != 1:
         raise ValueError(f"benchmarks/results/{name}.json: {len(matches)} rows start with {row!r}")
@@ -177,7 +176,8 @@ BRIEF = (
      [("demo_merges", "`demo_noextra`", "val mIoU"),
       ("demo_merges", "`demo_attention`", "val mIoU")]),
     ("Demo, previous recipe (scale_shapes 2.0.0, 1,200 steps; not rerun yet): GSAG heads "
-     "basic / incremental / hybrid / hybrid with plain CE (3 seeds each), val mIoU %", "docs/results.md#gsag-heads-on-the-demo-data-3-seeds-each",
+      "basic / incremental / hybrid / hybrid with plain CE (3 seeds each), val mIoU %",
+     "docs/results.md#gsag-heads-on-the-demo-data-3-seeds-each",
      [("demo_gsag", "`demo_gsag_basic`", "val mIoU"),
       ("demo_gsag", "`demo_gsag_incremental`", "val mIoU"),
       ("demo_gsag", "`demo_gsag_hybrid` |", "val mIoU"),
@@ -219,8 +219,6 @@ def brief_table() -> str:
 
 
 GPU_RUNS = "gpu_*"  # benchmarks/results/gpu_<date>_<device>/: gpu_bench.sh's raw output
-
-
 GPU_COLUMNS = ["device", "dtype", "JAX dilated convs", "JAX train img/s", "PyTorch train img/s",
                "JAX / PyTorch train", "JAX eval img/s", "PyTorch eval img/s",
                "JAX / PyTorch eval", "train MFU JAX / PyTorch",
@@ -258,6 +256,11 @@ def gpu_results() -> list[tuple[str, dict]]:
                     f"{jax_row['train_step_memory_bytes'] / 2**30:.1f}"])
         results.append((os.path.relpath(run_dir, RESULTS_DIR), result))
     return results
+
+
+# Results gathered from raw files rather than one benchmarks/results/<name>.json, for `cell`.
+GATHERED = {"jax_vs_pytorch_gpu": lambda: {
+    "columns": GPU_COLUMNS, "rows": [row for _, r in gpu_results() for row in r["rows"]]}}
 
 
 def gpu_table() -> str:
