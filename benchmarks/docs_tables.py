@@ -176,7 +176,7 @@ BRIEF = (
      [("demo_merges", "`demo_noextra`", "val mIoU"),
       ("demo_merges", "`demo_attention`", "val mIoU")]),
     ("Demo, previous recipe (scale_shapes 2.0.0, 1,200 steps; not rerun yet): GSAG heads "
-      "basic / incremental / hybrid / hybrid with plain CE (3 seeds each), val mIoU %",
+     "basic / incremental / hybrid / hybrid with plain CE (3 seeds each), val mIoU %",
      "docs/results.md#gsag-heads-on-the-demo-data-3-seeds-each",
      [("demo_gsag", "`demo_gsag_basic`", "val mIoU"),
       ("demo_gsag", "`demo_gsag_incremental`", "val mIoU"),
