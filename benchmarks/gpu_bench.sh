@@ -10,7 +10,9 @@
 #
 # Further arguments go to both runs after the script's own (a later --config.* wins);
 # PEER_ARGS replaces the peer's flags (default --compile); LOWERINGS (default
-# space_to_batch,taps) the dilated-conv lowerings of the second run, empty: none.
+# space_to_batch,taps) the dilated-conv lowerings of the second run, empty: none;
+# PARTS (default compare,lowerings) which of the two runs below to do, e.g. PARTS=lowerings
+# LOWERINGS=native,space_to_batch,taps for the rewrites against native timed in one run.
 #
 # The target setting: ResNet-101-ASPP, 3 scales with attention, crop 321, batch 8 on one
 # device, augmentation on the host (the step alone, as the peer is timed), one dtype.
@@ -44,11 +46,14 @@ setting=(--config=configs/voc_r101.py --config.bench.dtypes="$dtype"
          --config.bench.batch_size=8 --config.data.crop_size=321
          --config.data.augment_on=host --config.bench.profile_dir=/tmp/scaleattn_profile
          --config.bench.steps=10 --config.bench.warmup=3)
+parts=",${PARTS-compare,lowerings},"
 status=0  # the second run goes ahead if the first fails; the script exits with the failure
-python3 -m benchmarks.compare "${setting[@]}" --config.bench.dilated_convs=native \
-  --peer_args="${PEER_ARGS---compile}" --output_dir="$out" "$@" || status=$?
+if [[ "$parts" == *,compare,* ]]; then
+  python3 -m benchmarks.compare "${setting[@]}" --config.bench.dilated_convs=native \
+    --peer_args="${PEER_ARGS---compile}" --output_dir="$out" "$@" || status=$?
+fi
 lowerings="${LOWERINGS-space_to_batch,taps}"
-if [[ -n "$lowerings" ]]; then
+if [[ -n "$lowerings" && "$parts" == *,lowerings,* ]]; then
   python3 -m scaleattn.main --mode=bench "${setting[@]}" \
     --config.bench.dilated_convs="$lowerings" --output="$out/lowerings.json" "$@" || status=$?
 fi
