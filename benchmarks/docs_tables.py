@@ -199,9 +199,11 @@ BRIEF = (
     ("JAX / PyTorch train speed on a CPU, fp32, VGG16 / ResNet-101", "docs/performance.md",
      [("jax_vs_pytorch_cpu", "VGG16-LargeFOV | fp32", "JAX / PyTorch train"),
       ("jax_vs_pytorch_cpu", "ResNet-101-ASPP | fp32", "JAX / PyTorch train")]),
-    ("JAX / PyTorch train speed on an H200, ResNet-101 x3 scales, crop 321, batch 8, "
-     "bf16 / fp32", "docs/performance.md#on-a-gpu",
-     [("jax_vs_pytorch_gpu", "NVIDIA H200 | bfloat16 | native", "JAX / PyTorch train"),
+    ("JAX / PyTorch train speed on an H200, ResNet-101 x3 scales, crop 321, batch 8 (one "
+     "run each): bf16 with the GPU's default lowering (space_to_batch) / bf16 XLA's own "
+     "(native) / fp32 native", "docs/performance.md#on-a-gpu",
+     [("jax_vs_pytorch_gpu", "NVIDIA H200 | bfloat16 | space_to_batch", "JAX / PyTorch train"),
+      ("jax_vs_pytorch_gpu", "NVIDIA H200 | bfloat16 | native", "JAX / PyTorch train"),
       ("jax_vs_pytorch_gpu", "NVIDIA H200 | float32 | native", "JAX / PyTorch train")]),
     ("pmap / sharded FSDP against one device, max abs difference after 3 steps",
      "docs/scaling.md",
@@ -226,22 +228,35 @@ GPU_COLUMNS = ["device", "dtype", "JAX dilated convs", "JAX train img/s", "PyTor
                "JAX train step memory (GiB, XLA)"]
 
 
-def gpu_results() -> list[tuple[str, dict]]:
-    """``[(folder, result)]``: each ``benchmarks/results/gpu_<date>_<device>/``
-    (`benchmarks/gpu_bench.sh`'s raw ``<dtype>/compare.json`` and ``versions.txt``, its
-    provenance in ``meta.json``) as a measured result: one row per dtype."""
-    results = []
+def gpu_runs(raw_file: str) -> list[tuple[str, dict, list[str]]]:
+    """``[(folder, result, paths)]``: each ``benchmarks/results/gpu_<date>_<device>/``
+    that holds ``<part>/<raw_file>`` (`benchmarks/gpu_bench.sh`'s raw output), as a result
+    with no rows yet: its provenance from ``meta.json``, the device's library versions
+    from the parts' ``versions.txt``, and the paths of the raw files."""
+    runs = []
     for meta_path in sorted(glob.glob(os.path.join(RESULTS_DIR, GPU_RUNS, "meta.json"))):
         run_dir = os.path.dirname(meta_path)
+        paths = sorted(glob.glob(os.path.join(run_dir, "*", raw_file)))
+        if not paths:
+            continue
         with open(meta_path, encoding="utf-8") as f:
-            result = dict(json.load(f), columns=GPU_COLUMNS, rows=[], versions={},
-                          constraints=None)
-        for compare_path in sorted(glob.glob(os.path.join(run_dir, "*", "compare.json"))):
+            result = dict(json.load(f), rows=[], versions={}, constraints=None)
+        for path in paths:
+            with open(os.path.join(os.path.dirname(path), "versions.txt"), encoding="utf-8") as f:
+                result["versions"].update(line.split()[:2] for line in f if line.strip())
+        runs.append((os.path.relpath(run_dir, RESULTS_DIR), result, paths))
+    return runs
+
+
+def gpu_results() -> list[tuple[str, dict]]:
+    """``[(folder, result)]``: JAX against the PyTorch peer, one row per
+    ``<part>/compare.json`` row (`gpu_runs`)."""
+    results = []
+    for folder, result, paths in gpu_runs("compare.json"):
+        result["columns"] = GPU_COLUMNS
+        for compare_path in paths:
             with open(compare_path, encoding="utf-8") as f:
                 compare = json.load(f)
-            with open(os.path.join(os.path.dirname(compare_path), "versions.txt"),
-                      encoding="utf-8") as f:
-                result["versions"].update(line.split()[:2] for line in f if line.strip())
             for r in compare["rows"]:
                 jax_row = next(j for j in compare["jax"]["results"]
                                if (j["dtype"], j["dilated_conv"]) == (r["dtype"], r["dilated_conv"]))
@@ -254,21 +269,62 @@ def gpu_results() -> list[tuple[str, dict]]:
                     f"{jax_row['compile_train_s']:.1f} / {jax_row['compile_eval_s']:.1f}",
                     f"{r['torch_first_steps_s']:.1f}",
                     f"{jax_row['train_step_memory_bytes'] / 2**30:.1f}"])
-        results.append((os.path.relpath(run_dir, RESULTS_DIR), result))
+        results.append((folder, result))
     return results
 
 
+GPU_LOWERING_COLUMNS = ["device", "dtype", "dilated convs", "train img/s", "train vs native",
+                        "eval img/s", "eval vs native", "MFU train / eval",
+                        "compile train / eval (s)", "train step memory (GiB, XLA)",
+                        "dilated convolutions left in the train step"]
+
+
+def gpu_lowering_results() -> list[tuple[str, dict]]:
+    """``[(folder, result)]``: the dilated-convolution lowerings timed in one process
+    (``<part>/lowerings.json``, `gpu_runs`), each row against that run's ``native`` row."""
+    results = []
+    for folder, result, paths in gpu_runs("lowerings.json"):
+        result["columns"] = GPU_LOWERING_COLUMNS
+        for path in paths:
+            with open(path, encoding="utf-8") as f:
+                bench = json.load(f)
+            native = {r["dtype"]: r for r in bench["results"] if r["dilated_conv"] == "native"}
+            for r in bench["results"]:
+                base = native.get(r["dtype"])
+                result["rows"].append([
+                    bench["setup"]["device"], r["dtype"], r["dilated_conv"],
+                    f"{r['train_images_per_s']:.1f}",
+                    f"{r['train_images_per_s'] / base['train_images_per_s']:.2f}×" if base else "",
+                    f"{r['eval_images_per_s']:.1f}",
+                    f"{r['eval_images_per_s'] / base['eval_images_per_s']:.2f}×" if base else "",
+                    f"{100 * r['train_mfu']:.1f}% / {100 * r['eval_mfu']:.1f}%",
+                    f"{r['compile_train_s']:.1f} / {r['compile_eval_s']:.1f}",
+                    f"{r['train_step_memory_bytes'] / 2**30:.1f}",
+                    f"{r['train_convolutions']['rhs_dilated']} of "
+                    f"{r['train_convolutions']['count']}"])
+        results.append((folder, result))
+    return results
+
+
+def gathered_table(results: Callable[[], list[tuple[str, dict]]], none_yet: str
+                   ) -> Callable[[], str]:
+    """The renderer of results gathered from raw folders: one table per folder."""
+    def render() -> str:
+        parts = [markdown(result["columns"], result["rows"]) + "\n\n"
+                 + provenance(result, name, f"benchmarks/results/{name}/")
+                 for name, result in results()]
+        return "\n\n".join(parts) or none_yet
+    return render
+
+
 # Results gathered from raw files rather than one benchmarks/results/<name>.json, for `cell`.
-GATHERED = {"jax_vs_pytorch_gpu": lambda: {
-    "columns": GPU_COLUMNS, "rows": [row for _, r in gpu_results() for row in r["rows"]]}}
-
-
-def gpu_table() -> str:
-    """JAX against the PyTorch peer on a GPU, one table per measurement (`gpu_results`)."""
-    parts = [markdown(result["columns"], result["rows"]) + "\n\n"
-             + provenance(result, name, f"benchmarks/results/{name}/")
-             for name, result in gpu_results()]
-    return "\n\n".join(parts) or "_No GPU measurement yet: `benchmarks/gpu_bench.sh`._"
+GATHERED = {
+    "jax_vs_pytorch_gpu": lambda: {"columns": GPU_COLUMNS,
+                                   "rows": [row for _, r in gpu_results() for row in r["rows"]]},
+    "dilated_conv_gpu": lambda: {
+        "columns": GPU_LOWERING_COLUMNS,
+        "rows": [row for _, r in gpu_lowering_results() for row in r["rows"]]},
+}
 
 
 def preflight_table() -> str:
@@ -291,7 +347,10 @@ TABLES = (
     Table("input_pipeline", "docs/performance.md", figures("input_pipeline")),
     Table("input_pipeline_stages", "docs/performance.md", figures("input_pipeline_stages")),
     Table("jax_vs_pytorch_cpu", "docs/performance.md", figures("jax_vs_pytorch_cpu")),
-    Table("jax_vs_pytorch_gpu", "docs/performance.md", gpu_table),
+    Table("jax_vs_pytorch_gpu", "docs/performance.md", gathered_table(
+        gpu_results, "_No GPU measurement yet: `benchmarks/gpu_bench.sh`._")),
+    Table("dilated_conv_gpu", "docs/performance.md", gathered_table(
+        gpu_lowering_results, "_No GPU measurement yet: `benchmarks/gpu_bench.sh`._")),
     Table("dilated_conv_cpu", "docs/performance.md", figures("dilated_conv_cpu")),
     Table("fold_frozen_bn_cpu", "docs/performance.md", figures("fold_frozen_bn_cpu")),
     Table("parallel_equivalence", "docs/scaling.md", figures("parallel_equivalence")),

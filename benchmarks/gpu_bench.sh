@@ -10,17 +10,17 @@
 #
 # Further arguments go to both runs after the script's own (a later --config.* wins);
 # PEER_ARGS replaces the peer's flags (default --compile); LOWERINGS (default
-# space_to_batch,taps) the dilated-conv lowerings of the second run, empty: none;
-# PARTS (default compare,lowerings) which of the two runs below to do, e.g. PARTS=lowerings
-# LOWERINGS=native,space_to_batch,taps for the rewrites against native timed in one run.
+# native,space_to_batch,taps) the dilated-conv lowerings of the second run, empty: none;
+# PARTS (default compare,lowerings) which of the two runs below to do.
 #
 # The target setting: ResNet-101-ASPP, 3 scales with attention, crop 321, batch 8 on one
 # device, augmentation on the host (the step alone, as the peer is timed), one dtype.
-#  1. benchmarks.compare: JAX with the dilated convolutions as XLA lowers them (native)
-#     against the PyTorch peer with torch.compile -> compare.md / compare.json, jax_0.json,
-#     torch_0.json. First, so that a time limit leaves the headline ratio.
-#  2. --mode=bench with the exact rewrites of the dilated convolutions (LOWERINGS)
-#     -> lowerings.json, rewritten after every row.
+#  1. benchmarks.compare: JAX with the dilated convolutions lowered as model.dilated_conv=
+#     'auto' picks for a GPU (layers.DILATED_CONV_AUTO) against the PyTorch peer with
+#     torch.compile -> compare.md / compare.json, jax_0.json, torch_0.json. First, so
+#     that a time limit leaves the headline ratio.
+#  2. --mode=bench with each lowering of the dilated convolutions (LOWERINGS), timed in
+#     one process -> lowerings.json, rewritten after every row.
 # Each row carries a profile of its train step (the ops that took the time).
 set -euo pipefail
 dtype="${1:-bfloat16}"
@@ -49,10 +49,10 @@ setting=(--config=configs/voc_r101.py --config.bench.dtypes="$dtype"
 parts=",${PARTS-compare,lowerings},"
 status=0  # the second run goes ahead if the first fails; the script exits with the failure
 if [[ "$parts" == *,compare,* ]]; then
-  python3 -m benchmarks.compare "${setting[@]}" --config.bench.dilated_convs=native \
+  python3 -m benchmarks.compare "${setting[@]}" --config.bench.dilated_convs=auto \
     --peer_args="${PEER_ARGS---compile}" --output_dir="$out" "$@" || status=$?
 fi
-lowerings="${LOWERINGS-space_to_batch,taps}"
+lowerings="${LOWERINGS-native,space_to_batch,taps}"
 if [[ -n "$lowerings" && "$parts" == *,lowerings,* ]]; then
   python3 -m scaleattn.main --mode=bench "${setting[@]}" \
     --config.bench.dilated_convs="$lowerings" --output="$out/lowerings.json" "$@" || status=$?

@@ -114,3 +114,39 @@ def test_compile_effort_table_from_appended_compiles(tmp_path):
     assert result["command"][0].endswith("parallel.exec_time_effort=E")
     assert len(result["command"]) == 2 and result["commit"] == "abc"
     assert len(result["columns"]) == len(result["rows"][0])
+
+
+def test_gpu_tables_from_raw_folders(tmp_path, monkeypatch):
+    """A hand-made ``gpu_<date>_<device>/`` folder with a lowerings run: one row per
+    lowering, each rate divided by that run's ``native`` row; a folder with no
+    ``compare.json`` gives no comparison table; the provenance is its ``meta.json``."""
+    run = tmp_path / "gpu_2000-01-01_chip" / "bfloat16_lowerings"
+    run.mkdir(parents=True)
+    (run.parent / "meta.json").write_text(json.dumps(
+        {"command": "bash benchmarks/gpu_bench.sh bfloat16 OUT", "commit": "abc",
+         "machine": "one chip"}))
+    (run / "versions.txt").write_text("jax   0.9.9\ntorch 3.0\n")
+    def row(impl, train, evaluate, dilated):
+        return {"dtype": "bfloat16", "dilated_conv": impl, "train_images_per_s": train,
+                "eval_images_per_s": evaluate, "train_mfu": 0.1, "eval_mfu": 0.25,
+                "compile_train_s": 30.0, "compile_eval_s": 5.0,
+                "train_step_memory_bytes": 3 * 2**30,
+                "train_convolutions": {"count": 10, "rhs_dilated": dilated}}
+    (run / "lowerings.json").write_text(json.dumps(
+        {"setup": {"device": "Chip"}, "complete": True,
+         "results": [row("taps", 150.0, 40.0, 0), row("native", 100.0, 50.0, 6)]}))
+    monkeypatch.setattr(docs_tables, "RESULTS_DIR", str(tmp_path))
+    assert docs_tables.gpu_results() == []
+    [(folder, result)] = docs_tables.gpu_lowering_results()
+    assert folder == "gpu_2000-01-01_chip"
+    assert result["rows"] == [
+        ["Chip", "bfloat16", "taps", "150.0", "1.50×", "40.0", "0.80×", "10.0% / 25.0%",
+         "30.0 / 5.0", "3.0", "0 of 10"],
+        ["Chip", "bfloat16", "native", "100.0", "1.00×", "50.0", "1.00×", "10.0% / 25.0%",
+         "30.0 / 5.0", "3.0", "6 of 10"]]
+    assert result["versions"] == {"jax": "0.9.9", "torch": "3.0"}
+    assert docs_tables.cell("dilated_conv_gpu", "Chip | bfloat16 | taps", "train vs native") \
+        == "1.50×"
+    rendered = docs_tables.TABLES[[t.name for t in docs_tables.TABLES].index(
+        "dilated_conv_gpu")].render()
+    assert "gpu_bench.sh bfloat16 OUT" in rendered and "at commit `abc`" in rendered
