@@ -175,7 +175,7 @@ BRIEF = (
      "docs/results.md#the-merges-3-seeds-each",
      [("demo_merges", "`demo_noextra`", "val mIoU"),
       ("demo_merges", "`demo_attention`", "val mIoU")]),
-    ("Demo, previous recipe (scale_shapes 2.0.0, 1,200 steps; not rerun yet): GSAG heads "
+    ("Demo: GSAG heads "
      "basic / incremental / hybrid / hybrid with plain CE (3 seeds each), val mIoU %",
      "docs/results.md#gsag-heads-on-the-demo-data-3-seeds-each",
      [("demo_gsag", "`demo_gsag_basic`", "val mIoU"),
