@@ -187,7 +187,7 @@ BRIEF = (
      [("demo_hierarchical", "hierarchical (", "val mIoU (per seed 0 / 1 / 2)"),
       ("demo_hierarchical", "hierarchical, no retraining | {1, 0.5} | {0.5, 1, 2}",
        "val mIoU (per seed 0 / 1 / 2)")]),
-    ("Demo, previous recipe (scale_shapes 2.0.0, 1,200 steps; not rerun yet): dense CRF on "
+    ("Demo: dense CRF on "
      "the attention runs (3 seeds), val mIoU % without / with DeepLab's / with searched "
      "parameters", "docs/crf.md#on-the-demo",
      [("crf_demo", "no CRF", "val mIoU (per seed 0 / 1 / 2)"),
