@@ -228,11 +228,12 @@ GPU_COLUMNS = ["device", "dtype", "JAX dilated convs", "JAX train img/s", "PyTor
                "JAX train step memory (GiB, XLA)"]
 
 
-def gpu_runs(raw_file: str) -> list[tuple[str, dict, list[str]]]:
-    """``[(folder, result, paths)]``: each ``benchmarks/results/gpu_<date>_<device>/``
-    that holds ``<part>/<raw_file>`` (`benchmarks/gpu_bench.sh`'s raw output), as a result
-    with no rows yet: its provenance from ``meta.json``, the device's library versions
-    from the parts' ``versions.txt``, and the paths of the raw files."""
+def gpu_runs(raw_file: str, columns: list[str], rows_of: Callable[[dict], list[list]]
+             ) -> list[tuple[str, dict]]:
+    """``[(folder, result)]``: each ``benchmarks/results/gpu_<date>_<device>/`` that holds
+    ``<part>/<raw_file>`` (`benchmarks/gpu_bench.sh`'s raw output) as a result: its
+    provenance from ``meta.json``, the device's library versions from the parts'
+    ``versions.txt``, and ``rows_of(raw)`` of each part's raw file as its rows."""
     runs = []
     for meta_path in sorted(glob.glob(os.path.join(RESULTS_DIR, GPU_RUNS, "meta.json"))):
         run_dir = os.path.dirname(meta_path)
@@ -240,37 +241,33 @@ def gpu_runs(raw_file: str) -> list[tuple[str, dict, list[str]]]:
         if not paths:
             continue
         with open(meta_path, encoding="utf-8") as f:
-            result = dict(json.load(f), rows=[], versions={}, constraints=None)
+            result = dict(json.load(f), columns=columns, rows=[], versions={},
+                          constraints=None)
         for path in paths:
             with open(os.path.join(os.path.dirname(path), "versions.txt"), encoding="utf-8") as f:
                 result["versions"].update(line.split()[:2] for line in f if line.strip())
-        runs.append((os.path.relpath(run_dir, RESULTS_DIR), result, paths))
+            with open(path, encoding="utf-8") as f:
+                result["rows"] += rows_of(json.load(f))
+        runs.append((os.path.relpath(run_dir, RESULTS_DIR), result))
     return runs
 
 
-def gpu_results() -> list[tuple[str, dict]]:
-    """``[(folder, result)]``: JAX against the PyTorch peer, one row per
-    ``<part>/compare.json`` row (`gpu_runs`)."""
-    results = []
-    for folder, result, paths in gpu_runs("compare.json"):
-        result["columns"] = GPU_COLUMNS
-        for compare_path in paths:
-            with open(compare_path, encoding="utf-8") as f:
-                compare = json.load(f)
-            for r in compare["rows"]:
-                jax_row = next(j for j in compare["jax"]["results"]
-                               if (j["dtype"], j["dilated_conv"]) == (r["dtype"], r["dilated_conv"]))
-                result["rows"].append([
-                    compare["jax"]["setup"]["device"], r["dtype"], r["dilated_conv"],
-                    f"{r['jax_train_images_per_s']:.1f}", f"{r['torch_train_images_per_s']:.1f}",
-                    f"{r['train_ratio']:.2f}×", f"{r['jax_eval_images_per_s']:.1f}",
-                    f"{r['torch_eval_images_per_s']:.1f}", f"{r['eval_ratio']:.2f}×",
-                    f"{100 * r['jax_train_mfu']:.1f}% / {100 * r['torch_train_mfu']:.1f}%",
-                    f"{jax_row['compile_train_s']:.1f} / {jax_row['compile_eval_s']:.1f}",
-                    f"{r['torch_first_steps_s']:.1f}",
-                    f"{jax_row['train_step_memory_bytes'] / 2**30:.1f}"])
-        results.append((folder, result))
-    return results
+def compare_rows(compare: dict) -> list[list]:
+    """JAX against the PyTorch peer: one row per row of a ``compare.json``."""
+    rows = []
+    for r in compare["rows"]:
+        jax_row = next(j for j in compare["jax"]["results"]
+                       if (j["dtype"], j["dilated_conv"]) == (r["dtype"], r["dilated_conv"]))
+        rows.append([
+            compare["jax"]["setup"]["device"], r["dtype"], r["dilated_conv"],
+            f"{r['jax_train_images_per_s']:.1f}", f"{r['torch_train_images_per_s']:.1f}",
+            f"{r['train_ratio']:.2f}×", f"{r['jax_eval_images_per_s']:.1f}",
+            f"{r['torch_eval_images_per_s']:.1f}", f"{r['eval_ratio']:.2f}×",
+            f"{100 * r['jax_train_mfu']:.1f}% / {100 * r['torch_train_mfu']:.1f}%",
+            f"{jax_row['compile_train_s']:.1f} / {jax_row['compile_eval_s']:.1f}",
+            f"{r['torch_first_steps_s']:.1f}",
+            f"{jax_row['train_step_memory_bytes'] / 2**30:.1f}"])
+    return rows
 
 
 GPU_LOWERING_COLUMNS = ["device", "dtype", "dilated convs", "train img/s", "train vs native",
@@ -279,52 +276,56 @@ GPU_LOWERING_COLUMNS = ["device", "dtype", "dilated convs", "train img/s", "trai
                         "dilated convolutions left in the train step"]
 
 
+def lowering_rows(bench: dict) -> list[list]:
+    """The dilated-convolution lowerings timed in one process (a ``lowerings.json``):
+    one row each, its rates against that run's ``native`` row."""
+    native = {r["dtype"]: r for r in bench["results"] if r["dilated_conv"] == "native"}
+    rows = []
+    for r in bench["results"]:
+        base = native.get(r["dtype"])
+        rows.append([
+            bench["setup"]["device"], r["dtype"], r["dilated_conv"],
+            f"{r['train_images_per_s']:.1f}",
+            f"{r['train_images_per_s'] / base['train_images_per_s']:.2f}×" if base else "",
+            f"{r['eval_images_per_s']:.1f}",
+            f"{r['eval_images_per_s'] / base['eval_images_per_s']:.2f}×" if base else "",
+            f"{100 * r['train_mfu']:.1f}% / {100 * r['eval_mfu']:.1f}%",
+            f"{r['compile_train_s']:.1f} / {r['compile_eval_s']:.1f}",
+            f"{r['train_step_memory_bytes'] / 2**30:.1f}",
+            f"{r['train_convolutions']['rhs_dilated']} of {r['train_convolutions']['count']}"])
+    return rows
+
+
+def gpu_results() -> list[tuple[str, dict]]:
+    """``[(folder, result)]``: JAX against the PyTorch peer (`gpu_runs`, `compare_rows`)."""
+    return gpu_runs("compare.json", GPU_COLUMNS, compare_rows)
+
+
 def gpu_lowering_results() -> list[tuple[str, dict]]:
-    """``[(folder, result)]``: the dilated-convolution lowerings timed in one process
-    (``<part>/lowerings.json``, `gpu_runs`), each row against that run's ``native`` row."""
-    results = []
-    for folder, result, paths in gpu_runs("lowerings.json"):
-        result["columns"] = GPU_LOWERING_COLUMNS
-        for path in paths:
-            with open(path, encoding="utf-8") as f:
-                bench = json.load(f)
-            native = {r["dtype"]: r for r in bench["results"] if r["dilated_conv"] == "native"}
-            for r in bench["results"]:
-                base = native.get(r["dtype"])
-                result["rows"].append([
-                    bench["setup"]["device"], r["dtype"], r["dilated_conv"],
-                    f"{r['train_images_per_s']:.1f}",
-                    f"{r['train_images_per_s'] / base['train_images_per_s']:.2f}×" if base else "",
-                    f"{r['eval_images_per_s']:.1f}",
-                    f"{r['eval_images_per_s'] / base['eval_images_per_s']:.2f}×" if base else "",
-                    f"{100 * r['train_mfu']:.1f}% / {100 * r['eval_mfu']:.1f}%",
-                    f"{r['compile_train_s']:.1f} / {r['compile_eval_s']:.1f}",
-                    f"{r['train_step_memory_bytes'] / 2**30:.1f}",
-                    f"{r['train_convolutions']['rhs_dilated']} of "
-                    f"{r['train_convolutions']['count']}"])
-        results.append((folder, result))
-    return results
+    """``[(folder, result)]``: the lowerings timed in one process (`gpu_runs`,
+    `lowering_rows`)."""
+    return gpu_runs("lowerings.json", GPU_LOWERING_COLUMNS, lowering_rows)
 
 
-def gathered_table(results: Callable[[], list[tuple[str, dict]]], none_yet: str
-                   ) -> Callable[[], str]:
+def gathered_table(results: Callable[[], list[tuple[str, dict]]]) -> Callable[[], str]:
     """The renderer of results gathered from raw folders: one table per folder."""
     def render() -> str:
         parts = [markdown(result["columns"], result["rows"]) + "\n\n"
                  + provenance(result, name, f"benchmarks/results/{name}/")
                  for name, result in results()]
-        return "\n\n".join(parts) or none_yet
+        return "\n\n".join(parts) or "_No GPU measurement yet: `benchmarks/gpu_bench.sh`._"
     return render
 
 
+def all_rows(results: Callable[[], list[tuple[str, dict]]], columns: list[str]
+             ) -> Callable[[], dict]:
+    """Every folder's rows as one result (for `cell`)."""
+    return lambda: {"columns": columns, "rows": [row for _, r in results() for row in r["rows"]]}
+
+
 # Results gathered from raw files rather than one benchmarks/results/<name>.json, for `cell`.
-GATHERED = {
-    "jax_vs_pytorch_gpu": lambda: {"columns": GPU_COLUMNS,
-                                   "rows": [row for _, r in gpu_results() for row in r["rows"]]},
-    "dilated_conv_gpu": lambda: {
-        "columns": GPU_LOWERING_COLUMNS,
-        "rows": [row for _, r in gpu_lowering_results() for row in r["rows"]]},
-}
+GATHERED = {"jax_vs_pytorch_gpu": all_rows(gpu_results, GPU_COLUMNS),
+            "dilated_conv_gpu": all_rows(gpu_lowering_results, GPU_LOWERING_COLUMNS)}
 
 
 def preflight_table() -> str:
@@ -347,10 +348,8 @@ TABLES = (
     Table("input_pipeline", "docs/performance.md", figures("input_pipeline")),
     Table("input_pipeline_stages", "docs/performance.md", figures("input_pipeline_stages")),
     Table("jax_vs_pytorch_cpu", "docs/performance.md", figures("jax_vs_pytorch_cpu")),
-    Table("jax_vs_pytorch_gpu", "docs/performance.md", gathered_table(
-        gpu_results, "_No GPU measurement yet: `benchmarks/gpu_bench.sh`._")),
-    Table("dilated_conv_gpu", "docs/performance.md", gathered_table(
-        gpu_lowering_results, "_No GPU measurement yet: `benchmarks/gpu_bench.sh`._")),
+    Table("jax_vs_pytorch_gpu", "docs/performance.md", gathered_table(gpu_results)),
+    Table("dilated_conv_gpu", "docs/performance.md", gathered_table(gpu_lowering_results)),
     Table("dilated_conv_cpu", "docs/performance.md", figures("dilated_conv_cpu")),
     Table("fold_frozen_bn_cpu", "docs/performance.md", figures("fold_frozen_bn_cpu")),
     Table("parallel_equivalence", "docs/scaling.md", figures("parallel_equivalence")),
