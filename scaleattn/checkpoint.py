@@ -36,6 +36,7 @@ key, its saved and its current value.
 
 import hashlib
 import json
+import logging as std_logging
 import os
 import sys
 import time
@@ -216,6 +217,10 @@ def write_error(manager: ocp.CheckpointManager, step: int | None,
         if reason is None and text.lower() in str(error).lower():
             reason = text
     reason = reason or first_line(error)
+    # The save's other write tasks fail the same way; asyncio would log each one's
+    # traceback ("Task exception was never retrieved") when it is collected, after this
+    # line: the run is stopping and the failure is reported here, once.
+    std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
     done = complete_steps(manager.directory)
     kept = (f"the newest complete checkpoint (step {done[-1]}) is intact and a rerun "
             f"resumes from it" if done else "no complete checkpoint was written")
