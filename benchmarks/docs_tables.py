@@ -114,21 +114,29 @@ def paper_table() -> str:
               "`python -m scaleattn.report --paper` lists._")
 
 
+def _preflight_summary(dtype: str, trains: list[dict]) -> str:
+    """'bf16: fits 5 of 5 topologies compiled, est. 0.5-0.9 chip-h': a config's train rows of
+    one dtype, one per topology compiled."""
+    hours = sorted(t["est_chip_hours"] for t in trains if t.get("est_chip_hours") is not None)
+    span = "" if not hours else (f", est. {hours[0]:.1f} chip-h" if hours[0] == hours[-1]
+                                 else f", est. {hours[0]:.1f}-{hours[-1]:.1f} chip-h")
+    return (f"{dtype.replace('bfloat16', 'bf16')}: fits {sum(t['fits'] for t in trains)} of "
+            f"{len(trains)} {'topology' if len(trains) == 1 else 'topologies'} compiled{span}")
+
+
 def configs_table() -> str:
     """Every shipped config: its ``--config``, run name, model, scales, schedule and the
     published number the report compares a plain val run of it with."""
     from scaleattn import config, report  # pylint: disable=import-outside-toplevel
     from benchmarks import preflight_table  # pylint: disable=import-outside-toplevel
-    compiled = {}  # run name -> ["v5e:2x2 bf16: fits, est. 0.6 chip-h", ...]
-    for result in preflight_table.load():
-        train = next((r for r in result["rows"] if r.get("step") == "train"), None)
-        if train is not None:
-            name = train["config"].split("+")[0]
-            hours = train.get("est_chip_hours")
-            compiled.setdefault(name, []).append(
-                f"{train['topology']} {train['dtype'].replace('bfloat16', 'bf16')}: "
-                f"{'fits' if train['fits'] else 'does not fit'}"
-                + (f", est. {hours:.1f} chip-h" if hours is not None else ""))
+    trains = {}  # run name -> dtype -> the train rows of every topology compiled
+    for rows in preflight_table.merge(preflight_table.load()).values():
+        train = next(r for r in rows if r["step"] == "train")
+        trains.setdefault(train["config"].split("+")[0], {}).setdefault(
+            train["dtype"], []).append(train)
+    compiled = {name: "; ".join(_preflight_summary(dtype, rows)
+                                for dtype, rows in sorted(by_dtype.items()))
+                for name, by_dtype in trains.items()}
     rows = []
     for spec in config.shipped():
         c = config.load(os.path.join(REPO, spec))
@@ -140,7 +148,7 @@ def configs_table() -> str:
                      "yes" if c.loss.extra_supervision else "no", c.loss.type,
                      f"{c.train.steps:,} x {c.batch_size}", c.model.init_from,
                      f"{paper['miou']:.2f} ({paper['source']})" if paper else "—",
-                     "; ".join(compiled.get(c.name, ["not compiled yet"]))])
+                     compiled.get(c.name, "not compiled yet")])
     return (markdown(["--config", "run name", "data", "model", "scales", "merge",
                       "extra supervision", "loss", "steps x batch", "start", "published",
                       "TPU pre-flight (compiler estimate)"],
@@ -334,6 +342,15 @@ def preflight_table() -> str:
     return table.render(table.load()).strip()
 
 
+def preflight_glance() -> str:
+    """The pre-flight rows as one line per config and one column per topology, bf16 and
+    float32 (`benchmarks.preflight_table.glance`)."""
+    from benchmarks import preflight_table as table  # pylint: disable=import-outside-toplevel
+    results = table.load()
+    return "\n".join(f"**{dtype}**\n\n{table.glance(results, dtype)}"
+                     for dtype in ("bfloat16", "float32")).strip()
+
+
 TABLES = (
     Table("run_identity", "docs/reliability.md", identity_table),
     Table("published", "docs/results.md", paper_table),
@@ -357,6 +374,7 @@ TABLES = (
     Table("fault_qa", "docs/reliability.md", figures("fault_qa")),
     Table("compile_effort", "docs/preflight.md", figures("compile_effort")),
     Table("compile_time", "docs/preflight.md", figures("compile_time")),
+    Table("preflight_glance", "docs/preflight.md", preflight_glance),
     Table("preflight", "docs/preflight.md", preflight_table),
 )
 

@@ -59,10 +59,11 @@ def _num(value, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
-def render(results: list[dict]) -> str:
-    """The Markdown table (one line per config x topology x dtype, the largest-batch
-    rows merged into theirs) and the provenance lines under it."""
-    merged = {}  # (config, topology, dtype) -> the rows of its files together
+def merge(results: list[dict]) -> dict:
+    """``{(config, topology, dtype): rows}``: the rows of every file of one config,
+    topology and dtype together (a ``__largest`` file adds its largest-batch rows to the
+    plain file's train and eval rows)."""
+    merged = {}
     for result in sorted(results, key=lambda r: r.get("file", "")):
         train = _step(result, "train")
         if train is not None:
@@ -70,13 +71,60 @@ def render(results: list[dict]) -> str:
             have = {r["step"] for r in rows}
             rows += [r for r in result["rows"]
                      if r["step"] == "largest_batch" or r["step"] not in have]
+    return merged
+
+
+def _config_name(train: dict) -> str:
+    return train["config"].replace(f"+dtype={train['dtype']}", "")  # dtype: its own column
+
+
+def _topology_order(topology: str, chips: int) -> tuple:
+    return (topology.split(":")[0] != "v5e", chips, topology)  # v5e by size, then the others
+
+
+def glance(results: list[dict], dtype: str) -> str:
+    """One line per config, one column per topology, for ``dtype``: each cell the train
+    step's est. img/s and est. chip-hours for the schedule ('344 · 0.8 h'), '**no**
+    (GiB)' where it does not fit, '–' where not compiled; '†' where the batch was rounded
+    up to divide over the chips (as in `render`)."""
+    trains = {key: _step({"rows": rows}, "train") for key, rows in merge(results).items()
+              if key[2] == dtype}
+    if not trains:
+        return f"No {dtype} rows compiled yet.\n"
+    topologies = sorted({(t["topology"], t["chips"]) for t in trains.values()},
+                        key=lambda tc: _topology_order(*tc))
+    cells = {}  # config -> topology -> text
+    for train in trains.values():
+        note = "†" if train.get("batch_note") else ""
+        if not train["fits"]:
+            text = f"**no** ({_gib(train['peak_bytes_per_chip'])} GiB)"
+        else:
+            text = (f"{_num(train.get('est_img_per_s'), '.0f')} · "
+                    f"{_num(train.get('est_chip_hours'), '.1f')} h{note}")
+        cells.setdefault(_config_name(train), {})[train["topology"]] = text
+    lines = ["| config | " + " | ".join(f"{t} ({c})" for t, c in topologies) + " |",
+             "|---|" + "---|" * len(topologies)]
+    for name in sorted(cells):
+        lines.append(f"| {name} | " + " | ".join(cells[name].get(t, "–") for t, _ in topologies)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render(results: list[dict]) -> str:
+    """The Markdown table (one line per config x topology x dtype, the largest-batch
+    rows merged into theirs) and the provenance lines under it."""
+    merged = merge(results)
     lines = [
         "| config | topology (chips, hosts) | dtype | mode / params | train batch | "
         "train fits (GiB/chip) | eval fits (GiB/chip) | largest train batch | "
         "est. train step ms | est. img/s | est. MFU | est. chip-hours (schedule) | "
         "compile s, wall (CPU; XLA effort), train + eval |",
         "|" + "---|" * 13]
-    for key in sorted(merged, key=lambda k: (k[0], k[2], len(k[1]), k[1])):
+    def order(key):
+        train = _step({"rows": merged[key]}, "train")
+        return (key[0], key[2]) + _topology_order(key[1], train["chips"])
+
+    for key in sorted(merged, key=order):
         result = {"rows": merged[key]}
         train, evaluation = _step(result, "train"), _step(result, "eval")
         steps_compiled = [r for r in (train, evaluation) if r]
@@ -86,7 +134,7 @@ def render(results: list[dict]) -> str:
         effort = f"effort {train.get('exec_time_effort', 0.0):g}"
         compile_text = f"{compile_s:.0f} (" + (f"{sum(cpu):.0f} CPU; " if cpu else "") + effort + ")"
         note = " †" if train.get("batch_note") else ""
-        name = train["config"].replace(f"+dtype={train['dtype']}", "")  # its own column
+        name = _config_name(train)
         lines.append(
             f"| {name} | {train['topology']} ({train['chips']}, {train['hosts']}) "
             f"| {train['dtype']} | {train['parallel_mode']} / {train['param_sharding']} "

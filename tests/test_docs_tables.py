@@ -90,6 +90,30 @@ def test_preflight_table_rows_and_the_effort_they_were_compiled_at():
     assert "commit abc, jax J, libtpu L" in text
 
 
+def test_preflight_glance_one_line_per_config_one_column_per_topology():
+    """Hand-made train rows of two configs on two topologies: img/s and chip-hours in
+    the cells, '**no**' with the GiB where it does not fit, '–' where not compiled, '†'
+    where the batch was rounded up, v5e columns first by chips; float32 rows apart."""
+    from benchmarks import preflight_table  # pylint: disable=import-outside-toplevel
+
+    def train(config, topology, chips, **fields):
+        row = {"step": "train", "config": config, "topology": topology, "chips": chips,
+               "dtype": "bfloat16", "fits": True, "peak_bytes_per_chip": 2**30,
+               "est_img_per_s": 343.6, "est_chip_hours": 0.84, **fields}
+        return {"file": f"{config}_{topology}.json", "rows": [row]}
+
+    results = [train("voc_a", "v6e:2x2", 4, est_img_per_s=1000.0, batch_note="rounded"),
+               train("voc_a", "v5e:4x4", 16, fits=False, peak_bytes_per_chip=20 * 2**30),
+               train("voc_b", "v5e:2x2", 4),
+               train("voc_b", "v5e:2x2", 4, dtype="float32", est_img_per_s=1.0)]
+    lines = preflight_table.glance(results, "bfloat16").splitlines()
+    assert lines[0] == "| config | v5e:2x2 (4) | v5e:4x4 (16) | v6e:2x2 (4) |"
+    assert lines[2] == "| voc_a | – | **no** (20.0 GiB) | 1000 · 0.8 h† |"
+    assert lines[3] == "| voc_b | 344 · 0.8 h | – | – |"
+    assert len(lines) == 4
+    assert preflight_table.glance(results, "float32").splitlines()[2] == "| voc_b | 1 · 0.8 h |"
+
+
 def test_compile_effort_table_from_appended_compiles(tmp_path):
     """Two hand-made ``compile_time --append`` lines: one table row each, in file order,
     MiB / GFLOP / GB as the columns say, the roofline of the pre-flight (the slower of
