@@ -374,6 +374,7 @@ TABLES = (
     Table("fault_qa", "docs/reliability.md", figures("fault_qa")),
     Table("compile_effort", "docs/preflight.md", figures("compile_effort")),
     Table("compile_time", "docs/preflight.md", figures("compile_time")),
+    Table("augment_cost", "docs/preflight.md", figures("augment_cost")),
     Table("preflight_glance", "docs/preflight.md", preflight_glance),
     Table("preflight", "docs/preflight.md", preflight_table),
 )

@@ -37,6 +37,10 @@ AUTO_ROWS = (("v5e:2x2", "bfloat16"),)
 POD_ROWS = (("voc_r101_s3", "v5e:8x8", "bfloat16"), ("voc_baseline", "v5e:8x8", "bfloat16"))
 DTYPES = ("bfloat16", "float32")
 EFFORT = -1.0  # config.parallel.exec_time_effort of every row (module docstring)
+# Which program the rows compile: 2 since the device augmentation became matrix
+# products (docs/preflight.md, "Device augmentation on a TPU"); rows of an older
+# version are compiled again, and marked in the table until then.
+FARM_VERSION = 2
 PREFIXES = ("voc", "gsag")
 
 
@@ -110,7 +114,7 @@ def run_row(name: str, spec: str, topology: str, dtype: str, batch: str,
     with open(tmp, encoding="utf-8") as f:
         rows = json.load(f)
     os.remove(tmp)
-    result = {"command": " ".join(command[:-1]), "commit": commit,
+    result = {"command": " ".join(command[:-1]), "commit": commit, "farm_version": FARM_VERSION,
               "exit_status": proc.returncode, "summary": summary,
               "wall_s": round(time.time() - start, 1), "rows": rows}
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -122,13 +126,15 @@ def run_row(name: str, spec: str, topology: str, dtype: str, batch: str,
 
 
 def have_row(path: str) -> bool:
-    """Whether ``path`` holds a row compiled at `EFFORT` (rows of another effort, or of
-    the code before it was recorded, are compiled again)."""
+    """Whether ``path`` holds a row compiled at `EFFORT` and `FARM_VERSION` (rows of
+    another effort or an older version are compiled again)."""
     if not os.path.exists(path):
         return False
     with open(path, encoding="utf-8") as f:
-        rows = json.load(f)["rows"]
-    return bool(rows) and rows[0].get("exec_time_effort", 0.0) == EFFORT
+        result = json.load(f)
+    rows = result["rows"]
+    return (bool(rows) and rows[0].get("exec_time_effort", 0.0) == EFFORT
+            and result.get("farm_version", 1) == FARM_VERSION)
 
 
 def main(argv=None) -> None:

@@ -9,6 +9,8 @@ import glob
 import json
 import os
 
+from benchmarks.preflight_farm import FARM_VERSION
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "preflight")
 GiB = 2**30
@@ -21,6 +23,8 @@ def load(folder: str = RESULTS) -> list[dict]:
         with open(path, encoding="utf-8") as f:
             result = json.load(f)
         result["file"] = os.path.basename(path)
+        for row in result["rows"]:  # which program the farm compiled (`FARM_VERSION`)
+            row.setdefault("farm_version", result.get("farm_version", 1))
         results.append(result)
     return results
 
@@ -49,6 +53,16 @@ def _largest(result: dict) -> str:
     bound = "≥" if best.get("largest_batch_is_lower_bound") else ""
     text = f"{bound}{best['largest_batch']} ({best['param_sharding']})"
     return text + (f"; {others}" if others else "")
+
+
+def _stale(row: dict) -> str:
+    """'‡' for a row the farm compiled from an older program (`FARM_VERSION`)."""
+    return "‡" if row.get("farm_version", FARM_VERSION) < FARM_VERSION else ""
+
+
+STALE_NOTE = ("‡ compiled before the device augmentation became matrix products: the "
+              "estimates count its former per-pixel gather (\"Device augmentation on a "
+              "TPU\"); the farm compiles these rows again.")
 
 
 def _ms(seconds) -> str:
@@ -86,7 +100,8 @@ def glance(results: list[dict], dtype: str) -> str:
     """One line per config, one column per topology, for ``dtype``: each cell the train
     step's est. img/s and est. chip-hours for the schedule ('344 · 0.8 h'), '**no**
     (GiB)' where it does not fit, '–' where not compiled; '†' where the batch was rounded
-    up to divide over the chips (as in `render`)."""
+    up to divide over the chips, '‡' where compiled from an older program (as in
+    `render`)."""
     trains = {key: _step({"rows": rows}, "train") for key, rows in merge(results).items()
               if key[2] == dtype}
     if not trains:
@@ -95,7 +110,7 @@ def glance(results: list[dict], dtype: str) -> str:
                         key=lambda tc: _topology_order(*tc))
     cells = {}  # config -> topology -> text
     for train in trains.values():
-        note = "†" if train.get("batch_note") else ""
+        note = ("†" if train.get("batch_note") else "") + _stale(train)
         if not train["fits"]:
             text = f"**no** ({_gib(train['peak_bytes_per_chip'])} GiB)"
         else:
@@ -107,6 +122,8 @@ def glance(results: list[dict], dtype: str) -> str:
     for name in sorted(cells):
         lines.append(f"| {name} | " + " | ".join(cells[name].get(t, "–") for t, _ in topologies)
                      + " |")
+    if any(_stale(train) for train in trains.values()):
+        lines += ["", STALE_NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -133,7 +150,7 @@ def render(results: list[dict]) -> str:
                if "compile_cpu_s" in r]
         effort = f"effort {train.get('exec_time_effort', 0.0):g}"
         compile_text = f"{compile_s:.0f} (" + (f"{sum(cpu):.0f} CPU; " if cpu else "") + effort + ")"
-        note = " †" if train.get("batch_note") else ""
+        note = (" †" if train.get("batch_note") else "") + _stale(train)
         name = _config_name(train)
         lines.append(
             f"| {name} | {train['topology']} ({train['chips']}, {train['hosts']}) "
@@ -156,6 +173,8 @@ def render(results: list[dict]) -> str:
     lines.append("Compiled with XLA's exec_time_optimization_effort (`parallel.exec_time_effort`) "
                  + " and ".join(f"{e:g}" + (" (XLA's default)" if e == 0 else "")
                                 for e in efforts) + ".")
+    if any(_stale(r) for result in results for r in result["rows"]):
+        lines.append(STALE_NOTE)
     if any(_step(r, "train").get("batch_note") for r in results if _step(r, "train")):
         lines.append("† the config's batch does not divide over the topology's chips "
                      "(`--mode=train` would stop); compiled at the next batch that does.")

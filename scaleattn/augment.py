@@ -20,10 +20,21 @@ crops the model trains on. The recipe is the host one (`data.pipeline.augment`):
   likewise);
 * mirrored horizontally with probability 1/2 (``data.flip``).
 
-Resize, pad, crop and flip are one gather: output pixel ``(i, j)`` is resized pixel
-``(y0 + i - top, x0 + j' - left)`` (``j' = crop - 1 - j`` when mirrored), read from
-the canvas at that pixel's source coordinates. Nothing of size ``h' x w'`` is built,
-so every shape is static (``[b, crop, crop, ...]``) whatever the draw.
+Resize, pad, crop and flip are two matrix products per image: output pixel ``(i, j)``
+is resized pixel ``(y0 + i - top, x0 + j' - left)`` (``j' = crop - 1 - j`` when
+mirrored), and the bilinear resize is separable, so the crop is ``Wy @ canvas @ Wx^T``
+with ``Wy [crop, S]`` holding, in row ``i``, the two source-row weights of output row
+``i`` (``Wx`` likewise for columns, the mirroring in its row order); the label is the
+same product with one-hot (nearest) rows, exact for label values (one term per sum).
+Nothing of size ``h' x w'`` is built, so every shape is static (``[b, crop, crop,
+...]``) whatever the draw. The products run at full float32 precision (`PRECISION`).
+
+Why products and not a gather of the source pixels (this module's first form): a TPU
+has no cheap per-element gather. XLA:TPU lowers a gather of single pixels to one slice
+per output pixel, and counts 59 GB of memory traffic for a v5e to augment 8 images of
+a 512² canvas to 321² crops (`compiled.cost_analysis()`), 7x the rest of the VGG train
+step; the products count 0.13 GB and 8.8 GFLOP, a fraction of a millisecond of the chip
+(docs/preflight.md, "Device augmentation on a TPU").
 
 Randomness. Example ``n`` of the global batch of step ``t`` draws from
 ``fold_in(fold_in(fold_in(K, t), AUGMENT_STREAM), n)``, ``K`` being the run's base key
@@ -47,6 +58,7 @@ import ml_collections
 from scaleattn import config as config_lib
 
 AUGMENT_STREAM = 0x61756700  # far above any device or micro-batch index
+PRECISION = jax.lax.Precision.HIGHEST  # float32 products (a TPU's default is bf16 passes)
 
 
 class Draw(NamedTuple):
@@ -100,9 +112,18 @@ def _nearest_tap(out: jnp.ndarray, in_size, out_size) -> jnp.ndarray:
                     0, in_size - 1)
 
 
+def _bilinear_matrix(out: jnp.ndarray, in_size, out_size, canvas: int) -> jnp.ndarray:
+    """float32 ``[len(out), canvas]``: row ``k`` holds the weights of the two source rows
+    of output row ``out[k]`` of a bilinear resize from ``in_size`` to ``out_size``."""
+    lower, upper, weight = _bilinear_taps(out, in_size, out_size)
+    return (jax.nn.one_hot(lower, canvas) * (1.0 - weight)[:, None]
+            + jax.nn.one_hot(upper, canvas) * weight[:, None])
+
+
 def apply(image: jnp.ndarray, label: jnp.ndarray, size: jnp.ndarray, choice: Draw, *,
           crop_size: int, mean, std, ignore_label: int) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """One example's crop for the choices ``choice``.
+    """One example's crop for the choices ``choice`` (two matrix products each for the
+    image and the label; module docstring).
 
     Args:
       image: uint8 ``[S, S, 3]`` canvas, the image in its top-left ``size`` corner.
@@ -124,21 +145,18 @@ def apply(image: jnp.ndarray, label: jnp.ndarray, size: jnp.ndarray, choice: Dra
         - choice.offset[1]
     inside = (((rows >= 0) & (rows < rh))[:, None] & ((cols >= 0) & (cols < rw))[None, :])
 
-    y_lo, y_hi, y_w = _bilinear_taps(rows, h, rh)
-    x_lo, x_hi, x_w = _bilinear_taps(cols, w, rw)
-
-    def pixels(ys, xs):
-        return image[ys[:, None], xs[None, :]].astype(jnp.float32)
-
-    x_w = x_w[None, :, None]
-    top = pixels(y_lo, x_lo) + (pixels(y_lo, x_hi) - pixels(y_lo, x_lo)) * x_w
-    bottom = pixels(y_hi, x_lo) + (pixels(y_hi, x_hi) - pixels(y_hi, x_lo)) * x_w
-    out = top + (bottom - top) * y_w[:, None, None]
+    weights_y = _bilinear_matrix(rows, h, rh, image.shape[0])  # [crop, S]
+    weights_x = _bilinear_matrix(cols, w, rw, image.shape[1])  # [crop, S]
+    out = jnp.einsum("iy,yxc->ixc", weights_y, image.astype(jnp.float32), precision=PRECISION)
+    out = jnp.einsum("jx,ixc->ijc", weights_x, out, precision=PRECISION)
     out = (out - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
     out = jnp.where(inside[..., None], out, 0.0)
 
-    nearest = label[_nearest_tap(rows, h, rh)[:, None], _nearest_tap(cols, w, rw)[None, :]]
-    out_label = jnp.where(inside, nearest.astype(jnp.int32), ignore_label)
+    pick_y = jax.nn.one_hot(_nearest_tap(rows, h, rh), label.shape[0])  # [crop, S]
+    pick_x = jax.nn.one_hot(_nearest_tap(cols, w, rw), label.shape[1])  # [crop, S]
+    nearest = jnp.einsum("iy,yx,jx->ij", pick_y, label.astype(jnp.float32), pick_x,
+                         precision=PRECISION)
+    out_label = jnp.where(inside, jnp.round(nearest).astype(jnp.int32), ignore_label)
     return out, out_label
 
 

@@ -112,6 +112,9 @@ def test_preflight_glance_one_line_per_config_one_column_per_topology():
     assert lines[3] == "| voc_b | 344 · 0.8 h | – | – |"
     assert len(lines) == 4
     assert preflight_table.glance(results, "float32").splitlines()[2] == "| voc_b | 1 · 0.8 h |"
+    results[2]["rows"][0]["farm_version"] = preflight_table.FARM_VERSION - 1  # an older program
+    lines = preflight_table.glance(results, "bfloat16").splitlines()
+    assert lines[3] == "| voc_b | 344 · 0.8 h‡ | – | – |" and lines[-1] == preflight_table.STALE_NOTE
 
 
 def test_compile_effort_table_from_appended_compiles(tmp_path):
