@@ -33,7 +33,7 @@ Why products and not a gather of the source pixels (this module's first form): a
 has no cheap per-element gather. XLA:TPU lowers a gather of single pixels to one slice
 per output pixel, and counts 59 GB of memory traffic for a v5e to augment 8 images of
 a 512² canvas to 321² crops (`compiled.cost_analysis()`), 7x the rest of the VGG train
-step; the products count 0.13 GB and 8.8 GFLOP, a fraction of a millisecond of the chip
+step; the products count 0.15 GB and 8.8 GFLOP, a fraction of a millisecond of the chip
 (docs/preflight.md, "Device augmentation on a TPU").
 
 Randomness. Example ``n`` of the global batch of step ``t`` draws from
