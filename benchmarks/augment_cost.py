@@ -35,12 +35,9 @@ def cost(topology: str, batch: int, canvas: int, crop: int) -> dict:
               jax.ShapeDtypeStruct((batch, 2), jnp.uint32, sharding=sharding))
     analysis = jax.jit(step).lower(*shapes).compile().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
     return {"topology": topology, "batch": batch, "canvas": canvas, "crop": crop,
             "bytes_accessed": analysis["bytes accessed"], "flops": analysis["flops"],
-            "in_out_bytes": batch * (canvas * canvas * 4 + crop * crop * (3 * 4 + 4)),
-            "commit": commit, "jax": jax.__version__}
+            "in_out_bytes": batch * (canvas * canvas * 4 + crop * crop * (3 * 4 + 4))}
 
 
 def main(argv=None) -> None:
@@ -50,8 +47,11 @@ def main(argv=None) -> None:
     parser.add_argument("--crop", type=int, default=321)
     parser.add_argument("--batches", default="2,4,8,16")
     args = parser.parse_args(argv)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()
     for batch in (int(b) for b in args.batches.split(",")):
-        print(json.dumps(cost(args.topology, batch, args.canvas, args.crop)), flush=True)
+        row = cost(args.topology, batch, args.canvas, args.crop)
+        print(json.dumps({**row, "commit": commit, "jax": jax.__version__}), flush=True)
 
 
 if __name__ == "__main__":

@@ -378,23 +378,11 @@ def test_augmentation_compiled_for_a_tpu_moves_little_more_than_its_inputs_and_o
     out (the products count ~6x: the row pass's [321, 512, 3] float32 intermediate and
     the weight matrices; a gather of single pixels, this module's first form, counted
     540x at 4 images and 5,500x at 8), and linear in the batch."""
-    from scaleattn import preflight  # pylint: disable=import-outside-toplevel
-    device = preflight.topology_devices("v5e:2x2")[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    settings = {**SETTINGS, "crop_size": 321}
-
-    def step(batch, key_data):
-        keys = jax.vmap(lambda k: jax.random.wrap_key_data(k, impl="threefry2x32"))(key_data)
-        return augment.augment_batch(batch, keys, **settings)
-
+    from benchmarks import augment_cost  # pylint: disable=import-outside-toplevel
     counted = {}
     for n in (4, 8):
-        shapes = ({"image": jax.ShapeDtypeStruct((n, 512, 512, 3), jnp.uint8, sharding=sharding),
-                   "label": jax.ShapeDtypeStruct((n, 512, 512), jnp.uint8, sharding=sharding),
-                   "size": jax.ShapeDtypeStruct((n, 2), jnp.int32, sharding=sharding)},
-                  jax.ShapeDtypeStruct((n, 2), jnp.uint32, sharding=sharding))
-        cost = jax.jit(step).lower(*shapes).compile().cost_analysis()
-        counted[n] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["bytes accessed"]
-        inputs_and_outputs = n * (512 * 512 * 4 + 321 * 321 * (3 * 4 + 4))
+        cost = augment_cost.cost("v5e:2x2", n, canvas=512, crop=321)
+        counted[n], inputs_and_outputs = cost["bytes_accessed"], cost["in_out_bytes"]
+        assert inputs_and_outputs == n * (512 * 512 * 4 + 321 * 321 * (3 * 4 + 4))
         assert counted[n] < 20 * inputs_and_outputs, (n, counted[n], inputs_and_outputs)
     assert 1.5 < counted[8] / counted[4] < 2.5, counted
