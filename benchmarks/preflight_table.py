@@ -127,6 +127,49 @@ def glance(results: list[dict], dtype: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The rows the prose of "How far a compiler estimate can be from a measured step" reads:
+# one config at two per-chip batches, and the ResNet recipe on three v5e slices.
+GAP_ROWS = (("voc_avg", "bfloat16", ("v5e:2x2", "v5e:4x4")),
+            ("voc_r101_s3", "bfloat16", ("v5e:2x2", "v5e:4x4", "v5e:8x8")))
+
+
+def gap(results: list[dict], examples=GAP_ROWS) -> str:
+    """The figures behind the caveats of the estimate, from the rows of the current
+    program (`FARM_VERSION`): for each ``(config, dtype, topologies)`` of ``examples``
+    the train step's images, XLA's bytes and flops per chip, the estimate's basis and
+    MFU, and XLA's own ``optimal_seconds``; under it, how often ``optimal_seconds`` came
+    back negative over every current row."""
+    merged = merge(results)
+    lines = ["| config | topology | dtype | images per chip | XLA GB per chip "
+             "| XLA GB per image | XLA TFLOP per chip | est. basis | est. img/s per chip "
+             "| est. MFU | XLA optimal_seconds |", "|" + "---|" * 11]
+    for config, dtype, topologies in examples:
+        for topology in topologies:
+            train = _step({"rows": merged.get((config, topology, dtype), [])}, "train")
+            if train is None or _stale(train):
+                continue
+            per_chip = train["global_batch"] / train["chips"]
+            gb = train["bytes_accessed_per_chip"] / 1e9
+            lines.append(
+                f"| {config} | {topology} | {dtype} | {per_chip:g} | {gb:.1f} "
+                f"| {gb / per_chip:.2f} | {train['flops_per_chip'] / 1e12:.1f} "
+                f"| {train['est_basis'].split(':')[0]} "
+                f"| {train['est_img_per_s'] / train['chips']:.0f} "
+                f"| {_num(train.get('est_mfu'), '.0%')} "
+                f"| {_num(train.get('xla_optimal_s_raw'), '.3g')} |")
+    counts = {}
+    for rows in merged.values():
+        for row in rows:
+            if row["step"] in ("train", "eval") and not _stale(row):
+                raw = row.get("xla_optimal_s_raw")
+                counts.setdefault(row["step"], [0, 0])[raw is not None and raw < 0] += 1
+    lines += ["", "XLA's `optimal_seconds` over every row of the current program: negative for "
+              + " and ".join(f"{neg} of {pos + neg} {step} steps"
+                             for step, (pos, neg) in sorted(counts.items(), reverse=True))
+              + " (`xla_optimal_s_raw`)."]
+    return "\n".join(lines) + "\n"
+
+
 def render(results: list[dict]) -> str:
     """The Markdown table (one line per config x topology x dtype, the largest-batch
     rows merged into theirs) and the provenance lines under it."""

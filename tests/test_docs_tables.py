@@ -117,6 +117,33 @@ def test_preflight_glance_one_line_per_config_one_column_per_topology():
     assert lines[3] == "| voc_b | 344 · 0.8 h‡ | – | – |" and lines[-1] == preflight_table.STALE_NOTE
 
 
+def test_preflight_gap_rows_per_chip_and_the_negative_optimal_seconds():
+    """Hand-made rows: the figures per chip and per image worked out by hand, a row of an
+    older program left out, and the count of negative `optimal_seconds` over the
+    current train and eval rows."""
+    from benchmarks import preflight_table  # pylint: disable=import-outside-toplevel
+
+    def result(topology, chips, raw, version=preflight_table.FARM_VERSION):
+        common = {"config": "voc_a", "topology": topology, "chips": chips, "dtype": "bfloat16",
+                  "farm_version": version}
+        train = {**common, "step": "train", "global_batch": 16,
+                 "bytes_accessed_per_chip": 12e9, "flops_per_chip": 2.5e12,
+                 "est_basis": "memory: XLA bytes accessed / HBM bandwidth",
+                 "est_img_per_s": 400.0, "est_mfu": 0.25, "xla_optimal_s_raw": raw}
+        return {"file": f"{topology}.json",
+                "rows": [train, {**common, "step": "eval", "xla_optimal_s_raw": 0.5}]}
+
+    results = [result("v5e:2x2", 4, -3.0), result("v5e:4x4", 16, 0.01),
+               result("v6e:2x2", 4, -1.0, version=preflight_table.FARM_VERSION - 1)]
+    lines = preflight_table.gap(results, (("voc_a", "bfloat16",
+                                           ("v5e:2x2", "v5e:4x4", "v6e:2x2")),)).splitlines()
+    assert lines[2] == "| voc_a | v5e:2x2 | bfloat16 | 4 | 12.0 | 3.00 | 2.5 | memory | 100 | 25% | -3 |"
+    assert lines[3] == "| voc_a | v5e:4x4 | bfloat16 | 1 | 12.0 | 12.00 | 2.5 | memory | 25 | 25% | 0.01 |"
+    assert lines[4] == ""  # the v6e row is of an older program
+    assert lines[5].startswith("XLA's `optimal_seconds` over every row of the current program: "
+                               "negative for 1 of 2 train steps and 0 of 2 eval steps")
+
+
 def test_compile_effort_table_from_appended_compiles(tmp_path):
     """Two hand-made ``compile_time --append`` lines: one table row each, in file order,
     MiB / GFLOP / GB as the columns say, the roofline of the pre-flight (the slower of
